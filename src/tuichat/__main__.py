@@ -1,0 +1,5 @@
+"""Lets `python -m tuichat` behave exactly like the `tuichat` command."""
+
+from tuichat.cli import main
+
+raise SystemExit(main())

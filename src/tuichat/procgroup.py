@@ -1,0 +1,139 @@
+"""Start and stop whole process groups: a server (or a quantize job) and every process it spawned.
+
+LMDeploy's server spawns an engine process that holds the GPU memory; killing only the server leaves that
+engine orphaned with the memory (seen on an H200). So every managed program runs in its own session, and
+stopping signals the whole group, escalating SIGINT -> SIGTERM -> SIGKILL until no member is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def spawn_group(
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `argv` as the leader of a new session; stdout and stderr go to `log_path` (appended, 0600)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONUNBUFFERED"] = "1"  # lmdeploy's HINT lines are buffered stdout otherwise
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # The state letter follows the parenthesised command name, which may itself contain ')'.
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def group_pids(pgid: int) -> set[int]:
+    """Pids of live (non-zombie) processes whose process group is `pgid`, read from /proc."""
+    found: set[int] = set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return found
+        return {pgid}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        # after the name: state, ppid, pgrp, session, ...
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            found.add(int(entry.name))
+    return found
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """How a group stop went: which signal finally ended it, and whether anything survived."""
+
+    signal_used: str
+    seconds: float
+    survivors: frozenset[int]
+
+    @property
+    def clean(self) -> bool:
+        return not self.survivors
+
+
+def _reap(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        try:
+            proc.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_group(
+    pgid: int,
+    timeout: float = 30.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    poll: float = 0.05,
+    kill_grace: float = 5.0,
+) -> StopResult:
+    """Stop every process in group `pgid`: SIGINT, then SIGTERM at half the timeout, SIGKILL at the timeout.
+
+    `proc` (the leader's Popen, when we started it) is reaped so it does not linger as a zombie.
+    """
+    start = time.monotonic()
+    steps = [(signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, kill_grace)]
+    used = "none"
+    for sig, wait in steps:
+        _reap(proc)
+        if not group_pids(pgid):
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            continue
+        used = sig.name
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(proc)
+            if not group_pids(pgid):
+                break
+            time.sleep(poll)
+        else:
+            continue
+        break
+    _reap(proc)
+    return StopResult(used, time.monotonic() - start, frozenset(group_pids(pgid)))
