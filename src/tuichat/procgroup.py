@@ -7,6 +7,7 @@ stopping signals the whole group, escalating SIGINT -> SIGTERM -> SIGKILL until 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,6 +58,23 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (from /proc); None if unknown or gone.
+
+    Stored with a server record so that a pid reused by an unrelated program after a reboot or a crash is
+    never mistaken for our server (and never signalled).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    # fields[0] is stat field 3 (state); starttime is field 22
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def group_pids(pgid: int) -> set[int]:
     """Pids of live (non-zombie) processes whose process group is `pgid`, read from /proc."""
     found: set[int] = set()
@@ -87,18 +105,32 @@ class StopResult:
     signal_used: str
     seconds: float
     survivors: frozenset[int]
+    # pids of the group that NVML still lists with a GPU context after the stop (filled in by the launcher)
+    gpu_holders: frozenset[int] = frozenset()
 
     @property
     def clean(self) -> bool:
-        return not self.survivors
+        return not self.survivors and not self.gpu_holders
+
+    def describe(self, what: str = "The server") -> str:
+        """One sentence for the user about how the stop went."""
+        if self.signal_used == "none":
+            done = f"{what} had already stopped."
+        else:
+            done = f"{what} stopped after {self.signal_used} in {self.seconds:.1f} s."
+        if self.survivors:
+            pids = ", ".join(str(p) for p in sorted(self.survivors))
+            return f"{done[:-1]}, but processes {pids} are still alive: end them with `kill -9 {pids}`."
+        if self.gpu_holders:
+            pids = ", ".join(str(p) for p in sorted(self.gpu_holders))
+            return f"{done[:-1]}, but processes {pids} still hold GPU memory: check `nvidia-smi`."
+        return done
 
 
 def _reap(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def stop_group(

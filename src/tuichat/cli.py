@@ -1,0 +1,123 @@
+"""The `tuichat` command: parse arguments, then open the app (through `make_app`) or run a subcommand.
+
+Kept thin and quick: Textual and the HTTP stack are imported only when the TUI actually opens, so
+`tuichat --version`, `tuichat ps` and friends answer at once. Every expected failure prints one sentence on
+stderr and exits 1 (2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tuichat import __version__
+from tuichat.errors import TuichatError
+
+# Subcommands and the module that implements each (imported only when used).
+SUBCOMMANDS = {
+    "serve": "tuichat.servercli",
+    "ps": "tuichat.servercli",
+    "stop": "tuichat.servercli",
+    "logs": "tuichat.servercli",
+    "profiles": "tuichat.servercli",
+    "doctor": "tuichat.servercli",
+    "history": "tuichat.historycli",
+    "export": "tuichat.historycli",
+    "import": "tuichat.historycli",
+    "models": "tuichat.modelcli",
+    "quantize": "tuichat.modelcli",
+}
+
+EPILOG = """\
+subcommands (tuichat COMMAND --help for each):
+  serve [PROFILE] [--detach]   start a server without the TUI
+  ps                           list the servers tuichat started
+  stop [PROFILE | --all]       stop them (no process or GPU memory left behind)
+  logs PROFILE [--follow]      show a server's log
+  profiles                     list launch profiles and the config file
+  doctor                       lmdeploy, GPUs, config and state paths
+  history                      list saved conversations
+  export ID [--format md|json] print a conversation
+  import FILE                  read an exported conversation back
+  models [--root DIR]          list local models
+  quantize MODEL --out DIR     W4A16 AWQ quantization with lmdeploy lite
+
+environment: TUICHAT_HOME (one folder for config, data and state), OPENAI_BASE_URL, OPENAI_API_KEY
+"""
+
+
+def chat_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuichat",
+        description="Chat with an LMDeploy server (or any OpenAI-compatible one) from the terminal, "
+        "and launch, watch and stop local LMDeploy servers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "profile", nargs="?", help="launch profile to attach to or start (see `tuichat profiles`)"
+    )
+    parser.add_argument("--url", help="server to attach to, e.g. http://127.0.0.1:23333 (or OPENAI_BASE_URL)")
+    parser.add_argument("--api-key", help="the server's API key (or OPENAI_API_KEY)")
+    parser.add_argument("--model", help="model id to chat with (default: the first the server lists)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--continue", dest="continue_last", action="store_true", help="reopen the last chat")
+    group.add_argument("--conversation", type=int, metavar="ID", help="reopen a saved chat by id")
+    parser.add_argument("--version", action="version", version=f"tuichat {__version__}")
+    return parser
+
+
+def sub_parser(command: str) -> argparse.ArgumentParser:
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[command])
+    parser = argparse.ArgumentParser(prog="tuichat")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    module.add_subcommands(subparsers)
+    return parser
+
+
+def run_subcommand(argv: Sequence[str]) -> int:
+    import importlib
+
+    command = argv[0]
+    parser = sub_parser(command)
+    args = parser.parse_args(list(argv))
+    module = importlib.import_module(SUBCOMMANDS[command])
+    result: int = module.run(args)
+    return result
+
+
+def run_tui(args: argparse.Namespace) -> int:
+    from tuichat.ui.app import AppOptions, make_app
+
+    options = AppOptions(
+        url=args.url,
+        api_key=args.api_key,
+        model=args.model,
+        profile=args.profile,
+        continue_last=args.continue_last,
+        conversation_id=args.conversation,
+    )
+    app = make_app(options)
+    app.run()
+    return int(app.return_code or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return run_subcommand(argv)
+        args = chat_parser().parse_args(argv)
+        return run_tui(args)
+    except TuichatError as exc:
+        print(f"tuichat: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""The HTTP side of a chat: an OpenAI-compatible client tuned for a local LMDeploy api_server.
+
+One `ChatClient` lives as long as the app (one connection pool). Replies stream as Server-Sent Events parsed by
+httpx-sse, which splits only on SSE line endings (httpx's own `aiter_lines` also splits on U+2028 and can cut a
+JSON payload in two). Timeouts: a short connect timeout so a dead server is reported at once, and a long read
+timeout (the stall timeout) because a long prefill sends nothing for a while. `trust_env=False` keeps an
+`HTTP_PROXY` in the environment from capturing traffic to 127.0.0.1.
+
+Every failure becomes a `ChatError` with a `kind` and a sentence saying what to do; the caller never sees an
+httpx exception. Error bodies come in LMDeploy's flat shape (`{"message", "type", "code", "object": "error"}`)
+or OpenAI's nested one (`{"error": {"message"}}`); both are understood.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+from tuichat.errors import TuichatError
+from tuichat.sampling import Sampling
+from tuichat.sanitize import StreamCleaner, clean
+
+DEFAULT_URL = "http://127.0.0.1:23333"
+SSH_HINT = "for a server on another machine, forward its port: ssh -L 23333:127.0.0.1:23333 HOST"
+
+
+class ChatError(TuichatError):
+    """A request failed. `kind` says how; `message` is what the user reads (already with the fix).
+
+    kinds: connect, unauthorized, not_found, too_long, bad_request, multimodal, unavailable, server, in_band,
+    stall, reset, protocol.
+    """
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None, detail: str | None = None):
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.detail = detail  # the server's own sentence, when it gave one
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of reply text (already cleaned of control sequences)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The reply's last content chunk arrived; `reason` is stop, length, abort, ..."""
+
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something odd the user should know about, that did not end the reply (e.g. a malformed chunk)."""
+
+    text: str
+
+
+StreamEvent = Delta | Finish | Usage | Notice
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    status: int | None
+    message: str
+
+
+def _error_text(body: bytes) -> str | None:
+    """The human sentence from an error body, in either the flat or the nested shape."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8", "replace").strip()
+        return clean(text[:500]) or None
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            data = inner
+        elif isinstance(inner, str):
+            return clean(inner)
+        for key in ("message", "detail", "msg"):
+            value = data.get(key)
+            if isinstance(value, str) and value:
+                return clean(value)
+            if isinstance(value, list) and value:  # FastAPI validation errors
+                first = value[0]
+                if isinstance(first, dict) and isinstance(first.get("msg"), str):
+                    loc = ".".join(str(p) for p in first.get("loc", [])[1:])
+                    return clean(f"{loc}: {first['msg']}" if loc else first["msg"])
+    return None
+
+
+class ChatClient:
+    """Talks to one server. Create it once; call `aclose()` when the app ends."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        stall_timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.stall_timeout = stall_timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=connect_timeout, read=stall_timeout, write=30.0, pool=connect_timeout
+            ),
+            trust_env=False,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ChatClient({self.base_url!r}, api_key={'set' if self.api_key else 'none'})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plain requests ---------------------------------------------------------------------------------------
+
+    def _transport_error(self, exc: Exception) -> ChatError:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+            return ChatError(
+                "connect",
+                f"cannot reach the server at {self.base_url} ({_short(exc)}). Start one (F5, or "
+                f"`tuichat serve`) or check --url; {SSH_HINT}. Your prompt is kept: send again when it is up.",
+            )
+        if isinstance(exc, httpx.ReadTimeout):
+            return ChatError(
+                "stall",
+                f"the server sent nothing for {self.stall_timeout:g} s, so the reply was stopped. "
+                "Raise ui.stall_timeout in the config if long prompts need more time.",
+            )
+        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+            return ChatError(
+                "reset",
+                "the connection to the server broke (it may have crashed or restarted). "
+                "Check the server's log (F5); retry (ctrl+r) once it is back.",
+            )
+        return ChatError("protocol", f"the request to {self.base_url} failed: {_short(exc)}")
+
+    def _status_error(self, status: int, body: bytes, model: str | None = None) -> ChatError:
+        detail = _error_text(body)
+        said = f": {detail}" if detail else ""
+        if status == 401:
+            return ChatError(
+                "unauthorized",
+                "the server refused the API key (401 Unauthorized). Pass --api-key, set OPENAI_API_KEY, "
+                "or put api_key under [server] in the config.",
+                status=status,
+                detail=detail,
+            )
+        if status == 404:
+            if detail and "model" in detail.lower():
+                return ChatError(
+                    "not_found",
+                    f"the server has no model '{model}'{said}. Pick one it lists (--model, or F5).",
+                    status=status,
+                    detail=detail,
+                )
+            return ChatError(
+                "not_found",
+                f"{self.base_url} answered 404 Not Found: is it an OpenAI-compatible server (such as "
+                "`lmdeploy serve api_server`)? Check --url.",
+                status=status,
+                detail=detail,
+            )
+        if status == 400 and detail and "context length" in detail:
+            return ChatError(
+                "too_long",
+                f"the conversation is too long for the model{said}. Shorten the message, undo earlier "
+                "exchanges (ctrl+b), start a new chat (ctrl+n), or launch with a larger session_len.",
+                status=status,
+                detail=detail,
+            )
+        if status == 400 and detail and "multimodal" in detail.lower():
+            return ChatError(
+                "multimodal",
+                f"this model takes text only{said}. Remove the image, or start a vision-language profile.",
+                status=status,
+                detail=detail,
+            )
+        if 400 <= status < 500:
+            return ChatError(
+                "bad_request",
+                f"the server refused the request ({status}){said}",
+                status=status,
+                detail=detail,
+            )
+        if status == 503:
+            return ChatError(
+                "unavailable",
+                f"the server is not ready (503){said}. It may still be loading; try again shortly.",
+                status=status,
+                detail=detail,
+            )
+        return ChatError("server", f"the server failed ({status}){said}", status=status, detail=detail)
+
+    async def _get(self, path: str) -> httpx.Response:
+        try:
+            return await self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+
+    async def health(self) -> Health:
+        """`/health` without raising: ok, or why not (down, loading, old server with no /health)."""
+        try:
+            resp = await self._http.get("/health", timeout=min(5.0, self.stall_timeout))
+        except httpx.HTTPError as exc:
+            return Health(False, None, self._transport_error(exc).message)
+        if resp.status_code == 200:
+            return Health(True, 200, _error_text(resp.content) or "healthy")
+        if resp.status_code == 404:
+            # Servers older than lmdeploy 0.14, and other OpenAI servers, have no /health: try the models list.
+            try:
+                await self.list_models()
+            except ChatError as exc:
+                return Health(False, 404, exc.message)
+            return Health(True, 404, "no /health endpoint; the models list answers")
+        return Health(False, resp.status_code, self._status_error(resp.status_code, resp.content).message)
+
+    async def list_models(self) -> list[str]:
+        resp = await self._get("/v1/models")
+        if resp.status_code != 200:
+            raise self._status_error(resp.status_code, resp.content)
+        try:
+            data = resp.json()
+            return [str(item["id"]) for item in data["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise ChatError(
+                "protocol", f"{self.base_url}/v1/models did not answer with a model list"
+            ) from None
+
+    async def metrics_text(self) -> str:
+        """The Prometheus text of `/metrics`; raises ChatError (404 = metrics off or not LMDeploy)."""
+        resp = await self._get("/metrics")
+        if resp.status_code == 404:
+            raise ChatError(
+                "not_found",
+                "the server exposes no /metrics (started with --disable-metrics, older than 0.14, or not LMDeploy)",
+                status=404,
+            )
+        if resp.status_code != 200:
+            raise self._status_error(resp.status_code, resp.content)
+        return resp.text
+
+    async def count_tokens(self, text: str) -> int | None:
+        """Exact token count from the server's tokenizer (`/v1/encode`), or None if it has no such endpoint."""
+        try:
+            resp = await self._http.post("/v1/encode", json={"input": text, "add_bos": False})
+        except httpx.HTTPError:
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            data = resp.json()
+            length = data.get("length")
+            if isinstance(length, list):  # a batch answer
+                length = length[0] if length else None
+            if isinstance(length, int):
+                return length
+            ids = data.get("input_ids")
+            return len(ids) if isinstance(ids, list) else None
+        except (ValueError, AttributeError, TypeError):
+            return None
+
+    async def engine_info(self) -> dict[str, Any] | None:
+        """PyTorch-backend engine facts (block_size, num_gpu_blocks); None where the server has none."""
+        try:
+            resp = await self._http.get("/distserve/engine_info")
+        except httpx.HTTPError:
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            data: Any = resp.json()
+            if isinstance(data, str):  # LMDeploy returns a JSON string holding JSON
+                data = json.loads(data)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    # -- chat -------------------------------------------------------------------------------------------------
+
+    def chat_body(
+        self, model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling, stream: bool = True
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": list(messages), "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        body.update(sampling.request_fields())
+        return body
+
+    async def stream_chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream one reply. Closing the generator (or cancelling its task) closes the connection, which makes
+        LMDeploy stop generating: that is how Stop works."""
+        body = self.chat_body(model, messages, sampling)
+        try:
+            async with aconnect_sse(self._http, "POST", "/v1/chat/completions", json=body) as source:
+                response = source.response
+                if response.status_code != 200:
+                    raise self._status_error(response.status_code, await response.aread(), model)
+                ctype = response.headers.get("content-type", "")
+                if "text/event-stream" not in ctype:
+                    # Old LMDeploy (0.3) reports errors as HTTP 200 JSON; others may ignore `stream`.
+                    async for event in self._non_stream_answer(await response.aread(), model):
+                        yield event
+                    return
+                cleaner = StreamCleaner()
+                async for sse in source.aiter_sse():
+                    data = sse.data
+                    if data.strip() == "[DONE]":
+                        rest = cleaner.flush()
+                        if rest:
+                            yield Delta(rest)
+                        return
+                    if not data.strip():
+                        continue
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        yield Notice("the server sent a malformed chunk; it was skipped")
+                        continue
+                    if not isinstance(chunk, dict):
+                        yield Notice("the server sent a malformed chunk; it was skipped")
+                        continue
+                    if "error" in chunk:
+                        detail = _error_text(json.dumps(chunk).encode()) or "unknown error"
+                        raise ChatError(
+                            "in_band", f"the server reported an error mid-reply: {detail}", detail=detail
+                        )
+                    for event in _chunk_events(chunk, cleaner):
+                        yield event
+        except ChatError:
+            raise
+        except SSEError as exc:
+            raise ChatError("protocol", f"the server's stream was not Server-Sent Events: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+
+    async def _non_stream_answer(self, body: bytes, model: str) -> AsyncIterator[StreamEvent]:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ChatError("protocol", "the server answered with neither a stream nor JSON") from None
+        if isinstance(data, dict) and (data.get("object") == "error" or "error" in data):
+            raise self._status_error(int(data.get("code") or 400), body, model)
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ChatError("protocol", "the server's answer had no choices") from None
+        yield Delta(clean(text))
+        yield Finish(choice.get("finish_reason"))
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            yield _usage(usage)
+
+
+def _chunk_events(chunk: Mapping[str, Any], cleaner: StreamCleaner) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    choices = chunk.get("choices") or []
+    if isinstance(choices, list):
+        for choice in choices[:1]:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                cleaned = cleaner.feed(text)
+                if cleaned:
+                    events.append(Delta(cleaned))
+            reason = choice.get("finish_reason")
+            if reason:
+                events.append(Finish(str(reason)))
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        events.append(_usage(usage))
+    return events
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _usage(usage: Mapping[str, Any]) -> Usage:
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(
+        _int(usage.get("prompt_tokens")),
+        _int(usage.get("completion_tokens")),
+        _int(usage.get("total_tokens")),
+        cached,
+    )
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    if "Connection refused" in text or "[Errno 111]" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    return text[:200]

@@ -1,0 +1,76 @@
+"""`tuichat history`, `tuichat export ID` and `tuichat import FILE`: the saved chats from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tuichat.errors import TuichatError
+
+
+def add_subcommands(subparsers: Any) -> None:
+    history = subparsers.add_parser("history", help="list saved conversations (id first)")
+    history.add_argument("-n", "--limit", type=int, default=50, help="how many, newest first (default 50)")
+    history.add_argument("--search", metavar="TEXT", help="full-text search across all messages")
+    export = subparsers.add_parser("export", help="print a saved conversation")
+    export.add_argument("id", type=int, help="conversation id (see `tuichat history`)")
+    export.add_argument("--format", choices=("md", "json"), default="md")
+    imp = subparsers.add_parser("import", help="read an exported JSON conversation back")
+    imp.add_argument("file", help="a file written by `tuichat export ID --format json` (- for stdin)")
+
+
+def _ago(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tuichat.store import Store
+
+    try:
+        with Store.open() as store:
+            if args.command == "history":
+                if args.search:
+                    hits = store.search(args.search, limit=args.limit)
+                    if not hits:
+                        print(f"nothing matches '{args.search}'", file=sys.stderr)
+                        return 1
+                    print(f"{'id':>5}  {'message':>7}  {'title':<30}  snippet")
+                    for hit in hits:
+                        print(
+                            f"{hit.conversation_id:>5}  {hit.message_id:>7}  {hit.title[:30]:<30}  {hit.snippet}"
+                        )
+                    return 0
+                convs = store.list_conversations(limit=args.limit)
+                if not convs:
+                    print("no saved conversations yet")
+                    return 0
+                print(f"{'id':>5}  {'title':<40}  {'updated':<16}  {'messages':>8}")
+                for c in convs:
+                    print(f"{c.id:>5}  {c.title[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
+                return 0
+            if args.command == "export":
+                if store.get_conversation(args.id) is None:
+                    raise TuichatError(f"no conversation {args.id}: see `tuichat history` for the ids")
+                sys.stdout.write(store.export(args.id, args.format))
+                return 0
+            if args.command == "import":
+                text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))
+                new_id = store.import_json(text)
+                print(f"imported as conversation {new_id}")
+                return 0
+    except TuichatError as exc:
+        print(f"tuichat: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TuichatError(f"no file {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuichatError(f"cannot read {path}: {exc}") from None

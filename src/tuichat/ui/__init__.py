@@ -1,0 +1,1 @@
+"""The Textual user interface: it adapts the domain modules to the terminal."""

@@ -1,0 +1,717 @@
+"""The Textual app: one keyboard-driven chat screen that adapts the domain objects to the terminal.
+
+`make_app(AppOptions)` is the factory the CLI and the tests share. The app holds no chat logic of its own:
+`tuichat.chat` decides what is sent and what Retry/Undo remove, `tuichat.client` talks HTTP, `tuichat.store`
+saves every turn as it happens. Every action has a binding with an id, so `[keys]` in the config can rebind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Static
+
+from tuichat import __version__
+from tuichat.chat import Attachment, ChatSession, Turn
+from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
+from tuichat.config import Config, load_config, save_config
+from tuichat.sampling import Sampling
+from tuichat.target import Target, resolve_target
+from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
+from tuichat.ui.widgets import (
+    Conversation,
+    PromptArea,
+    ReplyMessage,
+    SamplingPane,
+    StatusLine,
+    message_widget,
+)
+
+if TYPE_CHECKING:
+    from tuichat.store import Store
+
+START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
+WIDE = 110  # from this width the side panes show by default
+RESTORE_LIMIT = 60  # turns mounted when a conversation opens; older ones load on request
+FLUSH_EVERY = 0.05  # seconds between writes into the live Markdown stream (about 20 a second)
+SAVE_EVERY = 0.3  # seconds between saves of a streaming reply
+
+
+@dataclass
+class AppOptions:
+    url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    profile: str | None = None
+    continue_last: bool = False
+    conversation_id: int | None = None
+    config: Config | None = None
+    env: Mapping[str, str] | None = None
+    transport: httpx.AsyncBaseTransport | None = None  # tests: httpx.MockTransport
+    store_path: Path | None = None
+    use_store: bool = True
+    watch_server: bool = True  # poll /health in the background
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TuichatApp(App[None]):
+    """The chat screen plus the panes around it."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "tuichat"
+    ENABLE_COMMAND_PALETTE = True
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f1", "help", "Help", id="help"),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("ctrl+r", "retry", "Retry", id="retry"),
+        Binding("ctrl+b", "undo", "Undo", id="undo"),
+        Binding("ctrl+l", "clear", "Clear", id="clear"),
+        Binding("ctrl+n", "new_chat", "New", id="new_chat"),
+        Binding("ctrl+o", "copy_reply", "Copy", id="copy_reply"),
+        Binding("ctrl+g", "copy_code", "Copy code", id="copy_code", show=False),
+        Binding("f2", "toggle_sampling", "Sampling", id="toggle_sampling", show=False),
+        Binding("f3", "toggle_status", "Status", id="toggle_status", show=False),
+        Binding("ctrl+e", "load_earlier", "Earlier messages", id="load_earlier", show=False),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+    ]
+
+    def __init__(self, options: AppOptions, config: Config, target: Target) -> None:
+        super().__init__()
+        self.options = options
+        self.config = config
+        self.target = target
+        self.model: str | None = target.model
+        self.sampling: Sampling = config.sampling
+        self.chat = ChatSession()
+        self.conversation_id: int | None = None
+        self.store: Store | None = None
+        self.client = ChatClient(
+            target.url,
+            target.api_key,
+            stall_timeout=config.ui.stall_timeout,
+            connect_timeout=config.ui.connect_timeout,
+            transport=options.transport,
+        )
+        self.streaming = False
+        self.pending_attachments: list[Attachment] = []
+        self.last_copied: str | None = None
+        self.first_frame_s: float | None = None
+        self.hidden_turns = 0  # turns of a restored conversation not mounted yet
+        self._reply_task: asyncio.Task[None] | None = None
+        self._code_cycle = 0
+        self._save_timer: Any = None
+        self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
+
+    # -- layout -----------------------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            with Vertical(id="chat-column"):
+                yield Conversation(id="conversation")
+                yield Static("", id="attachments", markup=False)
+                yield PromptArea(id="prompt")
+            yield SamplingPane(self.sampling, id="sampling")
+        yield StatusLine(id="statusline")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.config.keys:
+            self.set_keymap(dict(self.config.keys))
+        self.query_one("#attachments").display = False
+        wide = self.size.width >= WIDE
+        show = self.config.ui.show_sampling
+        self.query_one(SamplingPane).display = wide if show is None else show
+        status = self.query_one(StatusLine)
+        status.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
+        self.query_one(PromptArea).focus()
+        self._open_store()
+        self.check_server()
+
+    def on_ready(self) -> None:
+        self.first_frame_s = time.perf_counter() - START_TIME
+        self.log.info(f"first frame after {self.first_frame_s:.3f} s")
+
+    # -- storage ----------------------------------------------------------------------------------------------
+
+    def _open_store(self) -> None:
+        if not self.options.use_store:
+            return
+        try:
+            from tuichat.store import Store, default_path
+
+            self.store = Store.open(self.options.store_path or default_path())
+            recovered = self.store.recovered_on_open
+        except Exception as exc:  # a broken history must not stop the chat: say so and go on unsaved
+            self.store = None
+            self.add_note("error", f"history is not being saved: {exc}. Check the data folder's permissions.")
+            return
+        conv_id = self.options.conversation_id
+        if conv_id is None and self.options.continue_last:
+            last = self.store.last_conversation()
+            conv_id = last.id if last else None
+            if last is None:
+                self.notify("No saved conversation yet: starting a new one.")
+        if conv_id is not None:
+            self.call_after_refresh(self.open_conversation, conv_id)
+        if recovered:
+            self.notify(
+                f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted."
+            )
+
+    async def open_conversation(self, conv_id: int) -> None:
+        assert self.store is not None
+        conv = self.store.get_conversation(conv_id)
+        if conv is None:
+            self.notify(f"No conversation {conv_id} in the history.", severity="error")
+            return
+        turns = []
+        for msg in self.store.messages(conv_id):
+            if msg.role == "system":
+                continue
+            turns.append(Turn(msg.role, msg.content, msg.state, msg.id, stats=msg.stats))
+        self.chat = ChatSession(turns)
+        self.conversation_id = conv_id
+        container = self.query_one(Conversation)
+        await container.remove_children()
+        shown = turns[-RESTORE_LIMIT:]
+        self.hidden_turns = len(turns) - len(shown)
+        widgets = [message_widget(t) for t in shown]
+        if self.hidden_turns:
+            widgets.insert(0, self._earlier_marker())
+        await container.mount_all(widgets)
+        container.scroll_end(animate=False)
+        self.sub_title = conv.title
+
+    def _earlier_marker(self) -> Static:
+        return Static(
+            Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier"
+        )
+
+    async def action_load_earlier(self) -> None:
+        if not self.hidden_turns:
+            return
+        container = self.query_one(Conversation)
+        marker = self.query("#earlier")
+        start = max(0, self.hidden_turns - RESTORE_LIMIT)
+        batch = self.chat.turns[start : self.hidden_turns]
+        self.hidden_turns = start
+        await marker.remove()
+        widgets = [message_widget(t) for t in batch]
+        if self.hidden_turns:
+            widgets.insert(0, self._earlier_marker())
+        await container.mount_all(widgets, before=0 if container.children else None)
+
+    def _ensure_conversation(self) -> int | None:
+        if self.store is None:
+            return None
+        if self.conversation_id is None:
+            self.conversation_id = self.store.create_conversation(
+                model=self.model,
+                server_url=self.target.url,
+                profile=self.options.profile,
+                system_prompt=self.sampling.system_prompt or None,
+            )
+        return self.conversation_id
+
+    def _save(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a Store method; a failing disk is reported once per call and never ends the chat."""
+        if self.store is None:
+            return None
+        try:
+            return getattr(self.store, method)(*args, **kwargs)
+        except Exception as exc:
+            self.notify(f"could not save to the history: {exc}", severity="error")
+            return None
+
+    # -- server state -----------------------------------------------------------------------------------------
+
+    @work(group="connect", exclusive=True, exit_on_error=False)
+    async def check_server(self) -> None:
+        status = self.query_one(StatusLine)
+        health = await self.client.health()
+        if not health.ok:
+            status.set(state="unreachable" if health.status is None else f"not ready: {health.status}")
+            self.add_note("error", health.message)
+            self._explain_missing_local_server()
+            return
+        if self.model is None:
+            try:
+                models = await self.client.list_models()
+            except ChatError as exc:
+                status.set(state=exc.kind)
+                self.add_note("error", exc.message)
+                return
+            if not models:
+                status.set(state="no model")
+                self.add_note("error", "the server lists no model under /v1/models.")
+                return
+            if len(models) == 1:
+                self.model = models[0]
+            else:
+                self.model = models[0]
+                self.push_screen(ChoiceScreen("Which model?", models), self._model_chosen)
+        status.set(state="ready", model=self.model or "")
+
+    def _model_chosen(self, choice: str | None) -> None:
+        if choice:
+            self.model = choice
+            self.query_one(StatusLine).set(model=choice)
+
+    def _explain_missing_local_server(self) -> None:
+        """On a machine with no lmdeploy (or no GPU), say plainly what is missing and how to attach elsewhere."""
+        if self.target.source != "default":
+            return
+        import importlib.util
+
+        missing = []
+        if importlib.util.find_spec("lmdeploy") is None:
+            missing.append(
+                'lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)'
+            )
+        try:
+            from tuichat.gpu import gpus_visible
+
+            ok, reason = gpus_visible()
+            if not ok:
+                missing.append(reason)
+        except Exception:
+            pass
+        hint = (
+            "To use a server elsewhere: tuichat --url http://HOST:23333 --api-key KEY, or forward its port "
+            "with ssh -L 23333:127.0.0.1:23333 HOST and keep the default URL."
+        )
+        text = ("; ".join(missing) + ". " if missing else "") + hint
+        self.add_note("notice", text)
+
+    # -- conversation display ---------------------------------------------------------------------------------
+
+    def add_note(self, role: str, text: str) -> None:
+        turn = self.chat.add(Turn(role, text))
+        self.query_one(Conversation).mount(message_widget(turn))
+
+    # -- sending ----------------------------------------------------------------------------------------------
+
+    @on(PromptArea.Submitted)
+    def _submitted(self, event: PromptArea.Submitted) -> None:
+        self.send(event.text)
+
+    def send(self, text: str) -> bool:
+        """Send what the user typed; returns False (and says why) when it cannot go now."""
+        prompt = self.query_one(PromptArea)
+        stripped = text.strip()
+        if stripped.startswith("/image"):
+            self.run_worker(self.attach_image(stripped[len("/image") :].strip()), group="attach")
+            prompt.text = ""
+            return False
+        if not stripped and not self.pending_attachments:
+            return False
+        if self.streaming:
+            self.notify("A reply is still streaming: press Esc to stop it first.", severity="warning")
+            return False
+        error = self.query_one(SamplingPane).first_error()
+        if error:
+            self.notify(f"Fix the sampling pane first: {error}", severity="error")
+            return False
+        turn = Turn("user", text, attachments=list(self.pending_attachments))
+        self.chat.add(turn)
+        conv = self._ensure_conversation()
+        if conv is not None:
+            turn.msg_id = self._save(
+                "add_message",
+                conv,
+                "user",
+                text,
+                sampling=self.sampling.to_table() or None,
+                images=[a.name for a in turn.attachments],
+            )
+        self.query_one(Conversation).mount(message_widget(turn))
+        prompt.text = ""
+        self.pending_attachments = []
+        self._show_attachments()
+        self.start_reply()
+        return True
+
+    def start_reply(self) -> None:
+        self.streaming = True
+        self.refresh_bindings()
+        worker = self.run_worker(self._reply(), group="reply", exclusive=True, exit_on_error=False)
+        self._reply_task = None
+        self._reply_worker = worker
+
+    async def _reply(self) -> None:
+        status = self.query_one(StatusLine)
+        container = self.query_one(Conversation)
+        if self.model is None:
+            try:
+                models = await self.client.list_models()
+                self.model = models[0] if models else None
+            except ChatError as exc:
+                self._request_failed(exc)
+                return
+            if self.model is None:
+                self._request_failed(ChatError("not_found", "the server lists no model under /v1/models."))
+                return
+            status.set(model=self.model)
+        messages = self.chat.history(self.sampling.system_prompt)
+        reply = self.chat.add(Turn("assistant", "", state="streaming"))
+        conv = self._ensure_conversation()
+        widget: ReplyMessage | None = None
+        started = time.monotonic()
+        first_at: float | None = None
+        usage: Usage | None = None
+        finish: str | None = None
+        chunks = 0
+        pending = ""
+        last_flush = 0.0
+        last_save = started
+        state = "done"
+        error: ChatError | None = None
+        status.set(state="streaming", last="waiting for first token")
+        try:
+            async for event in self.client.stream_chat(self.model, messages, self.sampling):
+                if isinstance(event, Delta):
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        widget = ReplyMessage(reply, live=True)
+                        await container.mount(widget)
+                        if conv is not None:
+                            reply.msg_id = self._save("begin_reply", conv, sampling=self.sampling.to_table())
+                    chunks += 1
+                    reply.content += event.text
+                    pending += event.text
+                    now = time.monotonic()
+                    if now - last_flush >= FLUSH_EVERY and widget is not None:
+                        await widget.write(pending)
+                        pending = ""
+                        last_flush = now
+                    if reply.msg_id is not None and now - last_save >= SAVE_EVERY:
+                        self._save("update_reply", reply.msg_id, reply.content)
+                        last_save = now
+                elif isinstance(event, Finish):
+                    finish = event.reason
+                elif isinstance(event, Usage):
+                    usage = event
+                elif isinstance(event, Notice):
+                    self.notify(event.text, severity="warning")
+        except ChatError as exc:
+            error = exc
+            state = "interrupted" if reply.content else "error"
+        except asyncio.CancelledError:
+            state = "stopped"
+            if widget is not None and pending:
+                pending = ""
+            self._end_reply(reply, widget, state, started, first_at, usage, chunks, finish, None)
+            raise
+        if widget is not None and pending:
+            await widget.write(pending)
+        self._end_reply(reply, widget, state, started, first_at, usage, chunks, finish, error)
+
+    def _end_reply(
+        self,
+        reply: Turn,
+        widget: ReplyMessage | None,
+        state: str,
+        started: float,
+        first_at: float | None,
+        usage: Usage | None,
+        chunks: int,
+        finish: str | None,
+        error: ChatError | None,
+    ) -> None:
+        """Record how the reply ended (synchronously, so a cancelled task still saves), then redraw it."""
+        ended = time.monotonic()
+        reply.state = state
+        reply.stats = _reply_stats(started, first_at, ended, usage, chunks, finish)
+        if not reply.content:
+            # Nothing came back: drop the empty reply; an error before any token restores the prompt.
+            self.chat.turns.remove(reply)
+            if reply.msg_id is not None:
+                self._save("delete_message", reply.msg_id)
+        elif reply.msg_id is not None:
+            self._save("finish_reply", reply.msg_id, reply.content, state, stats=reply.stats)
+        self.streaming = False
+        self.refresh_bindings()
+        status = self.query_one(StatusLine)
+        from tuichat.ui.widgets import stats_text
+
+        if error is not None and not reply.content:
+            self._request_failed(error)
+        elif error is not None:
+            self.add_note("error", error.message)
+            status.set(state="ready" if error.kind in ("stall", "in_band") else error.kind)
+        else:
+            status.set(state="ready", last=stats_text(reply.stats))
+        if state == "stopped":
+            status.set(last="stopped · " + stats_text(reply.stats))
+        if finish == "length":
+            self.notify("The reply hit max_tokens (or the session length) and was cut.", severity="warning")
+        if widget is not None:
+            self.call_later(widget.finish)
+
+    def _request_failed(self, error: ChatError) -> None:
+        """The request failed before any reply text: put the prompt back so nothing typed is lost."""
+        self.streaming = False
+        self.refresh_bindings()
+        last_user = self.chat.last_index("user")
+        if last_user is not None and last_user == len(self.chat.turns) - 1:
+            turn = self.chat.turns.pop()
+            if turn.msg_id is not None:
+                self._save("delete_message", turn.msg_id)
+            for widget in self.query_one(Conversation).query(".user"):
+                if getattr(widget, "turn", None) is turn:
+                    widget.remove()
+            prompt = self.query_one(PromptArea)
+            if not prompt.text.strip():
+                prompt.text = turn.content
+                self.pending_attachments = turn.attachments
+                self._show_attachments()
+        self.add_note("error", error.message)
+        state = {"connect": "unreachable"}.get(error.kind, error.kind)
+        self.query_one(StatusLine).set(state=state, last="")
+
+    # -- actions ----------------------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop":
+            return True if self.streaming else None
+        if action in ("retry", "undo", "clear", "new_chat") and self.streaming:
+            return None
+        return True
+
+    def action_help(self) -> None:
+        rows: list[tuple[str, str, str]] = []
+        keymap = dict(self.config.keys)
+        for binding in self._bindings_for_help():
+            key = keymap.get(binding.id or "", binding.key)
+            rows.append((key, binding.description or binding.action, binding.id or ""))
+        rows += [
+            ("enter", "Send the prompt", "(prompt)"),
+            ("ctrl+j, shift+enter", "New line in the prompt", "newline"),
+            ("ctrl+p", "Command palette: every action", "(textual)"),
+            ("tab, shift+tab", "Move focus between prompt, chat and panes", "(textual)"),
+        ]
+        self.push_screen(HelpScreen(rows))
+
+    def _bindings_for_help(self) -> list[Binding]:
+        return [b for b in self.BINDINGS if isinstance(b, Binding)]
+
+    async def action_stop(self) -> None:
+        worker = getattr(self, "_reply_worker", None)
+        if self.streaming and worker is not None:
+            worker.cancel()
+
+    async def action_retry(self) -> None:
+        if self.streaming:
+            return
+        if self.chat.last_index("user") is None:
+            self.notify("Nothing to retry yet.")
+            return
+        removed = self.chat.drop_after_last_user()
+        await self._remove_widgets(removed)
+        self.start_reply()
+
+    async def action_undo(self) -> None:
+        if self.streaming:
+            return
+        removed = self.chat.undo()
+        if not removed:
+            self.notify("Nothing to undo.")
+            return
+        await self._remove_widgets(removed)
+        user = next((t for t in removed if t.role == "user"), None)
+        if user is not None:
+            prompt = self.query_one(PromptArea)
+            if not prompt.text.strip():
+                prompt.text = user.content  # like Gradio's Undo: the message comes back for editing
+        self.notify("Removed the last exchange.")
+
+    async def _remove_widgets(self, turns: list[Turn]) -> None:
+        ids = {id(t) for t in turns}
+        for widget in list(self.query_one(Conversation).children):
+            if id(getattr(widget, "turn", None)) in ids:
+                await widget.remove()
+        for turn in turns:
+            if turn.msg_id is not None:
+                self._save("delete_message", turn.msg_id)
+
+    def action_clear(self) -> None:
+        if self.streaming:
+            return
+        count = sum(1 for t in self.chat.turns if t.role in ("user", "assistant"))
+        if not count:
+            self.run_worker(self._clear_now())
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(self._clear_now())
+
+        self.push_screen(
+            ConfirmScreen(f"Clear the {count} messages of this chat? They are deleted from the history."),
+            answer,
+        )
+
+    async def _clear_now(self) -> None:
+        removed = self.chat.clear()
+        await self.query_one(Conversation).remove_children()
+        for turn in removed:
+            if turn.msg_id is not None:
+                self._save("delete_message", turn.msg_id)
+        self.hidden_turns = 0
+
+    async def action_new_chat(self) -> None:
+        if self.streaming:
+            return
+        self.chat = ChatSession()
+        self.conversation_id = None
+        self.hidden_turns = 0
+        self.sub_title = ""
+        await self.query_one(Conversation).remove_children()
+        self.query_one(PromptArea).focus()
+        self.notify("New chat: the previous one stays in the history.")
+
+    def copy_text(self, text: str, what: str) -> None:
+        """Copy with OSC 52, wrapped for tmux/screen, so it reaches the local clipboard over SSH."""
+        from tuichat.clipboard import copy_hint, osc52_sequence
+
+        env = self.options.env if self.options.env is not None else os.environ
+        try:
+            sequence = osc52_sequence(text, env=env)
+        except Exception as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.last_copied = text
+        self._clipboard = text
+        if self._driver is not None:
+            self._driver.write(sequence)
+        hint = copy_hint(env)
+        self.notify(f"Copied {what} ({len(text)} characters)." + (f" {hint}" if hint else ""))
+
+    def action_copy_reply(self) -> None:
+        reply = self.chat.last_reply()
+        if reply is None or not reply.content:
+            self.notify("No reply to copy yet.")
+            return
+        self.copy_text(reply.content, "the last reply")
+
+    def action_copy_code(self) -> None:
+        from tuichat.clipboard import extract_code_blocks
+
+        reply = self.chat.last_reply()
+        blocks = extract_code_blocks(reply.content) if reply else []
+        if not blocks:
+            self.notify("The last reply has no code block.")
+            return
+        index = self._code_cycle % len(blocks)
+        self._code_cycle += 1
+        self.copy_text(blocks[index].code, f"code block {index + 1} of {len(blocks)}")
+
+    def action_toggle_sampling(self) -> None:
+        pane = self.query_one(SamplingPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.query("Input").first().focus()
+        else:
+            self.query_one(PromptArea).focus()
+
+    def action_toggle_status(self) -> None:
+        self.notify("The status pane arrives with the GPU/KV view.")
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+
+    @on(SamplingPane.Changed)
+    def _sampling_changed(self, event: SamplingPane.Changed) -> None:
+        self.sampling = event.sampling
+        if self._save_timer is not None:
+            self._save_timer.stop()
+        # Saving on every keystroke would rewrite the file per digit: wait until typing pauses.
+        self._save_timer = self.set_timer(0.8, self._persist_sampling)
+
+    def _persist_sampling(self) -> None:
+        try:
+            self.config = replace(self.config, sampling=self.sampling)
+            save_config(self.config)
+        except Exception as exc:
+            self.notify(f"could not save the sampling values: {exc}", severity="error")
+
+    # -- images -----------------------------------------------------------------------------------------------
+
+    async def attach_image(self, path_text: str) -> None:
+        if not path_text:
+            self.notify("Usage: /image PATH", severity="warning")
+            return
+        try:
+            from tuichat.images import load_attachment
+
+            att = await asyncio.to_thread(
+                load_attachment, Path(path_text).expanduser(), self.config.ui.max_image_side
+            )
+        except Exception as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.pending_attachments.append(att)
+        self._show_attachments()
+
+    def _show_attachments(self) -> None:
+        bar = self.query_one("#attachments", Static)
+        if not self.pending_attachments:
+            bar.display = False
+            return
+        text = Text("Attached: ", style="bold")
+        for att in self.pending_attachments:
+            text.append(f"[🖼 {att.label()}] ", style="cyan")
+        bar.update(text)
+        bar.display = True
+
+    # -- quitting ---------------------------------------------------------------------------------------------
+
+    async def on_unmount(self) -> None:
+        await self.client.aclose()
+        if self.store is not None:
+            self.store.close()
+
+
+def _reply_stats(
+    started: float, first_at: float | None, ended: float, usage: Usage | None, chunks: int, finish: str | None
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {"total_s": round(ended - started, 3), "finish_reason": finish, "chunks": chunks}
+    if first_at is not None:
+        stats["ttft_s"] = round(first_at - started, 3)
+    completion = usage.completion_tokens if usage else None
+    if usage is not None:
+        stats.update(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+        )
+    tokens = completion if completion is not None else chunks
+    if first_at is not None and tokens > 1 and ended > first_at:
+        stats["decode_tokens_per_s"] = round((tokens - 1) / (ended - first_at), 1)
+    if completion is None:
+        stats["estimated"] = True
+    return stats
+
+
+def make_app(options: AppOptions | None = None) -> TuichatApp:
+    """Build the app from options (CLI flags), the config file and the environment."""
+    options = options or AppOptions()
+    config = options.config or load_config()
+    env = options.env if options.env is not None else os.environ
+    target = resolve_target(config, env, options.url, options.api_key, options.model)
+    return TuichatApp(options, config, target)
+
+
+__all__ = ["AppOptions", "TuichatApp", "__version__", "make_app"]

@@ -1,0 +1,101 @@
+"""Small modal screens: help (every binding), confirm, and the model picker."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key binding of the app and the chat screen, with its id for the [keys] keymap."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,f1,q", "dismiss_help", "Close", id="close_help"),
+    ]
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        table = Table(box=None, expand=True, pad_edge=False)
+        table.add_column("key", style="bold cyan", no_wrap=True)
+        table.add_column("action")
+        table.add_column("id (for [keys])", style="dim", no_wrap=True)
+        for key, description, binding_id in self.rows:
+            table.add_row(key, description, binding_id)
+        with Vertical(id="help-box"):
+            yield Label("tuichat keys  ·  Esc closes", classes="pane-title")
+            with VerticalScroll():
+                yield Static(table)
+                yield Static(
+                    Text(
+                        "Prompt: Enter sends, Ctrl+J or Shift+Enter adds a line, pasting never sends. "
+                        "/image PATH attaches an image. Ctrl+P opens the command palette with every action. "
+                        'Rebind keys in config.toml, e.g. [keys] retry = "f9".'
+                    ),
+                    classes="hint",
+                )
+
+    def action_dismiss_help(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; y or Enter confirms, n or Esc declines."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y,enter", "answer(True)", "Yes", id="confirm_yes"),
+        Binding("n,escape", "answer(False)", "No", id="confirm_no"),
+    ]
+
+    def __init__(self, question: str, yes: str = "y = yes", no: str = "n / Esc = no") -> None:
+        super().__init__()
+        self.question = question
+        self.yes = yes
+        self.no = no
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(Text(self.question), id="question")
+            yield Label(f"{self.yes}    {self.no}", classes="hint")
+
+    def action_answer(self, value: bool) -> None:
+        self.dismiss(value)
+
+
+class ChoiceScreen(ModalScreen[str | None]):
+    """Pick one of several strings (models, profiles); Esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel", id="choice_cancel")]
+
+    def __init__(self, title: str, choices: list[str], hints: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.title_text = title
+        self.choices = choices
+        self.hints = hints or {}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="choice-box"):
+            yield Label(self.title_text, classes="pane-title")
+            options = []
+            for choice in self.choices:
+                prompt = Text(choice)
+                if choice in self.hints:
+                    prompt.append(f"  {self.hints[choice]}", style="dim")
+                options.append(Option(prompt, id=choice))
+            yield OptionList(*options, id="choices")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,407 @@
+"""Pilot tests for every key action of the chat screen, against an in-process scripted server."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from apphelpers import ScriptedServer, app_for, conversation_text, screen_text, wait_for
+from textual.widgets import Input
+
+from tuichat.config import load_config
+from tuichat.store import Store, default_path
+from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
+from tuichat.ui.widgets import PromptArea, SamplingPane
+
+
+async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
+    prompt = pilot.app.query_one(PromptArea)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+
+
+async def test_enter_sends_and_the_reply_streams_in() -> None:
+    server = ScriptedServer("Hello **world**, this is a reply.")
+    app = app_for(server)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(pilot, "hi there")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.pause(0.1)
+        assert (
+            conversation_text(app) == "user:done:hi there\nassistant:done:Hello **world**, this is a reply."
+        )
+        text = screen_text(app)
+        assert "hi there" in text
+        assert "Hello world, this is a reply." in text
+        assert "12+4 tok" in text  # usage from the usage chunk, shown on the status line and under the reply
+        assert app.query_one(PromptArea).text == ""
+    body = server.requests[0]
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hi there"}]
+    assert body["model"] == "tiny-chat"
+
+
+async def test_whole_history_is_sent_every_turn_with_the_system_prompt(hermetic_home: Path) -> None:
+    (hermetic_home).mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text('[sampling]\nsystem_prompt = "Be brief."\ntemperature = 0.2\n')
+    server = ScriptedServer("ok")
+    app = app_for(server, config=load_config())
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "one")
+        await wait_for(pilot, lambda: len(server.requests) == 1 and not app.streaming)
+        await type_and_send(pilot, "two")
+        await wait_for(pilot, lambda: len(server.requests) == 2 and not app.streaming)
+    assert server.requests[1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "two"},
+    ]
+    assert server.requests[1]["temperature"] == 0.2
+
+
+async def test_ctrl_j_inserts_a_newline_and_paste_never_sends() -> None:
+    server = ScriptedServer()
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b")
+        assert prompt.text == "a\nb"
+        # a bracketed paste arrives as one Paste event: its newlines must not send
+        from textual import events
+
+        prompt.post_message(events.Paste("line 1\nline 2\n"))
+        await pilot.pause(0.1)
+        assert "line 1\nline 2" in prompt.text
+        assert server.requests == []
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(server.requests) == 1)
+        assert server.requests[0]["messages"][-1]["content"].startswith("a\nb")
+
+
+async def test_second_send_while_streaming_is_refused_with_a_message() -> None:
+    server = ScriptedServer("slow " * 20)
+    server.pieces = 20
+    server.delay = 0.1
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "first")
+        await wait_for(pilot, lambda: app.streaming)
+        await type_and_send(pilot, "second")
+        await pilot.pause(0.05)
+        assert any("still streaming" in n.message for n in app._notifications)
+        assert app.query_one(PromptArea).text == "second"  # what was typed is kept
+        assert len(server.requests) == 1
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.streaming)
+
+
+async def test_escape_stops_the_reply_keeps_the_partial_text_and_closes_the_stream() -> None:
+    server = ScriptedServer("word " * 50)
+    server.pieces = 50
+    server.delay = 0.05
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "go")
+        await wait_for(pilot, lambda: len(app.chat) == 2 and len(app.chat.turns[1].content) >= 10)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.streaming)
+        reply = app.chat.turns[1]
+        assert reply.state == "stopped"
+        assert 10 <= len(reply.content) < len("word " * 50)
+        await wait_for(pilot, lambda: "stopped by you" in screen_text(app))
+        await wait_for(pilot, lambda: server.closed_early == 1)
+    # saved as stopped, with its partial text
+    store = Store.open(default_path())
+    conv = store.last_conversation()
+    assert conv is not None
+    saved = store.messages(conv.id)
+    assert [m.role for m in saved] == ["user", "assistant"]
+    assert saved[1].state == "stopped"
+    assert saved[1].content == reply.content
+    store.close()
+
+
+async def test_retry_regenerates_the_last_reply_with_current_sampling() -> None:
+    server = ScriptedServer("first answer")
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, "question")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        server.reply = "second answer"
+        app.query_one(SamplingPane).set_value("temperature", "1.5")
+        await pilot.pause(0.05)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: len(server.requests) == 2 and not app.streaming)
+        await pilot.pause(0.1)
+        assert conversation_text(app) == "user:done:question\nassistant:done:second answer"
+        assert "first answer" not in screen_text(app)
+    assert server.requests[1]["messages"] == [{"role": "user", "content": "question"}]
+    assert server.requests[1]["temperature"] == 1.5
+
+
+async def test_undo_removes_the_last_exchange_and_gives_the_message_back() -> None:
+    server = ScriptedServer("reply")
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "keep me")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await type_and_send(pilot, "undo me")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 4)
+        await pilot.press("ctrl+b")
+        await pilot.pause(0.1)
+        assert conversation_text(app) == "user:done:keep me\nassistant:done:reply"
+        assert app.query_one(PromptArea).text == "undo me"
+        assert "undo me" not in screen_text(app).split("╭")[0]
+    store = Store.open(default_path())
+    conv = store.last_conversation()
+    assert conv is not None
+    assert [m.content for m in store.messages(conv.id)] == ["keep me", "reply"]
+    store.close()
+
+
+async def test_clear_asks_then_empties_the_chat() -> None:
+    server = ScriptedServer("reply")
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "hello")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await pilot.pause(0.05)
+        assert len(app.chat) == 2
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: len(app.chat) == 0)
+        assert "hello" not in screen_text(app)
+
+
+async def test_new_chat_starts_fresh_and_keeps_the_old_one_in_history() -> None:
+    server = ScriptedServer("reply")
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "old chat")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        first_id = app.conversation_id
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.05)
+        assert len(app.chat) == 0
+        await type_and_send(pilot, "new chat")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        assert app.conversation_id != first_id
+    assert server.requests[1]["messages"] == [{"role": "user", "content": "new chat"}]
+    store = Store.open(default_path())
+    titles = [c.title for c in store.list_conversations()]
+    assert titles == ["new chat", "old chat"]
+    store.close()
+
+
+async def test_copy_last_reply_writes_osc52_wrapped_for_tmux() -> None:
+    server = ScriptedServer("copy this text")
+    app = app_for(server, env={"TMUX": "/tmp/tmux-0/default,1,0"})
+    written: list[str] = []
+    async with app.run_test() as pilot:
+        assert app._driver is not None
+        app._driver.write = written.append  # type: ignore[method-assign]
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.05)
+    assert app.last_copied == "copy this text"
+    payload = base64.b64encode(b"copy this text").decode()
+    osc = [w for w in written if payload in w]
+    assert osc, "no OSC 52 sequence was written"
+    assert any(w.startswith("\x1bPtmux;") or "\x1bPtmux;" in w for w in osc)
+
+
+async def test_copy_code_cycles_through_code_blocks() -> None:
+    server = ScriptedServer("one\n\n```python\nprint(1)\n```\n\ntwo\n\n```sh\nls -l\n```\n")
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "code please")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("ctrl+g")
+        assert app.last_copied == "print(1)"
+        await pilot.press("ctrl+g")
+        assert app.last_copied == "ls -l"
+        await pilot.press("ctrl+g")
+        assert app.last_copied == "print(1)"
+
+
+async def test_f1_shows_every_binding_with_its_id() -> None:
+    app = app_for(ScriptedServer())
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        text = screen_text(app)
+        for expected in ("Stop", "Retry", "Undo", "Clear", "retry", "copy_reply", "ctrl+j"):
+            assert expected in text
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
+
+
+async def test_out_of_range_sampling_is_refused_in_the_pane_and_never_sent(hermetic_home: Path) -> None:
+    server = ScriptedServer("ok")
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        pane = app.query_one(SamplingPane)
+        assert pane.display  # wide terminal: shown by default
+        temperature = pane.query_one("#temperature", Input)
+        temperature.focus()
+        await pilot.press("3")
+        await pilot.pause(0.05)
+        assert "in [0, 2]" in screen_text(app)
+        await type_and_send(pilot, "hello")
+        await pilot.pause(0.05)
+        assert server.requests == []
+        assert any("temperature" in n.message for n in app._notifications)
+        temperature.value = "0.5"
+        await pilot.pause(1.0)  # the config save waits for typing to pause
+        await type_and_send(pilot, "hello")
+        await wait_for(pilot, lambda: len(server.requests) == 1)
+    assert server.requests[0]["temperature"] == 0.5
+    assert load_config().sampling.temperature == 0.5  # persisted
+
+
+async def test_f2_toggles_the_sampling_pane_at_80_columns() -> None:
+    app = app_for(ScriptedServer())
+    async with app.run_test(size=(80, 24)) as pilot:
+        pane = app.query_one(SamplingPane)
+        assert not pane.display  # narrow terminal: hidden by default
+        await pilot.press("f2")
+        assert pane.display
+        assert isinstance(app.focused, Input)
+        await pilot.press("f2")
+        assert not pane.display
+        assert isinstance(app.focused, PromptArea)
+
+
+async def test_control_sequences_in_model_output_never_reach_the_terminal() -> None:
+    evil = "safe \x1b]52;c;ZXZpbA==\x07text \x1b[2J\x1b[31mred\x1b[0m \x9b1;1H end\x07"
+    server = ScriptedServer(evil)
+    server.pieces = 7  # split sequences across chunks too
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "be evil")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.pause(0.1)
+        reply = app.chat.turns[1].content
+        assert reply == "safe text red  end"
+        text = screen_text(app)
+        assert "\x1b" not in text and "\x9b" not in text
+        assert "safe text red" in text
+
+
+async def test_several_models_open_a_picker() -> None:
+    server = ScriptedServer(models=("model-a", "model-b"))
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen))
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.model == "model-b")
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: len(server.requests) == 1)
+    assert server.requests[0]["model"] == "model-b"
+
+
+async def test_api_key_never_appears_on_screen_or_in_screenshots() -> None:
+    key = "sk-secret-key-123456"
+    app = app_for(ScriptedServer("ok"), api_key=key)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("f1")
+        await pilot.pause(0.05)
+        assert key not in screen_text(app)
+        assert key not in app.export_screenshot()
+        assert key not in repr(app.client)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "fragment"),
+    [
+        (401, {"message": "Unauthorized", "type": "error", "code": 401, "object": "error"}, "API key"),
+        (
+            404,
+            {
+                "message": "The model 'x' does not exist.",
+                "type": "not_found_error",
+                "code": 404,
+                "object": "error",
+            },
+            "does not exist",
+        ),
+        (
+            400,
+            {
+                "message": "Input length (45016) must be smaller than the model context length (8192).",
+                "type": "invalid_request_error",
+                "code": 400,
+                "object": "error",
+            },
+            "Input length (45016) must be smaller than the model context length (8192)",
+        ),
+        (400, {"error": {"message": "The temperature 3.0 must be in [0, 2]"}}, "The temperature 3.0"),
+        (503, {"message": "engine is sleeping", "code": 503, "object": "error"}, "not ready"),
+    ],
+)
+async def test_http_errors_become_a_readable_line_and_the_prompt_is_kept(
+    status: int, body: dict[str, object], fragment: str
+) -> None:
+    server = ScriptedServer()
+    server.status = status
+    server.error_body = body
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, "my precious prompt")
+        await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns))
+        await pilot.pause(0.05)
+        errors = [t.content for t in app.chat.turns if t.role == "error"]
+        assert fragment in errors[-1]
+        assert app.query_one(PromptArea).text == "my precious prompt"
+        assert not any(t.role == "user" for t in app.chat.turns)
+        assert "Traceback" not in screen_text(app)
+        assert not app.streaming
+
+
+async def test_in_band_error_and_malformed_chunk_are_reported() -> None:
+    server = ScriptedServer()
+    good = json.dumps({"choices": [{"index": 0, "delta": {"content": "partial "}}], "usage": None})
+    server.raw_events = [
+        good,
+        "{not json",
+        good,
+        json.dumps({"error": {"message": "engine exploded"}}),
+        "[DONE]",
+    ]
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
+        await pilot.pause(0.05)
+        assert any("malformed chunk" in n.message for n in app._notifications)
+        reply = app.chat.turns[1]
+        assert reply.content == "partial partial "
+        assert reply.state == "interrupted"
+        assert "engine exploded" in app.chat.turns[-1].content
+
+
+async def test_unreachable_server_is_reported_and_sending_later_works(hermetic_home: Path) -> None:
+    from standin.harness import free_port
+
+    port = free_port()
+    app = app_for(None, url=f"http://127.0.0.1:{port}")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns))
+        assert "cannot reach the server" in app.chat.turns[0].content
+        assert "ssh -L" in app.chat.turns[0].content
+        await type_and_send(pilot, "are you there?")
+        await wait_for(pilot, lambda: sum(t.role == "error" for t in app.chat.turns) == 2)
+        assert app.query_one(PromptArea).text == "are you there?"
