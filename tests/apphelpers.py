@@ -64,6 +64,7 @@ class ScriptedServer:
         self.status: int | None = None  # answer chat requests with this error status
         self.error_body: dict[str, Any] = {}
         self.raw_events: list[str] | None = None  # send these `data:` payloads verbatim instead
+        self.metrics: str | None = None  # /metrics text; None answers 404 like --disable-metrics
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -74,14 +75,16 @@ class ScriptedServer:
             return httpx.Response(200, json={"status": "healthy", "message": "PyTorch engine is healthy."})
         if path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in self.models]})
+        if path == "/metrics":
+            if self.metrics is None:
+                return httpx.Response(404, json={"detail": "Not Found"})
+            return httpx.Response(200, text=self.metrics)
         if path == "/v1/chat/completions":
             body = json.loads(request.content)
             self.requests.append(body)
             if self.status is not None:
                 return httpx.Response(self.status, json=self.error_body)
-            return httpx.Response(
-                200, headers={"content-type": "text/event-stream"}, content=self._events(body)
-            )
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=self._events(body))
         return httpx.Response(404, json={"detail": "Not Found"})
 
     async def _events(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -106,6 +109,34 @@ class ScriptedServer:
         finally:
             if not finished:
                 self.closed_early += 1
+
+
+def lmdeploy_metrics(kv: float = 0.42, running: int = 2, waiting: int = 1, generated: float = 1000.0) -> str:
+    """A /metrics answer shaped like LMDeploy 0.18's."""
+    labels = '{engine="0",model_name="tiny-chat"}'
+    return "\n".join(
+        [
+            "# HELP lmdeploy:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE lmdeploy:gpu_cache_usage_perc gauge",
+            f"lmdeploy:gpu_cache_usage_perc{labels} {kv}",
+            "# TYPE lmdeploy:num_requests_running gauge",
+            f"lmdeploy:num_requests_running{labels} {running}",
+            "# TYPE lmdeploy:num_requests_waiting gauge",
+            f"lmdeploy:num_requests_waiting{labels} {waiting}",
+            "# TYPE lmdeploy:prefix_cache_hit_rate gauge",
+            f"lmdeploy:prefix_cache_hit_rate{labels} 0.25",
+            "# TYPE lmdeploy:generation_tokens_total counter",
+            f"lmdeploy:generation_tokens_total{labels} {generated}",
+            "# TYPE lmdeploy:prompt_tokens_total counter",
+            f"lmdeploy:prompt_tokens_total{labels} 500.0",
+            "# TYPE lmdeploy:time_to_first_token_seconds histogram",
+            f'lmdeploy:time_to_first_token_seconds_bucket{{engine="0",model_name="tiny-chat",le="0.1"}} 3.0',
+            f'lmdeploy:time_to_first_token_seconds_bucket{{engine="0",model_name="tiny-chat",le="+Inf"}} 4.0',
+            f"lmdeploy:time_to_first_token_seconds_sum{labels} 0.8",
+            f"lmdeploy:time_to_first_token_seconds_count{labels} 4.0",
+            "",
+        ]
+    )
 
 
 def app_for(

@@ -29,7 +29,9 @@ from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
 from tuichat.config import Config, load_config, save_config
 from tuichat.sampling import Sampling
 from tuichat.target import Target, resolve_target
+from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
 from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
+from tuichat.ui.status_pane import StatusPane, StatusView
 from tuichat.ui.widgets import (
     Conversation,
     PromptArea,
@@ -40,10 +42,13 @@ from tuichat.ui.widgets import (
 )
 
 if TYPE_CHECKING:
+    from tuichat.gpu import GpuReader, GpuSampler
     from tuichat.store import Store
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
-WIDE = 110  # from this width the side panes show by default
+WIDE = 110  # from this width the sampling pane shows by default
+WIDER = 150  # and from this one the status pane too
+METRICS_BACKOFF = 30.0  # seconds between /metrics tries once the server said it has none
 RESTORE_LIMIT = 60  # turns mounted when a conversation opens; older ones load on request
 FLUSH_EVERY = 0.05  # seconds between writes into the live Markdown stream (about 20 a second)
 SAVE_EVERY = 0.3  # seconds between saves of a streaming reply
@@ -62,7 +67,9 @@ class AppOptions:
     transport: httpx.AsyncBaseTransport | None = None  # tests: httpx.MockTransport
     store_path: Path | None = None
     use_store: bool = True
-    watch_server: bool = True  # poll /health in the background
+    watch_server: bool = True  # poll the GPU and /metrics in the background
+    gpu_reader: GpuReader | None = None  # tests: gpu.FakeGpuReader; default NVML
+    poll_interval: float = 2.0  # seconds between GPU and /metrics readings
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +120,13 @@ class TuichatApp(App[None]):
         self._reply_task: asyncio.Task[None] | None = None
         self._code_cycle = 0
         self._save_timer: Any = None
+        self.status_view = StatusView(context=ContextMeter(None))
+        self._gen_rate = RateTracker()
+        self._kv_history = History()
+        self._rate_history = History()
+        self._gpu_sampler: GpuSampler | None = None
+        self._next_metrics_at = 0.0
+        self._metrics_busy = False
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -124,6 +138,7 @@ class TuichatApp(App[None]):
                 yield Static("", id="attachments", markup=False)
                 yield PromptArea(id="prompt")
             yield SamplingPane(self.sampling, id="sampling")
+            yield StatusPane(id="status")
         yield StatusLine(id="statusline")
         yield Footer()
 
@@ -134,6 +149,11 @@ class TuichatApp(App[None]):
         wide = self.size.width >= WIDE
         show = self.config.ui.show_sampling
         self.query_one(SamplingPane).display = wide if show is None else show
+        show_status = self.config.ui.show_status
+        self.query_one(StatusPane).display = self.size.width >= WIDER if show_status is None else show_status
+        if self.options.watch_server:
+            self.set_interval(self.options.poll_interval, self._poll_status)
+            self.call_after_refresh(self._poll_status)
         status = self.query_one(StatusLine)
         status.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         self.query_one(PromptArea).focus()
@@ -167,9 +187,7 @@ class TuichatApp(App[None]):
         if conv_id is not None:
             self.call_after_refresh(self.open_conversation, conv_id)
         if recovered:
-            self.notify(
-                f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted."
-            )
+            self.notify(f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted.")
 
     async def open_conversation(self, conv_id: int) -> None:
         assert self.store is not None
@@ -196,9 +214,7 @@ class TuichatApp(App[None]):
         self.sub_title = conv.title
 
     def _earlier_marker(self) -> Static:
-        return Static(
-            Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier"
-        )
+        return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier")
 
     async def action_load_earlier(self) -> None:
         if not self.hidden_turns:
@@ -278,9 +294,7 @@ class TuichatApp(App[None]):
 
         missing = []
         if importlib.util.find_spec("lmdeploy") is None:
-            missing.append(
-                'lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)'
-            )
+            missing.append('lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)')
         try:
             from tuichat.gpu import gpus_visible
 
@@ -325,6 +339,17 @@ class TuichatApp(App[None]):
         if error:
             self.notify(f"Fix the sampling pane first: {error}", severity="error")
             return False
+        meter = self.status_view.context
+        if meter is not None and meter.session_len:
+            from tuichat.metrics import estimate_tokens
+
+            reserve = self.sampling.max_tokens or 0
+            if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
+                self.notify(
+                    f"This message may not fit: the chat uses ~{meter.used:,} of {meter.session_len:,} tokens. "
+                    "Undo earlier exchanges (ctrl+b) or start a new chat (ctrl+n) if the server refuses it.",
+                    severity="warning",
+                )
         turn = Turn("user", text, attachments=list(self.pending_attachments))
         self.chat.add(turn)
         conv = self._ensure_conversation()
@@ -435,6 +460,13 @@ class TuichatApp(App[None]):
         ended = time.monotonic()
         reply.state = state
         reply.stats = _reply_stats(started, first_at, ended, usage, chunks, finish)
+        self.status_view.last_reply = reply.stats
+        meter = self.status_view.context
+        if meter is not None and usage is not None and usage.prompt_tokens is not None:
+            meter.record_usage(usage.prompt_tokens, usage.completion_tokens or 0)
+        if error is not None and error.kind == "too_long" and meter is not None and error.detail:
+            meter.learn_from_error(error.detail)
+        self._redraw_status()
         if not reply.content:
             # Nothing came back: drop the empty reply; an error before any token restores the prompt.
             self.chat.turns.remove(reply)
@@ -478,6 +510,10 @@ class TuichatApp(App[None]):
                 prompt.text = turn.content
                 self.pending_attachments = turn.attachments
                 self._show_attachments()
+        meter = self.status_view.context
+        if error.kind == "too_long" and meter is not None and error.detail:
+            meter.learn_from_error(error.detail)
+            self._redraw_status()
         self.add_note("error", error.message)
         state = {"connect": "unreachable"}.get(error.kind, error.kind)
         self.query_one(StatusLine).set(state=state, last="")
@@ -628,7 +664,82 @@ class TuichatApp(App[None]):
             self.query_one(PromptArea).focus()
 
     def action_toggle_status(self) -> None:
-        self.notify("The status pane arrives with the GPU/KV view.")
+        pane = self.query_one(StatusPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.show(self.status_view)
+
+    # -- status: GPU and /metrics -----------------------------------------------------------------------------
+
+    def _poll_status(self) -> None:
+        self._read_gpu()
+        now = time.monotonic()
+        if not self._metrics_busy and now >= self._next_metrics_at:
+            self._metrics_busy = True
+            self.run_worker(self._read_metrics(), group="metrics", exit_on_error=False)
+
+    @work(thread=True, group="gpu", exclusive=True, exit_on_error=False)
+    def _read_gpu(self) -> None:
+        # NVML calls block (briefly): a thread keeps them off the event loop that draws the stream.
+        if self._gpu_sampler is None:
+            from tuichat.gpu import GpuSampler, NvmlReader
+
+            self._gpu_sampler = GpuSampler(self.options.gpu_reader or NvmlReader())
+        snapshot = self._gpu_sampler.sample()
+        if snapshot is not None:
+            self.call_from_thread(self._gpu_arrived, snapshot)
+
+    def _gpu_arrived(self, snapshot: Any) -> None:
+        self.status_view.gpu = snapshot
+        self._redraw_status()
+
+    async def _read_metrics(self) -> None:
+        try:
+            text = await self.client.metrics_text()
+            metrics = parse_metrics(text)
+        except Exception as exc:  # ChatError or MetricsError: say so in the pane, try again later
+            self.status_view.metrics = None
+            self.status_view.metrics_error = f"server metrics unavailable: {getattr(exc, 'message', exc)}"
+            self._next_metrics_at = time.monotonic() + METRICS_BACKOFF
+        else:
+            self._metrics_arrived(metrics)
+        finally:
+            self._metrics_busy = False
+        self._redraw_status()
+
+    def _metrics_arrived(self, metrics: ServerMetrics) -> None:
+        now = time.monotonic()
+        self.status_view.metrics = metrics
+        self.status_view.metrics_error = None
+        if metrics.generation_tokens_total is not None:
+            self._gen_rate.add(now, metrics.generation_tokens_total)
+            rate = self._gen_rate.rate(window_s=10.0)
+            self.status_view.gen_rate = rate
+            if rate is not None:
+                self._rate_history.append(now, rate)
+        if metrics.kv_cache_usage is not None:
+            self._kv_history.append(now, metrics.kv_cache_usage * 100)
+        self.status_view.kv_history = self._kv_history.values(last_seconds=600, now=now)
+        self.status_view.rate_history = self._rate_history.values(last_seconds=600, now=now)
+
+    def _redraw_status(self) -> None:
+        view = self.status_view
+        pane = self.query_one(StatusPane)
+        if pane.display:
+            pane.show(view)
+        parts = []
+        if view.metrics is not None:
+            parts.append(summarize_for_status(view.metrics, view.gen_rate, width=44))
+        if view.gpu is not None and view.gpu.gpus:
+            used = sum(g.mem_used or 0 for g in view.gpu.gpus)
+            total = sum(g.mem_total or 0 for g in view.gpu.gpus)
+            from tuichat.gpu import format_bytes
+
+            parts.append(f"GPU {format_bytes(used)}/{format_bytes(total)}")
+        warning = view.context.warning() if view.context else None
+        if warning:
+            parts.insert(0, "⚠ context nearly full")
+        self.query_one(StatusLine).set(extra=" · ".join(parts))
 
     # -- sampling ---------------------------------------------------------------------------------------------
 
@@ -656,9 +767,7 @@ class TuichatApp(App[None]):
         try:
             from tuichat.images import load_attachment
 
-            att = await asyncio.to_thread(
-                load_attachment, Path(path_text).expanduser(), self.config.ui.max_image_side
-            )
+            att = await asyncio.to_thread(load_attachment, Path(path_text).expanduser(), self.config.ui.max_image_side)
         except Exception as exc:
             self.notify(str(exc), severity="error")
             return
@@ -687,22 +796,23 @@ class TuichatApp(App[None]):
 def _reply_stats(
     started: float, first_at: float | None, ended: float, usage: Usage | None, chunks: int, finish: str | None
 ) -> dict[str, Any]:
-    stats: dict[str, Any] = {"total_s": round(ended - started, 3), "finish_reason": finish, "chunks": chunks}
-    if first_at is not None:
-        stats["ttft_s"] = round(first_at - started, 3)
-    completion = usage.completion_tokens if usage else None
-    if usage is not None:
-        stats.update(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-        )
-    tokens = completion if completion is not None else chunks
-    if first_at is not None and tokens > 1 and ended > first_at:
-        stats["decode_tokens_per_s"] = round((tokens - 1) / (ended - first_at), 1)
-    if completion is None:
-        stats["estimated"] = True
-    return stats
+    """The stats saved with a reply and shown under it (a plain dict: it goes into the store as JSON)."""
+    from dataclasses import asdict
+
+    from tuichat.metrics import compute_reply_stats
+
+    stats = compute_reply_stats(
+        started,
+        first_at,
+        ended,
+        usage.completion_tokens if usage else None,
+        usage.prompt_tokens if usage else None,
+        usage.cached_tokens if usage else None,
+        chunks,
+    )
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(stats).items()}
+    out.update(finish_reason=finish, chunks=chunks)
+    return out
 
 
 def make_app(options: AppOptions | None = None) -> TuichatApp:

@@ -42,19 +42,22 @@ def reply_renderable(text: str, state: str) -> RenderableType:
 
 
 def stats_text(stats: dict[str, Any] | None) -> str:
-    if not stats:
+    """The line under a reply, from the stats dict saved with it (older rows may lack some keys)."""
+    if not stats or stats.get("total_s") is None:
         return ""
-    parts = []
-    if stats.get("ttft_s") is not None:
-        parts.append(f"TTFT {stats['ttft_s']:.2f}s")
-    if stats.get("decode_tokens_per_s") is not None:
-        parts.append(f"{stats['decode_tokens_per_s']:.1f} tok/s")
-    if stats.get("completion_tokens") is not None:
-        prompt = stats.get("prompt_tokens")
-        parts.append(f"{prompt if prompt is not None else '?'}+{stats['completion_tokens']} tok")
-    if stats.get("cached_tokens"):
-        parts.append(f"{stats['cached_tokens']} cached")
-    return " · ".join(parts)
+    from tuichat.metrics import ReplyStats, format_reply_stats
+
+    return format_reply_stats(
+        ReplyStats(
+            ttft_s=stats.get("ttft_s"),
+            decode_tokens_per_s=stats.get("decode_tokens_per_s"),
+            total_s=stats["total_s"],
+            prompt_tokens=stats.get("prompt_tokens"),
+            completion_tokens=stats.get("completion_tokens"),
+            cached_tokens=stats.get("cached_tokens"),
+            estimated=bool(stats.get("estimated")),
+        )
+    )
 
 
 class UserMessage(Static):

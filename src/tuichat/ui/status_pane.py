@@ -1,0 +1,193 @@
+"""The status pane: GPUs (ours vs others), the server's KV cache and scheduler, and this conversation.
+
+It only draws: the app samples NVML in a thread worker and `/metrics` over HTTP, and hands the pane a
+`StatusView` a second or two apart. Drawing is a handful of `Static` updates with Rich renderables, cheap enough
+to leave the token stream alone (see bench/ for the measured cost with the pane visible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Label, Sparkline, Static
+
+from tuichat.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
+from tuichat.metrics import ContextMeter, ServerMetrics
+
+BAR_WIDTH = 20
+
+
+@dataclass
+class StatusView:
+    """Everything the pane shows, gathered by the app."""
+
+    gpu: GpuSnapshot | None = None
+    our_pids: set[int] = field(default_factory=set)
+    metrics: ServerMetrics | None = None
+    metrics_error: str | None = None
+    gen_rate: float | None = None  # server-side generation tokens/s
+    kv_history: list[float] = field(default_factory=list)
+    rate_history: list[float] = field(default_factory=list)
+    launch: dict[str, Any] = field(default_factory=dict)  # backend, cache share, quant policy, session_len, ...
+    last_reply: dict[str, Any] | None = None
+    context: ContextMeter | None = None
+
+
+def bar(fraction: float | None, width: int = BAR_WIDTH, style: str = "green") -> Text:
+    """A text bar that reads in 16 colours and in monochrome (the filled part uses a different glyph)."""
+    if fraction is None:
+        return Text("?" * 1, style="dim")
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * width)
+    if fraction >= 0.9:
+        style = "red"
+    elif fraction >= 0.75:
+        style = "yellow"
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"))
+
+
+def split_bar(ours: int, others: int, total: int | None, width: int = BAR_WIDTH) -> Text:
+    """GPU memory as one bar: ours (█), others (▓), free (░)."""
+    if not total:
+        return Text("?", style="dim")
+    o = round(width * ours / total)
+    x = min(width - o, round(width * others / total))
+    return Text.assemble(("█" * o, "cyan"), ("▓" * x, "magenta"), ("░" * (width - o - x), "dim"))
+
+
+def gpu_renderable(snapshot: GpuSnapshot | None, our_pids: set[int]) -> RenderableType:
+    if snapshot is None:
+        return Text("reading GPUs…", style="dim")
+    if snapshot.error is not None or not snapshot.gpus:
+        return Text(describe_no_gpu(snapshot), style="yellow")
+    splits = {s.index: s for s in memory_split(snapshot, our_pids)}
+    parts: list[RenderableType] = []
+    for gpu in snapshot.gpus:
+        split = splits[gpu.index]
+        head = Text(f"GPU{gpu.index} ", style="bold")
+        head.append(gpu.name.removeprefix("NVIDIA "))
+        facts = []
+        if gpu.util_percent is not None:
+            facts.append(f"{gpu.util_percent}%")
+        if gpu.temperature_c is not None:
+            facts.append(f"{gpu.temperature_c}°C")
+        if gpu.power_w is not None:
+            limit = f"/{gpu.power_limit_w:.0f}" if gpu.power_limit_w else ""
+            facts.append(f"{gpu.power_w:.0f}{limit} W")
+        line2 = Text("  " + " · ".join(facts) if facts else "  readings unavailable", style="dim")
+        mem = Text("  ")
+        mem.append_text(split_bar(split.ours_bytes, split.others_bytes, gpu.mem_total, BAR_WIDTH - 2))
+        used = format_bytes(gpu.mem_used) if gpu.mem_used is not None else "?"
+        total = format_bytes(gpu.mem_total) if gpu.mem_total is not None else "?"
+        mem.append(f" {used}/{total}")
+        legend = Text(
+            f"  ours {format_bytes(split.ours_bytes)} · others {format_bytes(split.others_bytes)}", style="dim"
+        )
+        parts += [head, line2, mem, legend]
+    return Group(*parts)
+
+
+def server_renderable(view: StatusView) -> RenderableType:
+    if view.metrics is None:
+        return Text(view.metrics_error or "waiting for /metrics…", style="yellow" if view.metrics_error else "dim")
+    m = view.metrics
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    kv = Text()
+    kv.append_text(bar(m.kv_cache_usage, BAR_WIDTH - 6))
+    kv.append(f" {m.kv_cache_usage * 100:.0f}%" if m.kv_cache_usage is not None else " ?")
+    table.add_row("KV", kv)
+    table.add_row(
+        "requests",
+        f"{m.running if m.running is not None else '?'} running · "
+        f"{m.waiting if m.waiting is not None else '?'} waiting",
+    )
+    if m.prefix_cache_hit_rate is not None:
+        table.add_row("prefix hit", f"{m.prefix_cache_hit_rate * 100:.0f}%")
+    if view.gen_rate is not None:
+        table.add_row("generation", f"{view.gen_rate:.0f} tok/s")
+    if m.mean_ttft is not None:
+        table.add_row("mean TTFT", f"{m.mean_ttft:.3f} s")
+    if m.failed:
+        table.add_row("failed", str(m.failed))
+    return table
+
+
+def launch_renderable(launch: dict[str, Any]) -> RenderableType:
+    if not launch:
+        return Text("attached server: launch settings unknown", style="dim")
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column()
+    for key, value in launch.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def chat_renderable(view: StatusView) -> RenderableType:
+    parts: list[RenderableType] = []
+    stats = view.last_reply
+    if stats:
+        line = Text()
+        if stats.get("ttft_s") is not None:
+            line.append(f"TTFT {stats['ttft_s']:.2f}s  ")
+        if stats.get("decode_tokens_per_s") is not None:
+            line.append(f"{stats['decode_tokens_per_s']:.1f} tok/s")
+        parts.append(line)
+        tokens = Text(style="dim")
+        tokens.append(
+            f"prompt {stats.get('prompt_tokens', '?')} · completion {stats.get('completion_tokens', '?')}"
+            f" · cached {stats.get('cached_tokens') or 0}"
+        )
+        parts.append(tokens)
+    else:
+        parts.append(Text("no reply yet", style="dim"))
+    meter = view.context
+    if meter is not None:
+        fraction = meter.fraction
+        ctx = Text("context ")
+        ctx.append_text(bar(fraction, BAR_WIDTH - 8))
+        if meter.session_len:
+            approx = "" if meter.exact else "~"
+            ctx.append(f" {approx}{meter.used:,}/{meter.session_len:,}")
+        else:
+            ctx.append(f" ~{meter.used:,} (session length unknown)", style="dim")
+        parts.append(ctx)
+        warning = meter.warning()
+        if warning:
+            parts.append(Text(warning, style="bold yellow"))
+    return Group(*parts)
+
+
+class StatusPane(VerticalScroll):
+    """GPU, server and conversation status, refreshed by `show(view)`."""
+
+    def compose(self) -> ComposeResult:
+        yield Label("GPU", classes="pane-title")
+        yield Static(Text("reading GPUs…", style="dim"), id="gpu-view")
+        yield Label("Server", classes="pane-title")
+        yield Static(Text("waiting for /metrics…", style="dim"), id="server-view")
+        yield Sparkline([], id="kv-spark", summary_function=max)
+        yield Sparkline([], id="rate-spark", summary_function=max)
+        yield Static("", id="launch-view")
+        yield Label("This chat", classes="pane-title")
+        yield Static(Text("no reply yet", style="dim"), id="chat-view")
+
+    def show(self, view: StatusView) -> None:
+        self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
+        self.query_one("#server-view", Static).update(server_renderable(view))
+        kv = self.query_one("#kv-spark", Sparkline)
+        kv.data = view.kv_history[-60:] or [0.0]
+        kv.tooltip = "KV cache usage, last minutes"
+        rate = self.query_one("#rate-spark", Sparkline)
+        rate.data = view.rate_history[-60:] or [0.0]
+        rate.tooltip = "generation tokens/s, last minutes"
+        self.query_one("#launch-view", Static).update(launch_renderable(view.launch))
+        self.query_one("#chat-view", Static).update(chat_renderable(view))
