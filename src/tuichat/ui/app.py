@@ -659,6 +659,8 @@ class TuichatApp(App[None]):
         pane = self.query_one(SamplingPane)
         pane.display = not pane.display
         if pane.display:
+            if self.size.width < WIDER:
+                self.query_one(StatusPane).display = False
             pane.query("Input").first().focus()
         else:
             self.query_one(PromptArea).focus()
@@ -668,6 +670,8 @@ class TuichatApp(App[None]):
         pane.display = not pane.display
         if pane.display:
             pane.show(self.status_view)
+            if self.size.width < WIDER:
+                self.query_one(SamplingPane).display = False  # one side pane at a time on narrower screens
 
     # -- status: GPU and /metrics -----------------------------------------------------------------------------
 

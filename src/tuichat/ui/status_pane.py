@@ -174,7 +174,9 @@ class StatusPane(VerticalScroll):
         yield Static(Text("reading GPUs…", style="dim"), id="gpu-view")
         yield Label("Server", classes="pane-title")
         yield Static(Text("waiting for /metrics…", style="dim"), id="server-view")
+        yield Label("KV % · last 10 min", id="kv-spark-label", classes="hint")
         yield Sparkline([], id="kv-spark", summary_function=max)
+        yield Label("tok/s · last 10 min", id="rate-spark-label", classes="hint")
         yield Sparkline([], id="rate-spark", summary_function=max)
         yield Static("", id="launch-view")
         yield Label("This chat", classes="pane-title")
@@ -183,11 +185,13 @@ class StatusPane(VerticalScroll):
     def show(self, view: StatusView) -> None:
         self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
         self.query_one("#server-view", Static).update(server_renderable(view))
-        kv = self.query_one("#kv-spark", Sparkline)
-        kv.data = view.kv_history[-60:] or [0.0]
-        kv.tooltip = "KV cache usage, last minutes"
-        rate = self.query_one("#rate-spark", Sparkline)
-        rate.data = view.rate_history[-60:] or [0.0]
-        rate.tooltip = "generation tokens/s, last minutes"
+        for name, data in (("kv", view.kv_history), ("rate", view.rate_history)):
+            # A sparkline of fewer than two points says nothing: hide it until there is a trend to draw.
+            shown = len(data) >= 2
+            spark = self.query_one(f"#{name}-spark", Sparkline)
+            spark.display = shown
+            self.query_one(f"#{name}-spark-label").display = shown
+            if shown:
+                spark.data = data[-60:]
         self.query_one("#launch-view", Static).update(launch_renderable(view.launch))
         self.query_one("#chat-view", Static).update(chat_renderable(view))

@@ -16,7 +16,7 @@ from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, Markdown, Static, TextArea
@@ -26,7 +26,7 @@ from tuichat.chat import Turn
 from tuichat.sampling import FIELDS, Sampling, SamplingError, display_value, parse_value
 
 STATE_MARKS = {
-    "stopped": "⏹ stopped by you: partial reply",
+    "stopped": "■ stopped by you: partial reply",
     "interrupted": "⚠ interrupted: partial reply",
     "error": "⚠ failed: partial reply",
     "streaming": "… receiving",
@@ -182,20 +182,19 @@ class SamplingPane(VerticalScroll):
 
     def compose(self) -> ComposeResult:
         yield Label("Sampling · next request", classes="pane-title")
-        yield Label("blank = server default (generation_config.json)", classes="hint")
+        yield Label("blank = server default", classes="hint")
         yield Label("System prompt", classes="field-label")
         yield TextArea(self.sampling.system_prompt, id="system_prompt", soft_wrap=True, tab_behavior="focus")
         for spec in FIELDS:
-            yield Label(
-                f"{spec.label}  ({spec.rule or spec.help})" if spec.rule else spec.label,
-                classes="field-label",
-            )
-            yield Input(
-                display_value(self.sampling, spec.name),
-                placeholder="server default" if spec.kind != "list" else "none",
-                id=spec.name,
-                tooltip=spec.help,
-            )
+            with Horizontal(classes="field-row"):
+                yield Label(spec.name, classes="field-name")
+                yield Input(
+                    display_value(self.sampling, spec.name),
+                    placeholder=spec.rule.replace("in ", "") if spec.rule and spec.name != "seed" else "none",
+                    id=spec.name,
+                    tooltip=f"{spec.label}: {spec.help}" + (f"; {spec.rule}" if spec.rule else ""),
+                    compact=True,
+                )
             yield Label("", id=f"{spec.name}-error", classes="field-error")
 
     def set_value(self, name: str, text: str) -> None:
