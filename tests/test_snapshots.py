@@ -55,6 +55,7 @@ def saved_conversation() -> int:
 def make(conversation: bool, **kwargs: Any) -> TuichatApp:
     conv = saved_conversation() if conversation else None
     kwargs.setdefault("watch_server", False)
+    kwargs.setdefault("cursor_blink", False)
     return app_for(ScriptedServer(), conversation_id=conv, **kwargs)
 
 
@@ -119,7 +120,7 @@ def test_status_pane(snap_compare: Any, size: tuple[int, int]) -> None:
     server = ScriptedServer()
     server.metrics = lmdeploy_metrics(kv=0.42)
     conv = saved_conversation()
-    app = app_for(server, conversation_id=conv, gpu_reader=reader, poll_interval=3600)
+    app = app_for(server, conversation_id=conv, gpu_reader=reader, poll_interval=3600, cursor_blink=False)
     app.status_view.our_pids = {os.getpid()}
 
     async def before(pilot: Pilot[Any]) -> None:

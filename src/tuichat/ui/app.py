@@ -27,9 +27,9 @@ from tuichat import __version__
 from tuichat.chat import Attachment, ChatSession, Turn
 from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
 from tuichat.config import Config, load_config, save_config
+from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
 from tuichat.sampling import Sampling
 from tuichat.target import Target, resolve_target
-from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
 from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
 from tuichat.ui.status_pane import StatusPane, StatusView
 from tuichat.ui.widgets import (
@@ -70,6 +70,7 @@ class AppOptions:
     watch_server: bool = True  # poll the GPU and /metrics in the background
     gpu_reader: GpuReader | None = None  # tests: gpu.FakeGpuReader; default NVML
     poll_interval: float = 2.0  # seconds between GPU and /metrics readings
+    cursor_blink: bool = True  # snapshot tests turn it off so a blink cannot change the picture
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,6 +146,13 @@ class TuichatApp(App[None]):
     def on_mount(self) -> None:
         if self.config.keys:
             self.set_keymap(dict(self.config.keys))
+        if not self.options.cursor_blink:
+            from textual.widgets import Input, TextArea
+
+            for widget in self.query(Input).results():
+                widget.cursor_blink = False
+            for area in self.query(TextArea).results():
+                area.cursor_blink = False
         self.query_one("#attachments").display = False
         wide = self.size.width >= WIDE
         show = self.config.ui.show_sampling
