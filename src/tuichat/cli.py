@@ -55,9 +55,7 @@ def chat_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "profile", nargs="?", help="launch profile to attach to or start (see `tuichat profiles`)"
-    )
+    parser.add_argument("profile", nargs="?", help="launch profile to attach to or start (see `tuichat profiles`)")
     parser.add_argument("--url", help="server to attach to, e.g. http://127.0.0.1:23333 (or OPENAI_BASE_URL)")
     parser.add_argument("--api-key", help="the server's API key (or OPENAI_API_KEY)")
     parser.add_argument("--model", help="model id to chat with (default: the first the server lists)")

@@ -127,9 +127,7 @@ class ChatClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(
-                connect=connect_timeout, read=stall_timeout, write=30.0, pool=connect_timeout
-            ),
+            timeout=httpx.Timeout(connect=connect_timeout, read=stall_timeout, write=30.0, pool=connect_timeout),
             trust_env=False,
             transport=transport,
         )
@@ -251,9 +249,7 @@ class ChatClient:
             data = resp.json()
             return [str(item["id"]) for item in data["data"]]
         except (ValueError, KeyError, TypeError):
-            raise ChatError(
-                "protocol", f"{self.base_url}/v1/models did not answer with a model list"
-            ) from None
+            raise ChatError("protocol", f"{self.base_url}/v1/models did not answer with a model list") from None
 
     async def metrics_text(self) -> str:
         """The Prometheus text of `/metrics`; raises ChatError (404 = metrics off or not LMDeploy)."""
@@ -352,9 +348,7 @@ class ChatClient:
                         continue
                     if "error" in chunk:
                         detail = _error_text(json.dumps(chunk).encode()) or "unknown error"
-                        raise ChatError(
-                            "in_band", f"the server reported an error mid-reply: {detail}", detail=detail
-                        )
+                        raise ChatError("in_band", f"the server reported an error mid-reply: {detail}", detail=detail)
                     for event in _chunk_events(chunk, cleaner):
                         yield event
         except ChatError:

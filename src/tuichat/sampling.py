@@ -48,13 +48,9 @@ def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> C
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("temperature", "Temperature", "float", "randomness; 0 = greedy", _in(0, 2), "in [0, 2]"),
-    FieldSpec(
-        "top_p", "Top-p", "float", "nucleus share of probability", _in(0, 1, lo_open=True), "in (0, 1]"
-    ),
+    FieldSpec("top_p", "Top-p", "float", "nucleus share of probability", _in(0, 1, lo_open=True), "in (0, 1]"),
     FieldSpec("top_k", "Top-k", "int", "keep the k likeliest tokens; 0 = off", lambda v: v >= 0, ">= 0"),
-    FieldSpec(
-        "min_p", "Min-p", "float", "drop tokens below this share of the top one", _in(0, 1), "in [0, 1]"
-    ),
+    FieldSpec("min_p", "Min-p", "float", "drop tokens below this share of the top one", _in(0, 1), "in [0, 1]"),
     FieldSpec(
         "repetition_penalty",
         "Repetition penalty",

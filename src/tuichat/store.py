@@ -303,8 +303,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             db.close()
             raise TuichatError(
-                f"The history file {path} cannot be read ({exc}). "
-                "Move it aside and tuichat will start a new one."
+                f"The history file {path} cannot be read ({exc}). Move it aside and tuichat will start a new one."
             ) from exc
         except BaseException:
             db.close()
@@ -513,13 +512,11 @@ class Store:
         now = time.time()
         with self._write() as db:
             db.execute(
-                "UPDATE messages SET content = ?, state = ?, stats = COALESCE(?, stats), writer = NULL "
-                "WHERE id = ?",
+                "UPDATE messages SET content = ?, state = ?, stats = COALESCE(?, stats), writer = NULL WHERE id = ?",
                 (content, state, _json_or_none(stats), msg_id),
             )
             db.execute(
-                "UPDATE conversations SET updated = ? "
-                "WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
+                "UPDATE conversations SET updated = ? WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
                 (now, msg_id),
             )
         self._untrack(msg_id)
@@ -558,8 +555,7 @@ class Store:
                 return 0
             with self._write() as db:
                 db.executemany(
-                    "UPDATE messages SET state = 'interrupted', writer = NULL "
-                    "WHERE id = ? AND state = 'streaming'",
+                    "UPDATE messages SET state = 'interrupted', writer = NULL WHERE id = ? AND state = 'streaming'",
                     [(msg_id,) for msg_id in dead],
                 )
             return len(dead)
@@ -576,9 +572,7 @@ class Store:
 
     # -- search ----------------------------------------------------------------------------------------------
 
-    def search(
-        self, query: str, limit: int = 50, *, marks: tuple[str, str] = SNIPPET_MARKS
-    ) -> list[SearchHit]:
+    def search(self, query: str, limit: int = 50, *, marks: tuple[str, str] = SNIPPET_MARKS) -> list[SearchHit]:
         """Full-text search over all messages, best matches first. Any text is accepted: FTS5 operators
         and punctuation in `query` are matched literally, never parsed."""
         match = _fts_query(query)
@@ -830,9 +824,7 @@ def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "import a file written by tuichat's JSON export."
         ) from exc
     if not isinstance(document, dict) or "tuichat_export" not in document:
-        raise _bad_import(
-            'the "tuichat_export" key is missing; import a file written by tuichat\'s JSON export'
-        )
+        raise _bad_import('the "tuichat_export" key is missing; import a file written by tuichat\'s JSON export')
     if document["tuichat_export"] != EXPORT_FORMAT_VERSION:
         raise TuichatError(
             f"This export has format version {document['tuichat_export']!r}, but this tuichat reads version "
