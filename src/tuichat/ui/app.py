@@ -30,7 +30,7 @@ from tuichat.config import Config, load_config, save_config
 from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
 from tuichat.sampling import Sampling
 from tuichat.target import Target, resolve_target
-from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
+from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen, QuitScreen
 from tuichat.ui.status_pane import StatusPane, StatusView
 from tuichat.ui.widgets import (
     Conversation,
@@ -43,6 +43,7 @@ from tuichat.ui.widgets import (
 
 if TYPE_CHECKING:
     from tuichat.gpu import GpuReader, GpuSampler
+    from tuichat.launcher import ManagedServer, ServerManager, ServerStatus
     from tuichat.store import Store
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
@@ -71,6 +72,8 @@ class AppOptions:
     gpu_reader: GpuReader | None = None  # tests: gpu.FakeGpuReader; default NVML
     poll_interval: float = 2.0  # seconds between GPU and /metrics readings
     cursor_blink: bool = True  # snapshot tests turn it off so a blink cannot change the picture
+    manager: ServerManager | None = None  # the launcher (tests pass one with its own state dir)
+    managed: bool | None = None  # None: decide from the profile / running servers (see make_app)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +96,9 @@ class TuichatApp(App[None]):
         Binding("f2", "toggle_sampling", "Sampling", id="toggle_sampling", show=False),
         Binding("f3", "toggle_status", "Status", id="toggle_status", show=False),
         Binding("ctrl+e", "load_earlier", "Earlier messages", id="load_earlier", show=False),
+        Binding("f4", "history", "Chats", id="history", show=False),
+        Binding("f5", "server", "Server", id="server", show=False),
+        Binding("f8", "attach_image", "Image", id="attach_image", show=False),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
     ]
 
@@ -128,6 +134,10 @@ class TuichatApp(App[None]):
         self._gpu_sampler: GpuSampler | None = None
         self._next_metrics_at = 0.0
         self._metrics_busy = False
+        self.manager: ServerManager | None = options.manager
+        self.server: ManagedServer | None = None
+        self.profile_name: str | None = options.profile
+        self.server_state: ServerStatus | None = None
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -166,7 +176,11 @@ class TuichatApp(App[None]):
         status.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         self.query_one(PromptArea).focus()
         self._open_store()
-        self.check_server()
+        self._watch_hangup()
+        if self.options.managed and self.profile_name:
+            self.bring_up_profile(self.profile_name)
+        else:
+            self.check_server()
 
     def on_ready(self) -> None:
         self.first_frame_s = time.perf_counter() - START_TIME
@@ -197,7 +211,7 @@ class TuichatApp(App[None]):
         if recovered:
             self.notify(f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted.")
 
-    async def open_conversation(self, conv_id: int) -> None:
+    async def open_conversation(self, conv_id: int, message_id: int | None = None) -> None:
         assert self.store is not None
         conv = self.store.get_conversation(conv_id)
         if conv is None:
@@ -218,8 +232,24 @@ class TuichatApp(App[None]):
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets)
-        container.scroll_end(animate=False)
         self.sub_title = conv.title
+        target = None
+        if message_id is not None:
+            while self.hidden_turns and not any(t.msg_id == message_id for t in self.chat.turns[self.hidden_turns :]):
+                await self.action_load_earlier()
+            target = next(
+                (w for w in container.children if getattr(getattr(w, "turn", None), "msg_id", -1) == message_id), None
+            )
+        if target is not None:
+            container.release_anchor()
+            self.call_after_refresh(container.scroll_to_widget, target, animate=False, top=True)
+        else:
+            container.scroll_end(animate=False)
+        meter = self.status_view.context
+        if meter is not None:
+            meter.reset()
+            meter.estimate_from(t.content for t in self.chat.turns if t.role in ("user", "assistant"))
+            self._redraw_status()
 
     def _earlier_marker(self) -> Static:
         return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier")
@@ -317,6 +347,127 @@ class TuichatApp(App[None]):
         )
         text = ("; ".join(missing) + ". " if missing else "") + hint
         self.add_note("notice", text)
+
+    # -- managed servers (launched by tuichat) ----------------------------------------------------------------
+
+    def _manager(self) -> ServerManager:
+        if self.manager is None:
+            from tuichat.launcher import ServerManager
+
+            self.manager = ServerManager()
+        return self.manager
+
+    @work(thread=True, group="server", exclusive=True, exit_on_error=False)
+    def bring_up_profile(self, name: str) -> None:
+        """Attach to the profile's server if tuichat started it earlier, else launch it and wait for ready."""
+        from tuichat.errors import TuichatError
+
+        manager = self._manager()
+        server = manager.find(name)
+        if server is None:
+            profile = self.config.profiles.get(name)
+            if profile is None:
+                self.call_from_thread(self.add_note, "error", f"no profile called '{name}': see `tuichat profiles`.")
+                return
+            self.call_from_thread(self.query_one(StatusLine).set, state="starting", model=f"profile {name}")
+            try:
+                for check in manager.preflight(profile):
+                    if check.level == "warning":
+                        self.call_from_thread(self.notify, check.message, severity="warning", timeout=10)
+                server = manager.start(name, profile)
+            except TuichatError as exc:
+                self.call_from_thread(self.add_note, "error", str(exc))
+                self.call_from_thread(self.query_one(StatusLine).set, state="failed")
+                return
+            self.call_from_thread(
+                self.add_note, "notice", f"Starting {name} ({profile.model}); F5 shows its progress and log."
+            )
+        else:
+            self.call_from_thread(self.notify, f"Attached to {name}, which tuichat started earlier (pid {server.pid}).")
+        self.call_from_thread(self._adopt_server, name, server)
+        status = server.wait_ready(None, lambda st: self.call_from_thread(self._server_status, st), 0.25)
+        self.call_from_thread(self._server_status, status)
+        if status.state == "ready":
+            self.call_from_thread(self._attach_to_server, server)
+
+    def _adopt_server(self, name: str, server: ManagedServer) -> None:
+        self.profile_name = name
+        self.server = server
+        profile = server.profile
+        launch: dict[str, Any] = {"profile": name, "backend": profile.backend or "turbomind (default)"}
+        if profile.tp:
+            launch["tp"] = profile.tp
+        launch["cache share"] = profile.cache_max_entry_count if profile.cache_max_entry_count else "0.8 (default)"
+        launch["KV quant"] = {0: "off", 4: "int4", 8: "int8"}.get(profile.quant_policy or 0, profile.quant_policy)
+        if profile.session_len:
+            launch["session_len"] = profile.session_len
+            if self.status_view.context is not None:
+                self.status_view.context.session_len = profile.session_len
+        self.status_view.launch = launch
+
+    def _server_status(self, status: ServerStatus) -> None:
+        self.server_state = status
+        line = self.query_one(StatusLine)
+        if status.state == "starting":
+            progress = status.progress
+            if progress is not None:
+                pct = f" {progress.fraction * 100:.0f}%" if progress.fraction is not None else ""
+                line.set(state="starting", last=f"{progress.label}{pct}")
+            else:
+                line.set(state="starting", last="loading the model")
+        elif status.state == "failed":
+            line.set(state="failed", last="")
+            text = status.message or "the server failed to start"
+            if status.last_lines:
+                text += "\nlast log lines:\n" + "\n".join(status.last_lines[-6:])
+            self.add_note("error", text)
+        elif status.state == "stopped":
+            line.set(state="stopped", last="")
+
+    def _attach_to_server(self, server: ManagedServer) -> None:
+        self.retarget(server.url, server.api_key, server.model_name)
+        self.run_worker(self._learn_engine(), group="engine", exit_on_error=False)
+
+    async def _learn_engine(self) -> None:
+        info = await self.client.engine_info()
+        if info:
+            for key in ("block_size", "num_gpu_blocks"):
+                if key in info:
+                    self.status_view.launch[key.replace("_", " ")] = info[key]
+            self._redraw_status()
+
+    def retarget(self, url: str, api_key: str | None, model: str | None) -> None:
+        """Point the chat at another server (a launched one, or one picked in the server panel)."""
+        old = self.client
+        self.client = ChatClient(
+            url,
+            api_key,
+            stall_timeout=self.config.ui.stall_timeout,
+            connect_timeout=self.config.ui.connect_timeout,
+            transport=self.options.transport,
+        )
+        self.target = Target(url, api_key, model, "profile")
+        self.model = model
+        self._gen_rate.reset()
+        self._next_metrics_at = 0.0
+        self.query_one(StatusLine).set(url=url, model=model or "", state="connecting")
+        self.run_worker(old.aclose(), exit_on_error=False)
+        self.check_server()
+
+    def _watch_hangup(self) -> None:
+        """SSH dropped: leave at once, keeping the server (its record lets the next tuichat re-attach)."""
+        import signal
+
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hangup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    def _hangup(self) -> None:
+        worker = getattr(self, "_reply_worker", None)
+        if self.streaming and worker is not None:
+            worker.cancel()  # the partial reply is saved, marked stopped
+        self.exit(return_code=129)
 
     # -- conversation display ---------------------------------------------------------------------------------
 
@@ -753,6 +904,60 @@ class TuichatApp(App[None]):
             parts.insert(0, "⚠ context nearly full")
         self.query_one(StatusLine).set(extra=" · ".join(parts))
 
+    def action_history(self) -> None:
+        if self.store is None:
+            self.notify("The history is not available (see the message at the top of the chat).", severity="error")
+            return
+        from tuichat.ui.history_screen import ConversationsScreen, HistoryChoice
+
+        def chosen(choice: HistoryChoice | None) -> None:
+            if choice is None:
+                return
+            if self.streaming:
+                self.notify("A reply is still streaming: stop it (Esc) before switching chats.", severity="warning")
+                return
+            self.run_worker(self.open_conversation(choice.conversation_id, choice.message_id), exclusive=False)
+
+        self.push_screen(ConversationsScreen(self.store), chosen)
+
+    def action_server(self) -> None:
+        from tuichat.ui.server_screen import ServerAction, ServerScreen
+
+        name = self.profile_name or self.config.default_profile or next(iter(self.config.profiles), None)
+        if name is None:
+            self.notify("No launch profile: add one to config.toml (see `tuichat profiles`).", severity="error")
+            return
+
+        def done(action: ServerAction | None) -> None:
+            if action is None:
+                return
+            try:
+                from tuichat.config import load_config
+
+                self.config = load_config(self.config.path)  # the panel may have saved a profile
+            except Exception as exc:
+                self.notify(str(exc), severity="error")
+            self.profile_name = action.profile_name
+            server = action.server
+            if server is not None and server is not self.server:
+                self._adopt_server(action.profile_name, server)
+            if action.kind == "attach" and server is not None:
+                self._adopt_server(action.profile_name, server)
+                self._attach_to_server(server)
+            elif server is None and self.server is not None and not self.server.is_alive():
+                self.server = None
+
+        self.push_screen(ServerScreen(self._manager(), self.config, name, self.server), done)
+
+    def action_attach_image(self) -> None:
+        from tuichat.ui.image_picker import ImagePickerScreen
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.run_worker(self.attach_image(str(path)), group="attach")
+
+        self.push_screen(ImagePickerScreen(), chosen)
+
     # -- sampling ---------------------------------------------------------------------------------------------
 
     @on(SamplingPane.Changed)
@@ -799,6 +1004,47 @@ class TuichatApp(App[None]):
 
     # -- quitting ---------------------------------------------------------------------------------------------
 
+    async def action_quit(self) -> None:
+        """Quit; a server tuichat launched is stopped or kept as ui.on_quit says (ask, stop, keep)."""
+        server = self.server
+        if server is None or not server.is_alive():
+            self.exit()
+            return
+        choice = self.config.ui.on_quit
+        if choice == "keep":
+            self.exit()
+        elif choice == "stop":
+            await self._stop_and_exit(server)
+        else:
+
+            def answer(result: tuple[str, bool] | None) -> None:
+                if result is None:
+                    return
+                what, remember = result
+                if remember:
+                    self.config = replace(self.config, ui=replace(self.config.ui, on_quit=what))
+                    try:
+                        save_config(self.config)
+                    except Exception as exc:
+                        self.notify(f"could not save ui.on_quit: {exc}", severity="error")
+                if what == "stop":
+                    self.run_worker(self._stop_and_exit(server), exit_on_error=False)
+                else:
+                    self.exit()
+
+            self.push_screen(QuitScreen(server.name, server.url), answer)
+
+    async def _stop_and_exit(self, server: ManagedServer) -> None:
+        worker = getattr(self, "_reply_worker", None)
+        if self.streaming and worker is not None:
+            worker.cancel()  # close our own streams first: the server waits for open ones before it stops
+        self.query_one(StatusLine).set(state="stopping", last=f"stopping {server.name}…")
+        manager = self._manager()
+        result = await asyncio.to_thread(manager.stop, server)
+        if result.survivors:
+            self.notify(f"{len(result.survivors)} process(es) of {server.name} survived the stop.", severity="error")
+        self.exit()
+
     async def on_unmount(self) -> None:
         await self.client.aclose()
         if self.store is not None:
@@ -832,8 +1078,45 @@ def make_app(options: AppOptions | None = None) -> TuichatApp:
     options = options or AppOptions()
     config = options.config or load_config()
     env = options.env if options.env is not None else os.environ
+    if options.managed is None:
+        options.managed = _choose_managed(options, config, env)
     target = resolve_target(config, env, options.url, options.api_key, options.model)
     return TuichatApp(options, config, target)
+
+
+def _choose_managed(options: AppOptions, config: Config, env: Mapping[str, str]) -> bool:
+    """Decide whether the app drives a server tuichat launches (True) or attaches to a URL (False).
+
+    A profile on the command line wins; an explicit URL (flag or OPENAI_BASE_URL) means attach; otherwise a
+    server tuichat launched earlier and still running is re-attached (the SSH-drop case), then the config's
+    default_profile is launched; with none of these, the default URL is tried.
+    """
+    from tuichat.errors import TuichatError
+
+    if options.profile:
+        if options.profile not in config.profiles:
+            known = ", ".join(sorted(config.profiles))
+            raise TuichatError(f"no profile called '{options.profile}' (known: {known}); see `tuichat profiles`")
+        return True
+    if options.url or env.get("OPENAI_BASE_URL"):
+        return False
+    from tuichat.launcher import ServerManager
+
+    manager = options.manager or ServerManager()
+    options.manager = manager
+    running = {s.name: s for s in manager.running()}
+    if running:
+        pick = (
+            config.default_profile
+            if config.default_profile in running
+            else max(running, key=lambda n: running[n].record.started_at)
+        )
+        options.profile = pick
+        return True
+    if config.default_profile:
+        options.profile = config.default_profile
+        return True
+    return False
 
 
 __all__ = ["AppOptions", "TuichatApp", "__version__", "make_app"]

@@ -99,3 +99,37 @@ class ChoiceScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class QuitScreen(ModalScreen[tuple[str, bool] | None]):
+    """Quitting while a server tuichat launched runs: stop it, or keep it for the next tuichat to re-attach."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "answer('stop', False)", "Stop it", id="quit_stop"),
+        Binding("k", "answer('keep', False)", "Keep it", id="quit_keep"),
+        Binding("S", "answer('stop', True)", "Always stop", id="quit_always_stop"),
+        Binding("K", "answer('keep', True)", "Always keep", id="quit_always_keep"),
+        Binding("escape", "cancel", "Cancel", id="quit_cancel"),
+    ]
+
+    def __init__(self, name: str, url: str) -> None:
+        super().__init__()
+        self.server_name = name
+        self.url = url
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(
+                Text(
+                    f"The server {self.server_name} ({self.url}) is still running.\n"
+                    "Stop it (frees its GPU memory), or keep it so the next `tuichat` re-attaches?"
+                ),
+                id="question",
+            )
+            yield Label("s stop · k keep · S / K always (saved as ui.on_quit) · Esc stay", classes="hint")
+
+    def action_answer(self, what: str, remember: bool) -> None:
+        self.dismiss((what, remember))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
