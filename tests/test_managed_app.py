@@ -1,0 +1,139 @@
+"""The app driving a server it launches: `tuichat PROFILE` starts the stand-in through the real launcher,
+chats with its random API key, re-attaches from a fresh app, and stops it (or keeps it) on quit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from apphelpers import screen_text, wait_for
+from standin.harness import STANDIN_COMMAND
+
+from tuichat.config import add_profile, load_config
+from tuichat.gpu import FakeGpuReader, GpuInfo
+from tuichat.launcher import ServerManager
+from tuichat.procgroup import group_pids
+from tuichat.ui.app import AppOptions, TuichatApp, make_app
+from tuichat.ui.screens import QuitScreen
+from tuichat.ui.widgets import PromptArea
+
+GB = 1000**3
+
+
+@pytest.fixture
+def manager(hermetic_home: Path) -> Iterator[ServerManager]:
+    add_profile(
+        "fake",
+        {
+            "model": "org/tiny-chat",
+            "command": STANDIN_COMMAND,
+            "extra_args": ["--fake-load-seconds", "0.6", "--fake-reply", "Hi from the **stand-in**."],
+            "session_len": 2048,
+            "stop_timeout": 3,
+        },
+    )
+    mgr = ServerManager(gpu_reader=FakeGpuReader([GpuInfo(0, "Fake H200", "u", mem_used=GB, mem_total=140 * GB)]))
+    yield mgr
+    for server in mgr.running():
+        mgr.stop(server, timeout=1.0)
+    mgr.close()
+
+
+def managed_app(manager: ServerManager, profile: str | None = "fake") -> TuichatApp:
+    return make_app(
+        AppOptions(
+            profile=profile,
+            config=load_config(),
+            manager=manager,
+            env={},
+            gpu_reader=FakeGpuReader([GpuInfo(0, "Fake H200", "u", mem_used=GB, mem_total=140 * GB)]),
+            poll_interval=0.2,
+        )
+    )
+
+
+async def chat_once(pilot, app: TuichatApp, text: str) -> None:  # type: ignore[no-untyped-def]
+    before = len(app.chat)
+    prompt = app.query_one(PromptArea)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: not app.streaming and len(app.chat) >= before + 2, timeout=15)
+
+
+async def test_profile_is_launched_with_progress_then_chat_uses_its_key(manager: ServerManager) -> None:
+    app = managed_app(manager)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.server is not None, timeout=10)
+        seen_starting = app.query_one("#statusline").state == "starting"  # type: ignore[attr-defined]
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        assert seen_starting or app.server_state is not None
+        server = app.server
+        assert server is not None
+        assert app.client.base_url == server.url
+        assert app.client.api_key == server.api_key and server.api_key  # a fresh random key
+        assert server.url.startswith("http://127.0.0.1:")
+        await chat_once(pilot, app, "hello")
+        assert app.chat.turns[-1].content == "Hi from the **stand-in**."
+        assert server.api_key not in screen_text(app)
+        assert app.status_view.launch["session_len"] == 2048
+        assert app.status_view.context is not None and app.status_view.context.session_len == 2048
+        # quit asks; k keeps the server running for the next tuichat
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
+        await pilot.press("k")
+    assert server.is_alive()
+
+    # a new tuichat with no arguments re-attaches to it (the SSH-drop case)
+    again = managed_app(ServerManager(gpu_reader=FakeGpuReader()), profile=None)
+    assert again.options.managed and again.options.profile == "fake"
+    async with again.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: again.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        assert again.server is not None and again.server.pid == server.pid
+        await chat_once(pilot, again, "still there?")
+        assert again.chat.turns[-1].content == "Hi from the **stand-in**."
+        pgid = again.server.pgid
+        # quit and stop: nothing of the group is left
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(again.screen, QuitScreen))
+        await pilot.press("s")
+        await wait_for(pilot, lambda: not group_pids(pgid), timeout=15)
+    assert not group_pids(pgid)
+
+
+async def test_a_crash_while_loading_shows_the_reason_in_the_chat(manager: ServerManager) -> None:
+    add_profile(
+        "crashy",
+        {"model": "org/tiny-chat", "command": STANDIN_COMMAND, "extra_args": ["--fake-crash-while-loading"]},
+    )
+    app = make_app(
+        AppOptions(profile="crashy", config=load_config(), manager=manager, env={}, gpu_reader=FakeGpuReader())
+    )
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns), timeout=15)
+        text = "\n".join(t.content for t in app.chat.turns if t.role == "error")
+        assert "exited with code 1" in text
+        assert "out of memory" in text.lower()
+        assert app.query_one("#statusline").state == "failed"  # type: ignore[attr-defined]
+        assert "Traceback" not in screen_text(app)
+
+
+async def test_unknown_profile_is_a_clear_error(hermetic_home: Path) -> None:
+    from tuichat.errors import TuichatError
+
+    with pytest.raises(TuichatError, match="no profile called 'nope'"):
+        make_app(AppOptions(profile="nope", config=load_config(), env={}))
+
+
+async def test_on_quit_stop_is_remembered(manager: ServerManager) -> None:
+    app = managed_app(manager)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        assert app.server is not None
+        pgid = app.server.pgid
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
+        await pilot.press("S")
+        await wait_for(pilot, lambda: not group_pids(pgid), timeout=15)
+    assert load_config().ui.on_quit == "stop"
