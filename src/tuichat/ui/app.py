@@ -8,6 +8,7 @@ saves every turn as it happens. Every action has a binding with an id, so `[keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -458,10 +459,8 @@ class TuichatApp(App[None]):
         """SSH dropped: leave at once, keeping the server (its record lets the next tuichat re-attach)."""
         import signal
 
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hangup)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
 
     def _hangup(self) -> None:
         worker = getattr(self, "_reply_worker", None)
