@@ -153,12 +153,13 @@ def chat_renderable(view: StatusView) -> RenderableType:
     if meter is not None:
         fraction = meter.fraction
         ctx = Text("context ")
-        ctx.append_text(bar(fraction, BAR_WIDTH - 8))
+        if fraction is not None:
+            ctx.append_text(bar(fraction, BAR_WIDTH - 8))
         if meter.session_len:
             approx = "" if meter.exact else "~"
             ctx.append(f" {approx}{meter.used:,}/{meter.session_len:,}")
         else:
-            ctx.append(f" ~{meter.used:,} (session length unknown)", style="dim")
+            ctx.append(f"~{meter.used:,} tokens (session length unknown)", style="dim")
         parts.append(ctx)
         warning = meter.warning()
         if warning:
