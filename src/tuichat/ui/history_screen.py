@@ -34,7 +34,7 @@ HIT_TITLE_WIDTH = 40  # so title, role and time share one line at 80 columns
 # Snippet marks from the private-use area: they cannot clash with Markdown, markup or anything a user types.
 _MARKS = ("\ue000", "\ue001")
 _TIME_WIDTH = 16  # "2025-01-31 23:59"
-_COUNT_WIDTH = 5
+_COUNT_WIDTH = 4
 _COLUMNS = ("title", "updated", "count", "model")
 
 
@@ -75,6 +75,15 @@ def _fit(value: str, width: int) -> Text:
     text = Text(value, no_wrap=True, overflow="ellipsis")
     text.truncate(width, overflow="ellipsis")
     return text
+
+
+class ConversationTable(DataTable[Text]):
+    """The conversation list: one row per conversation; Home and End jump to the newest and the oldest."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("home", "scroll_top", "Newest", show=False),
+        Binding("end", "scroll_bottom", "Oldest", show=False),
+    ]
 
 
 class ConversationsScreen(ModalScreen[HistoryChoice | None]):
@@ -161,8 +170,7 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         with Vertical(id="history-box"):
             yield Label("Saved conversations", id="history-title")
             yield Input(placeholder="search every message: words, last one may be partial", id="history-search")
-            table: DataTable[Text] = DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
-            yield table
+            yield ConversationTable(id="history-table", cursor_type="row", zebra_stripes=True)
             yield OptionList(id="history-hits")
             yield Static("", id="history-empty", markup=False)
             with Horizontal(id="history-rename-row"):
@@ -196,7 +204,7 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
 
     def _widths(self, available: int) -> dict[str, int]:
         models = [len(short_model(c.model)) for c in self.conversations]
-        model = min(max([5, *models]), 24 if available >= 100 else 14)
+        model = min(max([5, *models]), max(12, available // 4), 28)
         padding = 2 * len(_COLUMNS)  # DataTable pads each cell by one column on both sides
         title = max(10, available - padding - _TIME_WIDTH - _COUNT_WIDTH - model)
         return {"title": title, "updated": _TIME_WIDTH, "count": _COUNT_WIDTH, "model": model}
@@ -219,11 +227,10 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         self._show_list_or_empty()
 
     def _cells(self, conv: Conversation, widths: dict[str, int]) -> list[Text]:
-        count = Text(str(conv.message_count), justify="right")
         return [
             _fit(conv.title, widths["title"]),
             Text(format_time(conv.updated)),
-            count,
+            Text(str(conv.message_count).rjust(widths["count"]), no_wrap=True),
             _fit(short_model(conv.model), widths["model"]),
         ]
 
@@ -250,11 +257,12 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         elif not showing_hits and not self.conversations:
             empty.update(
                 "No saved conversations yet. Press Esc, type a message and press Enter: "
-                "every chat is saved here as it happens, ready to reopen with F4."
+                "every chat is saved here as it happens, ready to reopen later."
             )
             empty.display = True
         else:
             empty.display = False
+        self.refresh_bindings()  # what Enter, r and d can do depends on what is shown
 
     def current_conversation(self) -> Conversation | None:
         """The conversation under the table's cursor."""
@@ -303,7 +311,7 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
             self.dismiss(HistoryChoice(conv.id, None))
 
     @on(DataTable.RowSelected, "#history-table")
-    def _row_clicked(self, event: DataTable.RowSelected[Text]) -> None:
+    def _row_clicked(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value is not None:
             self.dismiss(HistoryChoice(int(event.row_key.value), None))
 

@@ -12,11 +12,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.reactive import reactive
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import DirectoryTree, Input, Label, Static
 from textual.widgets.directory_tree import DirEntry
 from textual.widgets.tree import TreeNode
@@ -57,6 +60,27 @@ class ImageTree(DirectoryTree):
             self.cursor_line = 0
 
 
+class FolderLine(Widget):
+    """The folder on show, cut from the left when narrow: the end of a path is the part that tells it apart."""
+
+    DEFAULT_CSS = """
+    FolderLine {
+        height: 1;
+        color: $text-muted;
+    }
+    """
+
+    folder: reactive[Path] = reactive(Path("/"))
+
+    def render(self) -> Text:
+        suffix = "  (PNG, JPEG, WebP, GIF, BMP)"
+        shown = display_path(self.folder)
+        room = self.content_size.width - len("Folder: ") - len(suffix)
+        if room > 0 and len(shown) > room:
+            shown = "…" + shown[len(shown) - room + 1 :]
+        return Text(f"Folder: {shown}{suffix}", no_wrap=True, overflow="ellipsis")
+
+
 class ImagePickerScreen(ModalScreen[Path | None]):
     """Choose an image file; dismisses with its absolute Path, or None on Esc."""
 
@@ -76,9 +100,6 @@ class ImagePickerScreen(ModalScreen[Path | None]):
     ImagePickerScreen #picker-title {
         text-style: bold;
         color: $accent;
-    }
-    ImagePickerScreen #picker-folder {
-        color: $text-muted;
     }
     ImagePickerScreen #picker-tree {
         height: 1fr;
@@ -109,7 +130,9 @@ class ImagePickerScreen(ModalScreen[Path | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="picker-box"):
             yield Label("Attach an image", id="picker-title")
-            yield Static(self._folder_line(), id="picker-folder", markup=False)
+            line = FolderLine(id="picker-folder")
+            line.folder = self.folder
+            yield line
             tree = ImageTree(self.folder, id="picker-tree")
             tree.show_root = False
             yield tree
@@ -123,9 +146,6 @@ class ImagePickerScreen(ModalScreen[Path | None]):
 
     def on_mount(self) -> None:
         self.query_one(ImageTree).focus()
-
-    def _folder_line(self) -> str:
-        return f"Folder: {display_path(self.folder)}  (PNG, JPEG, WebP, GIF, BMP)"
 
     # -- choosing ---------------------------------------------------------------------------------------------
 
@@ -141,14 +161,19 @@ class ImagePickerScreen(ModalScreen[Path | None]):
         if not text:
             self._error("Type a path, or pick a file in the list above.")
             return
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = self.folder / path  # relative to the folder on show, which is what the user is looking at
-        if path.is_dir():
+        try:
+            path = Path(text).expanduser()
+            if not path.is_absolute():
+                path = self.folder / path  # relative to the folder on show, which is what the user is looking at
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except (OSError, RuntimeError, ValueError) as exc:  # no such ~user, no permission, a NUL in the text
+            self._error(f"Cannot use {text}: {exc}. Check the path.")
+            return
+        if is_dir:
             self.go_to(path)
             event.input.value = ""
             return
-        if not path.is_file():
+        if not is_file:
             self._error(f"No file at {display_path(path)}: check the path (~ and relative paths work).")
             return
         if not is_image_name(path):
@@ -165,7 +190,7 @@ class ImagePickerScreen(ModalScreen[Path | None]):
         """Show another folder in the tree."""
         self.folder = folder.resolve()
         self.query_one(ImageTree).path = self.folder
-        self.query_one("#picker-folder", Static).update(self._folder_line())
+        self.query_one(FolderLine).folder = self.folder
         self.query_one("#picker-error", Static).display = False
 
     # -- keys -------------------------------------------------------------------------------------------------
