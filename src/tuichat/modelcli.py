@@ -1,0 +1,275 @@
+"""`tuichat models` (the local models, as a table) and `tuichat quantize` (W4A16 AWQ in the foreground).
+
+`quantize` prints one progress line per change (rewritten in place on a terminal), keeps lmdeploy's whole output
+in a log file, and on Ctrl+C stops every process of the job and removes the partial output before exiting 130.
+On success it prints the new profile's TOML and saves it into config.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from tuichat import paths
+from tuichat.errors import TuichatError
+from tuichat.gpu import format_bytes
+from tuichat.models import DiscoveryResult, ModelInfo, discover, inspect_model, profile_name_for, profile_notes
+from tuichat.quantize import (
+    DEFAULT_CALIB_DATASET,
+    JobStatus,
+    QuantizeJob,
+    QuantizeOptions,
+    default_command,
+    format_elapsed,
+)
+
+
+def add_subcommands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "models",
+        help="list local models",
+        description="List model folders (with a config.json) under the model roots ([models] roots in "
+        "config.toml, and --root), the Hugging Face cache and the ModelScope cache.",
+    )
+    p.add_argument("--root", action="append", default=[], metavar="DIR", help="also look in DIR (repeatable)")
+    p.add_argument("--no-caches", action="store_true", help="skip the Hugging Face and ModelScope caches")
+    p.set_defaults(model_command="models")
+
+    q = subparsers.add_parser(
+        "quantize",
+        help="W4A16 AWQ quantization with lmdeploy lite auto_awq",
+        description="Quantize MODEL's weights to 4 bits with lmdeploy's AWQ (lmdeploy lite auto_awq) into DIR, "
+        "then add a launch profile for the result. Ctrl+C cancels and leaves nothing behind.",
+    )
+    q.add_argument("model", help="a model folder, or a hub id such as internlm/internlm2-chat-1_8b")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder for the quantized model")
+    q.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default 128)")
+    q.add_argument(
+        "--calib-dataset",
+        default=DEFAULT_CALIB_DATASET,
+        help=f"calibration set, downloaded from the Hugging Face hub (default {DEFAULT_CALIB_DATASET})",
+    )
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration samples; 0: data-free (default 128)")
+    q.add_argument("--calib-seqlen", type=int, default=1024, help="tokens per calibration sample (default 1024)")
+    q.add_argument("--dtype", choices=["auto", "float16", "bfloat16"], help="float16 for GPUs without bfloat16")
+    q.add_argument("--yes", action="store_true", help="replace an existing output folder or profile without asking")
+    q.add_argument("--profile-name", metavar="NAME", help="name of the profile to add (default: from DIR)")
+    q.add_argument("--no-profile", action="store_true", help="do not add a profile to config.toml")
+    q.add_argument("--log", metavar="FILE", help="where to keep lmdeploy's output (default: under the state dir)")
+    q.add_argument(
+        "--lmdeploy",
+        metavar="CMD",
+        help="the command that runs lmdeploy (default: this Python's `-m lmdeploy`)",
+    )
+    q.set_defaults(model_command="quantize")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model_command == "models":
+        return run_models(args)
+    return run_quantize(args)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _configured_roots() -> list[Path]:
+    from tuichat.config import load_config
+
+    return [Path(r).expanduser() for r in load_config().model_roots]
+
+
+def run_models(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    roots = [*_configured_roots(), *(Path(r).expanduser() for r in args.root)]
+    for root in args.root:
+        if not Path(root).expanduser().is_dir():
+            err.write(f"tuichat: --root {root} is not a folder; it is skipped.\n")
+    result = discover(roots, include_caches=not args.no_caches)
+    out.write(format_table(result))
+    for problem in result.problems:
+        err.write(f"tuichat: {problem}\n")
+    return 0
+
+
+def format_table(result: DiscoveryResult) -> str:
+    if not result.models:
+        return (
+            "No local models found. Add folders to [models] roots in config.toml or pass --root DIR; "
+            "models downloaded to the Hugging Face or ModelScope cache are found on their own.\n"
+        )
+    header = ("NAME", "ARCH", "PARAMS", "DTYPE", "QUANT", "SIZE", "VLM", "PATH")
+    rows = [header, *(_row(m) for m in result.models)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _row(m: ModelInfo) -> tuple[str, ...]:
+    return (
+        m.name,
+        m.architecture,
+        m.params_text,
+        m.dtype or "?",
+        m.quant_text,
+        format_bytes(m.size_bytes),
+        "yes" if m.is_vlm else "-",
+        str(m.path),
+    )
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def _free_profile_name(base: str, taken: set[str]) -> str:
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    command = shlex.split(args.lmdeploy) if args.lmdeploy else default_command()
+    opts = QuantizeOptions(
+        model=args.model,
+        out=Path(args.out).expanduser(),
+        w_bits=args.w_bits,
+        group_size=args.group_size,
+        calib_dataset=args.calib_dataset,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        command=command,
+        dtype=args.dtype,
+    )
+
+    # Settle the profile name before hours of work, so a clash cannot spoil the end.
+    profile_name: str | None = None
+    if not args.no_profile:
+        from tuichat.config import load_config
+        from tuichat.profiles import validate_name
+
+        taken = set(load_config().profiles)
+        if args.profile_name:
+            profile_name = validate_name(args.profile_name)
+            if profile_name in taken and not args.yes:
+                raise TuichatError(
+                    f"A profile called '{profile_name}' already exists: choose another --profile-name, "
+                    "or add --yes to replace it."
+                )
+        else:
+            profile_name = _free_profile_name(profile_name_for(opts.out.absolute().name), taken)
+
+    overwrite = False
+    target = opts.out.absolute()
+    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+        overwrite = args.yes or _confirm(f"{target} already exists and is not empty. Replace it?")
+        if not overwrite:
+            raise TuichatError(
+                f"The output folder {target} already exists and is not empty: choose another --out, "
+                "or add --yes to replace it."
+            )
+
+    log_path = Path(args.log).expanduser() if args.log else _default_log(target)
+    job = QuantizeJob.start(opts, log_path, overwrite=overwrite)
+    out.write(f"quantizing {opts.model} into {job.out} (pid {job.pid}); log: {job.log_path}\n")
+    out.write("Ctrl+C cancels and removes the partial output.\n")
+    out.flush()
+
+    status = _follow(job, out)
+    if status.state == "cancelled":
+        err.write(f"tuichat: {status.message}.\n")
+        if status.hint:
+            err.write(f"tuichat: {status.hint}\n")
+        return 130
+    if status.state == "failed":
+        err.write(f"tuichat: {status.message}\n")
+        if status.hint:
+            err.write(f"tuichat: hint: {status.hint}\n")
+        err.write(f"tuichat: full log: {job.log_path}\n")
+        return 1
+
+    out.write(f"done in {format_elapsed(status.elapsed_s)}: {job.out}\n")
+    if profile_name is not None:
+        _save_profile(job, profile_name, out, err)
+    return 0
+
+
+def _default_log(target: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return paths.state_dir() / "quantize" / f"{target.name}-{stamp}.log"
+
+
+def _follow(job: QuantizeJob, out: TextIO) -> JobStatus:
+    """Print progress until the job ends; the first Ctrl+C cancels it (the job's own group never sees it)."""
+    interrupted = False
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    tty = out.isatty()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    last = ""
+    try:
+        while True:
+            if interrupted:
+                if tty:
+                    out.write("\n")
+                out.write("cancelling: stopping every lmdeploy process...\n")
+                out.flush()
+                job.cancel()
+                return job.poll()
+            status = job.poll()
+            if status.finished:
+                if tty and last:
+                    out.write("\n")
+                return status
+            text = status.message
+            if text != last:
+                line = status.line()
+                out.write(f"\r\x1b[2K{line}" if tty else f"{line}\n")
+                out.flush()
+                last = text
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _save_profile(job: QuantizeJob, name: str, out: TextIO, err: TextIO) -> None:
+    import tomli_w
+
+    profile_name, table = job.profile(name)
+    out.write("\nnew profile:\n\n")
+    out.write(tomli_w.dumps({"profiles": {profile_name: table}}))
+    for note in profile_notes(inspect_model(job.out)):
+        out.write(f"# {note}\n")
+    try:
+        from tuichat.config import add_profile
+
+        path = add_profile(profile_name, table)
+    except TuichatError as exc:
+        err.write(f"tuichat: the profile was not saved: {exc}\n")
+        return
+    out.write(f"\nadded profile '{profile_name}' to {path}; start it with: tuichat serve {profile_name}\n")
