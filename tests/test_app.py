@@ -403,3 +403,96 @@ async def test_unreachable_server_is_reported_and_sending_later_works(hermetic_h
         await type_and_send(pilot, "are you there?")
         await wait_for(pilot, lambda: sum(t.role == "error" for t in app.chat.turns) == 2)
         assert app.query_one(PromptArea).text == "are you there?"
+
+
+def make_png(path: Path, size: tuple[int, int]) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return path
+
+
+async def test_image_command_attaches_downscales_and_sends_an_image_part(tmp_path: Path) -> None:
+    big = make_png(tmp_path / "photo.png", (3000, 1500))
+    server = ScriptedServer("a red picture")
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, f"/image {big}")
+        await wait_for(pilot, lambda: len(app.pending_attachments) == 1)
+        assert "photo.png 1344x672" in screen_text(app)
+        await type_and_send(pilot, "what is this?")
+        await wait_for(pilot, lambda: len(server.requests) == 1 and not app.streaming)
+        assert app.pending_attachments == []
+    content = server.requests[0]["messages"][0]["content"]
+    assert content[0] == {"type": "text", "text": "what is this?"}
+    assert content[1]["type"] == "image_url"
+    assert content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+
+
+async def test_unsupported_or_missing_image_gives_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    app = app_for(ScriptedServer())
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, f"/image {tmp_path / 'notes.txt'}")
+        await wait_for(pilot, lambda: any("not a supported image" in n.message for n in app._notifications))
+        await type_and_send(pilot, f"/image {tmp_path / 'missing.png'}")
+        await wait_for(pilot, lambda: any("no image at" in n.message for n in app._notifications))
+        assert app.pending_attachments == []
+
+
+async def test_f8_picks_an_image_from_the_file_picker(tmp_path: Path) -> None:
+    from tuichat.ui.image_picker import ImagePickerScreen
+
+    pic = make_png(tmp_path / "cat.png", (64, 48))
+    app = app_for(ScriptedServer())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImagePickerScreen))
+        field = app.screen.query_one(Input)
+        field.value = str(pic)
+        field.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(app.pending_attachments) == 1)
+        assert app.pending_attachments[0].name == "cat.png"
+
+
+async def test_text_only_model_refusing_an_image_suggests_a_vlm_profile(tmp_path: Path) -> None:
+    pic = make_png(tmp_path / "cat.png", (64, 48))
+    server = ScriptedServer()
+    server.status = 400
+    server.error_body = {"message": "Multimodal input is not supported by this model.", "object": "error", "code": 400}
+    app = app_for(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await type_and_send(pilot, f"/image {pic}")
+        await wait_for(pilot, lambda: len(app.pending_attachments) == 1)
+        await type_and_send(pilot, "describe")
+        await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns))
+        assert "vision-language profile" in app.chat.turns[-1].content
+        assert len(app.pending_attachments) == 1  # the image comes back with the prompt
+
+
+async def test_f4_opens_a_saved_chat_and_continue_reopens_the_last() -> None:
+    server = ScriptedServer("saved reply")
+    app = app_for(server)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(pilot, "remember me")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: len(app.chat) == 0)
+        await pilot.press("f4")
+        from tuichat.ui.history_screen import ConversationsScreen
+
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(app.chat) == 2)
+        assert conversation_text(app) == "user:done:remember me\nassistant:done:saved reply"
+        await type_and_send(pilot, "and more")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 4)
+    # the follow-up went into the same conversation, with the whole history
+    assert len(server.requests[-1]["messages"]) == 3
+
+    again = app_for(ScriptedServer(), continue_last=True)
+    async with again.run_test() as pilot:
+        await wait_for(pilot, lambda: len(again.chat) == 4)
+        assert again.chat.turns[0].content == "remember me"
+        await wait_for(pilot, lambda: "and more" in screen_text(again))
