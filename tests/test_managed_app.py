@@ -137,3 +137,14 @@ async def test_on_quit_stop_is_remembered(manager: ServerManager) -> None:
         await pilot.press("S")
         await wait_for(pilot, lambda: not group_pids(pgid), timeout=15)
     assert load_config().ui.on_quit == "stop"
+
+
+async def test_the_status_pane_counts_the_whole_server_group_as_ours(manager: ServerManager) -> None:
+    app = managed_app(manager)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        server = app.server
+        assert server is not None
+        await wait_for(pilot, lambda: len(app.status_view.our_pids) >= 2, timeout=5)  # server + engine child
+        assert server.pid in app.status_view.our_pids
+        assert app.status_view.launch["profile"] == "fake"

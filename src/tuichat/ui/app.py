@@ -848,6 +848,10 @@ class TuichatApp(App[None]):
 
             self._gpu_sampler = GpuSampler(self.options.gpu_reader or NvmlReader())
         snapshot = self._gpu_sampler.sample()
+        server = self.server
+        if server is not None:
+            # The engine and worker processes hold the memory, not the server: count the whole group as ours.
+            self.status_view.our_pids = server.pids()
         if snapshot is not None:
             self.call_from_thread(self._gpu_arrived, snapshot)
 
