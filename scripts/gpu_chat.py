@@ -120,7 +120,7 @@ async def main(profile: str, out: Path, with_load: bool) -> None:
             await pilot.press("f3")
             await asyncio.sleep(12)
             await until(
-                pilot, lambda: (app.status_view.metrics and app.status_view.metrics.running or 0) > 0, 60, "load"
+                pilot, lambda: ((app.status_view.metrics and app.status_view.metrics.running) or 0) > 0, 60, "load"
             )
             app.sampling = Sampling(max_tokens=200)
             await send(pilot, app, "A short one while the server is busy.")
