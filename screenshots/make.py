@@ -43,8 +43,9 @@ async def shoot(url: str, key: str, size: tuple[int, int], name: str, status: bo
         [GpuInfo(0, "NVIDIA H200", "u", 37, 61 * GB, 143 * GB, 48, 182.0, 700.0, (GpuProcess(os.getpid(), 57 * GB),))]
     )
     app = make_app(
-        AppOptions(url=url, api_key=key, config=load_config(), env={}, gpu_reader=gpu, poll_interval=0.5,
-                   cursor_blink=False)
+        AppOptions(
+            url=url, api_key=key, config=load_config(), env={}, gpu_reader=gpu, poll_interval=0.5, cursor_blink=False
+        )
     )
     app.status_view.our_pids = {os.getpid()}
     async with app.run_test(size=size) as pilot:
