@@ -148,3 +148,22 @@ async def test_the_status_pane_counts_the_whole_server_group_as_ours(manager: Se
         await wait_for(pilot, lambda: len(app.status_view.our_pids) >= 2, timeout=5)  # server + engine child
         assert server.pid in app.status_view.our_pids
         assert app.status_view.launch["profile"] == "fake"
+
+
+async def test_f5_opens_the_server_panel_and_attach_points_the_chat_at_it(manager: ServerManager) -> None:
+    from tuichat.ui.server_screen import ServerScreen
+
+    app = managed_app(manager)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: isinstance(app.screen, ServerScreen))
+        await wait_for(pilot, lambda: "ready" in screen_text(app), timeout=10)
+        assert "org/tiny-chat" in screen_text(app)
+        await pilot.press("ctrl+r")  # the chat's retry key does nothing on the panel
+        assert isinstance(app.screen, ServerScreen)
+        await pilot.press("a")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ServerScreen))
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=10)  # type: ignore[attr-defined]
+        await chat_once(pilot, app, "via the panel")
+        assert app.chat.turns[-1].content == "Hi from the **stand-in**."

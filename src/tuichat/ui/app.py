@@ -678,7 +678,28 @@ class TuichatApp(App[None]):
 
     # -- actions ----------------------------------------------------------------------------------------------
 
+    CHAT_ACTIONS = frozenset(
+        {
+            "stop",
+            "retry",
+            "undo",
+            "clear",
+            "new_chat",
+            "copy_reply",
+            "copy_code",
+            "toggle_sampling",
+            "toggle_status",
+            "load_earlier",
+            "history",
+            "server",
+            "attach_image",
+            "help",
+        }
+    )
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.CHAT_ACTIONS and len(self.screen_stack) > 1:
+            return False  # another screen is on top: its own keys apply, the chat's are hidden
         if action == "stop":
             return True if self.streaming else None
         if action in ("retry", "undo", "clear", "new_chat") and self.streaming:
@@ -1050,6 +1071,8 @@ class TuichatApp(App[None]):
 
     async def on_unmount(self) -> None:
         await self.client.aclose()
+        if self.manager is not None:
+            self.manager.close()
         if self.store is not None:
             self.store.close()
 
