@@ -55,7 +55,31 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     # The state letter follows the parenthesised command name, which may itself contain ')'.
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in _DEAD or _threads_alive(pid)
+
+
+_DEAD = ("Z", "X")
+
+
+def _threads_alive(pid: int) -> bool:
+    """True if some thread of `pid` still runs although its main thread is a zombie.
+
+    /proc/PID/stat shows the main thread only; a server whose main thread has exited while other threads
+    finish their work (seen with lmdeploy on shutdown) is not gone yet and cannot be reaped.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in _DEAD:
+            return True
+    return False
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -93,7 +117,8 @@ def group_pids(pgid: int) -> set[int]:
         except OSError:
             continue
         # after the name: state, ppid, pgrp, session, ...
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+        alive = len(fields) > 2 and (fields[0] not in _DEAD or _threads_alive(int(entry.name)))
+        if alive and int(fields[2]) == pgid:
             found.add(int(entry.name))
     return found
 
