@@ -1,0 +1,1001 @@
+"""Launch, watch, re-attach to and stop `lmdeploy serve api_server` processes started from profiles.
+
+`ServerManager` checks a profile before launching (a busy port is otherwise noticed only after the whole model
+has loaded), starts the server in its own session (so an SSH drop's SIGHUP and a Ctrl+C in tuichat's terminal
+never reach it), and records it under `state_dir/servers/NAME.json` so that a later tuichat finds it again.
+`ManagedServer.poll()` is cheap enough for a UI timer: it reads only the new part of the log (tqdm progress
+arrives `\\r`-separated), probes `/health` once with a short timeout and, when the server has exited, says why
+in a sentence with a hint for the usual causes. Stopping signals the whole process group, because the engine
+process that holds the GPU memory outlives a server killed alone.
+
+The API key of a launched server lives only in a 0600 file; it is masked in every log line handed out.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+
+from tuichat import paths
+from tuichat.errors import ConfigError, TuichatError
+from tuichat.procgroup import (
+    StopResult,
+    group_pids,
+    pid_alive,
+    process_start_ticks,
+    spawn_group,
+    stop_group,
+)
+from tuichat.profiles import (
+    Profile,
+    build_argv,
+    looks_like_hub_id,
+    parse_profile,
+    profile_to_table,
+    validate_name,
+)
+from tuichat.sanitize import clean
+
+if TYPE_CHECKING:
+    from tuichat.gpu import GpuReader, GpuSnapshot
+
+State = Literal["starting", "ready", "failed", "stopping", "stopped"]
+
+PIP_HINT = 'pip install "tuichat[lmdeploy]"'
+AUTO_PORT_FIRST = 23333  # lmdeploy's own default: keeps `ssh -L 23333:...` recipes working
+AUTO_PORT_TRIES = 50
+KEY_MASK = "********"
+HEALTH_TIMEOUT = 0.5
+TAIL_LINES_IN_STATUS = 12
+# exit codes of a server asked to stop: clean, or ended by SIGINT/SIGTERM; None = not our child
+# (SIGKILL is left out: the kernel's out-of-memory killer sends it too)
+_STOP_CODES = (None, 0, -signal.SIGINT, -signal.SIGTERM, 130, 143)
+
+
+class LaunchError(TuichatError):
+    """A server could not be started; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight finding: an error blocks the launch, a warning is shown and the launch goes on."""
+
+    level: Literal["error", "warning"]
+    message: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One loading step as the server reports it: `fraction` is 0..1, or None when the total is unknown."""
+
+    label: str
+    fraction: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What a server is doing now. `message` is a sentence for the user (why it failed, what to do)."""
+
+    state: State
+    progress: Progress | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    hint: str | None = None
+    last_lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """What is written to `servers/NAME.json` for each launched server (never the key itself)."""
+
+    name: str
+    profile: dict[str, Any]
+    pid: int
+    pgid: int
+    host: str
+    port: int
+    key_file: str
+    log_path: str
+    started_at: float
+    lmdeploy_version: str | None
+    command: list[str]
+    proc_start: int | None = None
+    model_name: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------- log reading
+
+_TQDM_TOTAL = re.compile(
+    r"(?P<label>[^|]*?):?\s*(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?)"
+)
+_TQDM_PCT = re.compile(r"(?P<label>[^|]*?):?\s*(?P<pct>\d{1,3})%\|")
+_TQDM_NO_TOTAL = re.compile(r"(?P<label>[^|:]+):\s*(?P<n>\d+)(?P<unit>[A-Za-z/]*)\s*\[\d+:\d+")
+_KEY_ARG = re.compile(r"(--api-keys[= ]+)(\S+)")
+
+
+def parse_progress(segment: str) -> Progress | None:
+    """A tqdm bar (`Loading weights from safetensors:  45%|####  | 9/20 [00:01<...]`) as a Progress."""
+    text = clean(segment).strip()
+    if not text:
+        return None
+    m = _TQDM_TOTAL.search(text)
+    if m:
+        n, total = _amount(m.group("n")), _amount(m.group("total"))
+        fraction = min(max(n / total, 0.0), 1.0) if total else int(m.group("pct")) / 100
+        return Progress(_label(m.group("label")), fraction, text)
+    m = _TQDM_PCT.search(text)
+    if m:
+        return Progress(_label(m.group("label")), min(int(m.group("pct")), 100) / 100, text)
+    m = _TQDM_NO_TOTAL.match(text)
+    if m:
+        return Progress(_label(m.group("label")), None, text)
+    return None
+
+
+def _amount(text: str) -> float:
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1.0)
+    return float(text.rstrip("kMG")) * scale
+
+
+def _label(text: str) -> str:
+    return text.strip().rstrip(":").strip() or "Loading"
+
+
+def collapse_cr(line: str) -> str:
+    """The last visible state of a line that tqdm rewrote with carriage returns."""
+    parts = [p for p in line.split("\r") if p.strip()]
+    return parts[-1] if parts else ""
+
+
+class LogFollower:
+    """Reads a growing log incrementally: complete lines, and the `\\r`-updated segment being written."""
+
+    def __init__(self, path: Path, start_at_end: int | None = None) -> None:
+        self.path = path
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+        if start_at_end is not None:
+            with contextlib.suppress(OSError):
+                self.offset = max(path.stat().st_size - start_at_end, 0)
+
+    def read(self, limit: int = 4 << 20) -> tuple[list[str], str]:
+        """New complete lines (each `\\r`-collapsed only by the caller) and the unfinished last line."""
+        try:
+            with self.path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self.offset:  # truncated or replaced: start over
+                    self.offset = 0
+                    self._partial = ""
+                    self._decoder.reset()
+                fh.seek(self.offset)
+                data = fh.read(limit)
+        except OSError:
+            return [], self._partial
+        self.offset += len(data)
+        text = self._partial + self._decoder.decode(data)
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        # a progress bar that never ends its line must not grow the buffer without bound
+        if len(self._partial) > 65536:
+            self._partial = self._partial[-4096:]
+        return lines, self._partial
+
+
+def mask_secret(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, KEY_MASK)
+    return _KEY_ARG.sub(lambda m: m.group(1) + KEY_MASK, text)
+
+
+def read_log_tail(path: Path, n: int = 200, secret: str | None = None) -> list[str]:
+    """The last `n` lines of a log: progress bars collapsed, control sequences and the key removed."""
+    if n <= 0:
+        return []
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            chunk = min(size, max(65536, n * 512))
+            fh.seek(size - chunk)
+            data = fh.read(chunk)
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if chunk < size:
+        lines = lines[1:]  # the first one is cut
+    if lines and lines[-1] == "":
+        lines.pop()
+    out = [mask_secret(clean(collapse_cr(line)).rstrip(), secret) for line in lines]
+    return out[-n:]
+
+
+# ---------------------------------------------------------------- diagnosis
+
+
+def diagnose(lines: list[str], *, exit_code: int | None, port: int | None = None) -> str | None:
+    """A hint for the usual reasons a server dies while loading, from its last log lines."""
+    text = "\n".join(lines)
+    low = text.lower()
+    if "unrecognized arguments" in low or "invalid choice" in low or re.search(r"error: argument ", low):
+        m = re.search(r"(unrecognized arguments:[^\n]*|error: argument[^\n]*)", text)
+        what = f" ({m.group(1).strip()})" if m else ""
+        return (
+            f"lmdeploy rejected a command-line flag{what}: remove it from the profile's extra_args, or check "
+            "that the setting exists in this lmdeploy version (`tuichat doctor` shows the version)."
+        )
+    if "out of memory" in low or "outofmemoryerror" in low or "cuda_error_out_of_memory" in low:
+        return (
+            "The GPU ran out of memory: lower cache_max_entry_count (e.g. 0.4), session_len or "
+            "max_batch_size, "
+            'use a quantized model (model_format = "awq"), or stop whatever else uses the GPU.'
+        )
+    if "errno 98" in low or "address already in use" in low:
+        where = f"Port {port}" if port else "The port"
+        return f'{where} is already in use: stop what listens there, or set port = "auto" in the profile.'
+    model_missing = (
+        "repositorynotfound",
+        "repository not found",
+        "404 client error",
+        "is not a local folder and is not a valid model identifier",
+        "no such file or directory",
+        "does not appear to have a file named",
+        "localentrynotfound",
+        "can't load the configuration",
+        "cannot find the requested files",
+    )
+    if any(s in low for s in model_missing):
+        return (
+            "The model was not found: set `model` to an existing local folder or a hub id like "
+            "owner/name, and check that this machine can reach the model hub (or has the model cached)."
+        )
+    if (
+        "unsupported" in low
+        or "not supported" in low
+        or "unrecognized configuration class" in low
+        or "does not recognize this architecture" in low
+    ):
+        return (
+            "lmdeploy does not support this model (or this format) with the chosen backend: try "
+            'backend = "pytorch", check model_format, or upgrade lmdeploy.'
+        )
+    if "no module named" in low and "lmdeploy" in low:
+        return f"lmdeploy is not installed for this command: run {PIP_HINT}, or fix the profile's command."
+    if exit_code is not None and exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        if -exit_code == signal.SIGKILL:
+            return f"The server was killed ({name}), perhaps by the out-of-memory killer: check host memory."
+        return f"The server was ended by {name}."
+    return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _connect_host(host: str) -> str:
+    """Where to connect to reach a server bound to `host` (a wildcard address is reached on loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _url(host: str, port: int) -> str:
+    h = _connect_host(host)
+    if ":" in h:
+        h = f"[{h}]"
+    return f"http://{h}:{port}"
+
+
+def port_free(host: str, port: int) -> bool:
+    """True if a server could bind (host, port) now (SO_REUSEADDR like uvicorn: TIME_WAIT does not count)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        infos = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))]
+    family, _type, _proto, _name, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            return False
+    return True
+
+
+def lmdeploy_version(command: list[str] | None = None, timeout: float = 20.0) -> str | None:
+    """The lmdeploy version a command would run: package metadata here, or `COMMAND --version` otherwise."""
+    if not command:
+        try:
+            return importlib.metadata.version("lmdeploy")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    try:
+        done = subprocess.run(
+            [*command, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\d+\.\d+(?:\.\d+)?\S*", done.stdout + "\n" + done.stderr)
+    return m.group(0) if done.returncode == 0 and m else None
+
+
+def installed_version_near(program: str) -> str | None:
+    """lmdeploy's version in the environment of `program` (…/bin/lmdeploy or …/bin/python), found from its
+    dist-info folder, without starting it: `lmdeploy --version` imports enough to take seconds."""
+    exe = shutil.which(program) if os.sep not in program else program
+    if exe is None:
+        return None
+    prefix = Path(exe).parent.parent
+    for dist in sorted(prefix.glob("lib/python3*/site-packages/lmdeploy-*.dist-info")):
+        return dist.name.removeprefix("lmdeploy-").removesuffix(".dist-info")
+    return None
+
+
+def lmdeploy_origin() -> str | None:
+    """Where this interpreter would import lmdeploy from, or None if it cannot."""
+    spec = importlib.util.find_spec("lmdeploy")
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return str(next(iter(spec.submodule_search_locations)))
+    return spec.origin
+
+
+def _command_exists(program: str) -> bool:
+    if os.sep in program:
+        p = Path(program).expanduser()
+        return p.is_file() and os.access(p, os.X_OK)
+    return shutil.which(program) is not None
+
+
+def make_gpu_reader() -> GpuReader | None:
+    """The NVML reader, or None while gpu.py is missing (tests replace this function with a fake)."""
+    try:
+        from tuichat.gpu import NvmlReader
+    except ImportError:
+        return None
+    return NvmlReader()
+
+
+# ---------------------------------------------------------------- one server
+
+
+class ManagedServer:
+    """A server tuichat launched, in this process or an earlier one (then found through its record)."""
+
+    def __init__(
+        self,
+        record: ServerRecord,
+        profile: Profile,
+        manager: ServerManager,
+        proc: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.record = record
+        self.profile = profile
+        self._manager = manager
+        self._proc = proc
+        self._lock = threading.RLock()
+        # on attach, only the recent part of the log matters for progress
+        self._follower = LogFollower(self.log_path, start_at_end=None if proc is not None else 262144)
+        self._progress: Progress | None = None
+        self._ever_ready = False
+        self._stopping = False
+        self._final: ServerStatus | None = None
+        self._key: str | None = None
+        self._http: httpx.Client | None = None
+
+    # -- identity
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def url(self) -> str:
+        return _url(self.record.host, self.record.port)
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.record.pgid
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.record.log_path)
+
+    @property
+    def key_file(self) -> Path:
+        return Path(self.record.key_file)
+
+    @property
+    def model_name(self) -> str:
+        """The model id the server lists under /v1/models (--model-name, or the model as typed)."""
+        return self.record.model_name or self.profile.served_model_name()
+
+    @property
+    def api_key(self) -> str | None:
+        """The key requests need, read from its 0600 file (None once the server is gone)."""
+        if self._key is None:
+            try:
+                self._key = self.key_file.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                return None
+        return self._key
+
+    @property
+    def uptime(self) -> float:
+        return max(time.time() - self.record.started_at, 0.0)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ManagedServer(name={self.name!r}, url={self.url!r}, pid={self.pid})"
+
+    # -- process state
+
+    def _leader_alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        if not pid_alive(self.pid):
+            return False
+        ticks = process_start_ticks(self.pid)
+        return self.record.proc_start is None or ticks is None or ticks == self.record.proc_start
+
+    def is_alive(self) -> bool:
+        return self._leader_alive()
+
+    def pids(self) -> set[int]:
+        """Live processes of the server's group (server, engine, workers)."""
+        return group_pids(self.pgid) if self._group_is_ours() else set()
+
+    def _group_is_ours(self) -> bool:
+        # A dead leader's pid cannot be handed out again while its group has members, so the group is ours
+        # whenever the leader is alive and the same process, or dead.
+        return self._leader_alive() or not pid_alive(self.pid)
+
+    def gpu_pids(self, snapshot: GpuSnapshot | None = None) -> set[int]:
+        """Processes of this server that hold a GPU context (with tp>1 and PyTorch: the engine workers)."""
+        snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
+        if snap is None:
+            return set()
+        from tuichat.gpu import pids_on_gpu
+
+        return pids_on_gpu(snap, self.pids())
+
+    def gpu_memory(self, snapshot: GpuSnapshot | None = None) -> int | None:
+        """Bytes of GPU memory held by this server's processes, or None when there is no reading."""
+        snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
+        if snap is None or snap.error is not None:
+            return None
+        from tuichat.gpu import memory_split
+
+        return sum(s.ours_bytes for s in memory_split(snap, self.pids()))
+
+    # -- status
+
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT)
+        return self._http
+
+    def _healthy(self) -> bool:
+        try:
+            resp = self._client().get(f"{self.url}/health")
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    def _read_log(self) -> None:
+        lines, partial = self._follower.read()
+        for segment in [*(s for line in lines for s in line.split("\r")), *partial.split("\r")]:
+            found = parse_progress(segment)
+            if found is not None:
+                self._progress = Progress(
+                    found.label, found.fraction, mask_secret(found.text, self._key or self.api_key)
+                )
+
+    def poll(self) -> ServerStatus:
+        """The state now: reads the new part of the log and probes /health once (0.5 s at most)."""
+        with self._lock:
+            if self._final is not None:
+                return self._final
+            self._read_log()
+            if not self._leader_alive():
+                return self._finish_exited()
+            if self._stopping:
+                return ServerStatus("stopping", self._progress, f"Stopping {self.name}…")
+            if self._healthy():
+                self._ever_ready = True
+                return ServerStatus("ready", self._progress)
+            if self._ever_ready:
+                return ServerStatus(
+                    "ready", self._progress, "The server is running but did not answer its health check."
+                )
+            return ServerStatus("starting", self._progress)
+
+    def _exit_code(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.poll()
+        return None
+
+    def _finish_exited(self) -> ServerStatus:
+        code = self._exit_code()
+        self._manager._cleanup_exited(self)
+        tail = self.log_tail(TAIL_LINES_IN_STATUS * 4)
+        last = tuple(line for line in tail if line.strip())[-TAIL_LINES_IN_STATUS:]
+        if self._stopping or (self._ever_ready and code in _STOP_CODES):
+            # a ready server that ends on a stop signal was stopped (perhaps by `tuichat stop` elsewhere)
+            message = f"{self.name} stopped." if code is not None else f"{self.name} is no longer running."
+            self._final = ServerStatus("stopped", self._progress, message, code, None, last)
+        else:
+            hint = diagnose(list(tail), exit_code=code, port=self.record.port)
+            when = "after it was ready" if self._ever_ready else "while loading"
+            how = f" with code {code}" if code is not None else ""
+            message = f"The server for {self.name} exited{how} {when}."
+            if hint:
+                message += " " + hint
+            else:
+                message += f" See the log: tuichat logs {self.name}"
+            self._final = ServerStatus("failed", self._progress, message, code, hint, last)
+        self._close_http()
+        return self._final
+
+    def wait_ready(
+        self,
+        timeout: float | None = None,
+        on_status: Callable[[ServerStatus], None] | None = None,
+        interval: float = 0.2,
+    ) -> ServerStatus:
+        """Poll until ready, failed or stopped (or `timeout` seconds); `on_status` sees every change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: ServerStatus | None = None
+        while True:
+            status = self.poll()
+            if status != last and on_status is not None:
+                on_status(status)
+            last = status
+            if status.state in ("ready", "failed", "stopped"):
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                return ServerStatus(
+                    status.state,
+                    status.progress,
+                    f"{self.name} was not ready after {timeout:.0f} s; it is still {status.state}.",
+                )
+            time.sleep(interval)
+
+    def log_tail(self, n: int = 200) -> list[str]:
+        """The last `n` log lines, progress bars collapsed, control sequences removed, the key masked."""
+        return read_log_tail(self.log_path, n, self._key or self.api_key)
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def close(self) -> None:
+        """Release the HTTP client; the server keeps running."""
+        with self._lock:
+            self._close_http()
+
+
+# ---------------------------------------------------------------- manager
+
+
+@dataclass
+class _Paths:
+    root: Path
+    servers: Path = field(init=False)
+    logs: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.servers = self.root / "servers"
+        self.logs = self.root / "logs"
+
+
+class ServerManager:
+    """Launches servers from profiles and finds the ones launched earlier (records in the state dir)."""
+
+    def __init__(self, state_dir: Path | None = None, gpu_reader: GpuReader | None = None) -> None:
+        self._paths = _Paths(state_dir if state_dir is not None else paths.state_dir())
+        self._gpu_reader = gpu_reader
+        self._gpu_reader_made = False
+        self._known: dict[str, ManagedServer] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def state_dir(self) -> Path:
+        return self._paths.root
+
+    def record_path(self, name: str) -> Path:
+        return self._paths.servers / f"{name}.json"
+
+    def key_path(self, name: str) -> Path:
+        return self._paths.servers / f"{name}.key"
+
+    def log_path(self, name: str) -> Path:
+        return self._paths.logs / f"{name}.log"
+
+    # -- GPU
+
+    def gpu_reader(self) -> GpuReader | None:
+        if self._gpu_reader is None and not self._gpu_reader_made:
+            self._gpu_reader_made = True
+            self._gpu_reader = make_gpu_reader()
+        return self._gpu_reader
+
+    def gpu_snapshot(self) -> GpuSnapshot | None:
+        reader = self.gpu_reader()
+        if reader is None:
+            return None
+        try:
+            return reader.read()
+        except Exception:  # a broken reader must not break ps or stop
+            return None
+
+    def close(self) -> None:
+        for server in list(self._known.values()):
+            server.close()
+        if self._gpu_reader_made and self._gpu_reader is not None:
+            self._gpu_reader.close()
+
+    # -- preflight
+
+    def preflight(self, profile: Profile, port: int | None = None) -> list[Check]:
+        """What would stop `profile` from starting, found before loading any model."""
+        checks: list[Check] = []
+        checks += self._check_port(profile, port)
+        checks += _check_model(profile)
+        checks += _check_lmdeploy(profile)
+        checks += self._check_gpu()
+        if not profile.binds_loopback_only:
+            checks.append(
+                Check(
+                    "warning",
+                    f"The server will listen on {profile.server_name}, not only on this machine: anyone "
+                    "who can reach that address and has the API key can use it. Prefer an SSH tunnel to "
+                    "127.0.0.1.",
+                )
+            )
+        return checks
+
+    def _recorded_ports(self) -> set[int]:
+        ports: set[int] = set()
+        for path in self._record_files():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                record = ServerRecord.from_json(path.read_text(encoding="utf-8"))
+                if pid_alive(record.pid):
+                    ports.add(record.port)
+        return ports
+
+    def _check_port(self, profile: Profile, port: int | None) -> list[Check]:
+        wanted = port if port is not None else profile.port
+        if wanted == "auto":
+            return []
+        assert isinstance(wanted, int)
+        if wanted in self._recorded_ports():
+            return [
+                Check(
+                    "error",
+                    f"Port {wanted} belongs to another server tuichat started (see `tuichat ps`): stop it, "
+                    "or "
+                    'set port = "auto" in the profile.',
+                )
+            ]
+        if not port_free(profile.server_name, wanted):
+            return [
+                Check(
+                    "error",
+                    f"Port {wanted} on {profile.server_name} is already in use: stop what listens there, or "
+                    'set port = "auto" in the profile.',
+                )
+            ]
+        return []
+
+    def _check_gpu(self) -> list[Check]:
+        try:
+            from tuichat.gpu import gpus_visible
+        except ImportError:
+            return []
+        reader = self.gpu_reader()
+        try:
+            visible, detail = gpus_visible(reader)
+        except Exception as exc:
+            visible, detail = False, f"GPU reading failed: {exc}"
+        if visible:
+            return []
+        return [
+            Check(
+                "warning",
+                f"{detail[:1].upper()}{detail[1:]}; lmdeploy needs a CUDA GPU, so the server will probably "
+                "fail to load the model.",
+            )
+        ]
+
+    def pick_port(self, profile: Profile) -> int:
+        """The profile's fixed port, or for "auto" the first free one from 23333 up (then any free one)."""
+        if isinstance(profile.port, int):
+            return profile.port
+        taken = self._recorded_ports()
+        for candidate in range(AUTO_PORT_FIRST, AUTO_PORT_FIRST + AUTO_PORT_TRIES):
+            if candidate not in taken and port_free(profile.server_name, candidate):
+                return candidate
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((_connect_host(profile.server_name) if ":" not in profile.server_name else "127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    # -- launching
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise launches across tuichat processes, so two never take one name or one port."""
+        import fcntl
+
+        paths.ensure_private_dir(self._paths.root)
+        paths.ensure_private_dir(self._paths.servers)
+        fd = os.open(self._paths.servers / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def start(self, name: str, profile: Profile) -> ManagedServer:
+        """Launch `profile` as server `name` and return at once; poll() or wait_ready() follow the start."""
+        try:
+            validate_name(name)
+        except ConfigError as exc:
+            raise LaunchError(f"Cannot start {name!r}: {exc.message}.") from None
+        with self._lock, self._locked():
+            existing = self.find(name)
+            if existing is not None:
+                raise LaunchError(
+                    f"{name} is already running at {existing.url} (pid {existing.pid}); stop it first with "
+                    f"`tuichat stop {name}`."
+                )
+            port = self.pick_port(profile)
+            problems = [c.message for c in self.preflight(profile, port) if c.level == "error"]
+            if problems:
+                raise LaunchError(f"Cannot start {name}: " + " ".join(problems))
+
+            # the prefix keeps a key from starting with "-", which argparse would take for a flag
+            key = profile.api_key or "tuichat-" + secrets.token_urlsafe(32)
+            key_file = self.key_path(name)
+            paths.write_private(key_file, key + "\n")
+            log = self.log_path(name)
+            paths.ensure_private_dir(log.parent)
+            if log.exists():  # keep the previous run's log for `tuichat logs` comparisons
+                os.replace(log, log.with_name(log.name + ".1"))
+            argv = build_argv(profile, port=port, api_key=key)
+            version = lmdeploy_version(None) if profile.uses_default_command else installed_version_near(argv[0])
+            env = dict(os.environ)
+            try:
+                proc = spawn_group(argv, log, env=env)
+            except OSError as exc:
+                key_file.unlink(missing_ok=True)
+                raise LaunchError(
+                    f"Cannot start {name}: running {argv[0]} failed ({exc.strerror}). Fix the profile's "
+                    f"command, or install lmdeploy with {PIP_HINT}."
+                ) from None
+            record = ServerRecord(
+                name=name,
+                profile=profile_to_table(profile),
+                pid=proc.pid,
+                pgid=proc.pid,  # start_new_session makes the server its group's leader
+                host=profile.server_name,
+                port=port,
+                key_file=str(key_file),
+                log_path=str(log),
+                started_at=time.time(),
+                lmdeploy_version=version,
+                command=[mask_secret(a, key) for a in argv],
+                proc_start=process_start_ticks(proc.pid),
+                model_name=profile.served_model_name(),
+            )
+            paths.write_private(self.record_path(name), record.to_json())
+            server = ManagedServer(record, profile, self, proc)
+            server._key = key
+            self._known[name] = server
+            return server
+
+    # -- records
+
+    def _record_files(self) -> list[Path]:
+        try:
+            return sorted(self._paths.servers.glob("*.json"))
+        except OSError:
+            return []
+
+    def _load(self, path: Path) -> ManagedServer | None:
+        try:
+            record = ServerRecord.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: nothing could ever attach to it
+            return None
+        known = self._known.get(record.name)
+        if known is not None and known.pid == record.pid:
+            return known
+        try:
+            profile = parse_profile(record.name, record.profile, path)
+        except ConfigError:
+            profile = Profile(model=str(record.profile.get("model", "?")))
+        server = ManagedServer(record, profile, self)
+        self._known[record.name] = server
+        return server
+
+    def running(self) -> list[ManagedServer]:
+        """Servers tuichat launched that are alive (loading or ready); records of dead ones are dropped."""
+        alive: list[ManagedServer] = []
+        with self._lock:
+            for path in self._record_files():
+                server = self._load(path)
+                if server is None:
+                    continue
+                if server._leader_alive():
+                    alive.append(server)
+                else:
+                    self._cleanup_exited(server)
+        return alive
+
+    def find(self, name: str) -> ManagedServer | None:
+        for server in self.running():
+            if server.name == name:
+                return server
+        return None
+
+    def last_log(self, name: str) -> Path | None:
+        """The log of the latest run of `name`, running or not."""
+        log = self.log_path(name)
+        return log if log.exists() else None
+
+    def _drop_record(self, server: ManagedServer) -> None:
+        record = self.record_path(server.name)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            current = ServerRecord.from_json(record.read_text(encoding="utf-8"))
+            if current.pid != server.pid:
+                return  # a newer launch of that name owns the record now
+        record.unlink(missing_ok=True)
+        Path(server.record.key_file).unlink(missing_ok=True)
+        if self._known.get(server.name) is server:
+            del self._known[server.name]
+
+    def _cleanup_exited(self, server: ManagedServer) -> None:
+        """The server process is gone: end what it left in its group (the engine holds GPU memory)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group_pids(server.pgid):
+                os.killpg(server.pgid, signal.SIGKILL)
+        self._drop_record(server)
+
+    # -- stopping
+
+    def stop(self, server: ManagedServer, timeout: float | None = None) -> StopResult:
+        """Stop the whole group (SIGINT, SIGTERM, then SIGKILL after the profile's stop_timeout)."""
+        with server._lock:
+            server._stopping = True
+        limit = server.profile.stop_timeout if timeout is None else timeout
+        if not server._group_is_ours():
+            # the pid now belongs to an unrelated program: forget the record, signal nothing
+            self._drop_record(server)
+            result = StopResult("none", 0.0, frozenset())
+        else:
+            members = group_pids(server.pgid)
+            result = stop_group(server.pgid, timeout=limit, proc=server._proc)
+            holders = self._gpu_holders(members | set(result.survivors))
+            if holders:
+                result = StopResult(result.signal_used, result.seconds, result.survivors, frozenset(holders))
+            if not result.survivors:
+                self._drop_record(server)
+        with server._lock:
+            if not result.survivors:
+                server._read_log()
+                tail = tuple(line for line in server.log_tail(TAIL_LINES_IN_STATUS * 2) if line.strip())
+                server._final = ServerStatus(
+                    "stopped",
+                    server._progress,
+                    result.describe(server.name),
+                    server._exit_code(),
+                    None,
+                    tail[-TAIL_LINES_IN_STATUS:],
+                )
+                server._close_http()
+        return result
+
+    def _gpu_holders(self, pids: set[int]) -> set[int]:
+        """Which of `pids` NVML still lists on a GPU; NVML may lag a moment behind a process's exit."""
+        if not pids:
+            return set()
+        from tuichat.gpu import pids_on_gpu
+
+        deadline = time.monotonic() + 2.0
+        while True:
+            snap = self.gpu_snapshot()
+            if snap is None or snap.error is not None:
+                return set()
+            # a dead pid cannot hold memory: NVML (or a fake) listing it is a stale reading
+            holders = {p for p in pids_on_gpu(snap, pids) if pid_alive(p)}
+            if not holders or time.monotonic() >= deadline:
+                return holders
+            time.sleep(0.1)
+
+
+def _check_model(profile: Profile) -> list[Check]:
+    model = profile.model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            return [Check("warning", f"{model} has no config.json; is it a model folder?")]
+        return []
+    if path.exists():
+        return [Check("error", f"The model {model} is a file; `model` must be a folder or a hub id like owner/name.")]
+    if looks_like_hub_id(model) and not model.startswith((".", "~", os.sep)):
+        return []
+    return [
+        Check(
+            "error",
+            f"The model folder {model} does not exist, and {model!r} is not a hub id like owner/name: fix "
+            "the profile's `model`.",
+        )
+    ]
+
+
+def _check_lmdeploy(profile: Profile) -> list[Check]:
+    if profile.uses_default_command:
+        if importlib.util.find_spec("lmdeploy") is None:
+            return [
+                Check(
+                    "error",
+                    f"lmdeploy is not installed in tuichat's Python: run {PIP_HINT}, or set the profile's "
+                    "command to an lmdeploy installed elsewhere.",
+                )
+            ]
+        return []
+    program = profile.argv_prefix[0]
+    if not _command_exists(program):
+        return [
+            Check(
+                "error",
+                f"The profile's command {program} was not found: fix `command`, or install lmdeploy with {PIP_HINT}.",
+            )
+        ]
+    return []
