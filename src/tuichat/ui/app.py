@@ -706,12 +706,31 @@ class TuichatApp(App[None]):
             return None
         return True
 
+    HELP_TEXT: ClassVar[dict[str, str]] = {
+        "help": "This help",
+        "stop": "Stop the reply; its partial text is kept, marked",
+        "retry": "Regenerate the last reply with the current sampling",
+        "undo": "Remove the last exchange; your message returns to the prompt",
+        "clear": "Clear this chat (asks first)",
+        "new_chat": "New chat; the current one stays in the history",
+        "copy_reply": "Copy the last reply (OSC 52, works over SSH)",
+        "copy_code": "Copy a code block of the last reply; again for the next",
+        "toggle_sampling": "Show or hide the sampling pane",
+        "toggle_status": "Show or hide the GPU / KV-cache / speed pane",
+        "load_earlier": "Show earlier messages of a long chat",
+        "history": "Saved chats: open, rename, delete, search",
+        "server": "Server panel: start, stop, restart, profiles, log",
+        "attach_image": "Attach an image (or type /image PATH)",
+        "quit": "Quit (asks about a server tuichat started)",
+    }
+
     def action_help(self) -> None:
         rows: list[tuple[str, str, str]] = []
         keymap = dict(self.config.keys)
         for binding in self._bindings_for_help():
             key = keymap.get(binding.id or "", binding.key)
-            rows.append((key, binding.description or binding.action, binding.id or ""))
+            text = self.HELP_TEXT.get(binding.id or "", binding.description or binding.action)
+            rows.append((key, text, binding.id or ""))
         rows += [
             ("enter", "Send the prompt", "(prompt)"),
             ("ctrl+j, shift+enter", "New line in the prompt", "newline"),

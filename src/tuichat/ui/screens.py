@@ -29,7 +29,7 @@ class HelpScreen(ModalScreen[None]):
         table = Table(box=None, expand=True, pad_edge=False)
         table.add_column("key", style="bold cyan", no_wrap=True)
         table.add_column("action")
-        table.add_column("id (for [keys])", style="dim", no_wrap=True)
+        table.add_column(Text("id (for [keys])"), style="dim", no_wrap=True)
         for key, description, binding_id in self.rows:
             table.add_row(key, description, binding_id)
         with Vertical(id="help-box"):
