@@ -132,9 +132,7 @@ def test_title_comes_from_the_first_user_message(store: Store) -> None:
     assert store.get_conversation(conv).title == "How do I quantize a model?"  # type: ignore[union-attr]
 
     long_conv = store.create_conversation()
-    store.add_message(
-        long_conv, "user", "Explain the difference between turbomind and pytorch backends in detail"
-    )
+    store.add_message(long_conv, "user", "Explain the difference between turbomind and pytorch backends in detail")
     title = store.get_conversation(long_conv).title  # type: ignore[union-attr]
     assert len(title) <= 48
     assert title.endswith("…")
@@ -334,9 +332,7 @@ def test_worker_thread_and_ui_thread_can_write_together(store: Store) -> None:
 def test_search_finds_the_message(store: Store) -> None:
     first = store.create_conversation()
     store.add_message(first, "user", "What is the capital of France?")
-    answer = store.add_message(
-        first, "assistant", "Paris is the capital of France. It has a lighthouse museum."
-    )
+    answer = store.add_message(first, "assistant", "Paris is the capital of France. It has a lighthouse museum.")
     other = store.create_conversation(title="Boats")
     store.add_message(other, "user", "tell me about sailing")
 
@@ -461,9 +457,7 @@ def test_json_export_import_round_trip(store: Store) -> None:
         "message_count",
     ):
         assert getattr(imported, name) == getattr(original, name)
-    strip = [
-        (m.role, m.content, m.state, m.created, m.sampling, m.stats, m.images) for m in store.messages(conv)
-    ]
+    strip = [(m.role, m.content, m.state, m.created, m.sampling, m.stats, m.images) for m in store.messages(conv)]
     assert [
         (m.role, m.content, m.state, m.created, m.sampling, m.stats, m.images) for m in store.messages(copy)
     ] == strip
@@ -520,13 +514,11 @@ def test_export_of_a_missing_conversation_is_a_user_error(store: Store) -> None:
         ),
         ('{"tuichat_export": 1, "conversation": {}, "messages": [{"role": "user"}]}', 'no text "content"'),
         (
-            '{"tuichat_export": 1, "conversation": {}, '
-            '"messages": [{"role": "user", "content": "", "state": "x"}]}',
+            '{"tuichat_export": 1, "conversation": {}, "messages": [{"role": "user", "content": "", "state": "x"}]}',
             "has state 'x'",
         ),
         (
-            '{"tuichat_export": 1, "conversation": {}, '
-            '"messages": [{"role": "user", "content": "", "images": "a"}]}',
+            '{"tuichat_export": 1, "conversation": {}, "messages": [{"role": "user", "content": "", "images": "a"}]}',
             "list of file names",
         ),
         ('{"tuichat_export": 1, "conversation": {"title": 5}, "messages": []}', "title must be text"),
@@ -573,9 +565,7 @@ def test_a_version_1_history_is_migrated_keeping_its_data(db_path: Path) -> None
     db_path.parent.mkdir(parents=True)
     old = sqlite3.connect(db_path)
     old.executescript(V1_SCHEMA)
-    old.execute(
-        "INSERT INTO conversations VALUES (1, 'Old chat', 100.0, 200.0, 'internlm2', 'http://127.0.0.1:23333')"
-    )
+    old.execute("INSERT INTO conversations VALUES (1, 'Old chat', 100.0, 200.0, 'internlm2', 'http://127.0.0.1:23333')")
     old.executemany(
         "INSERT INTO messages VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -598,9 +588,7 @@ def test_a_version_1_history_is_migrated_keeping_its_data(db_path: Path) -> None
     old.close()
 
     with Store.open(db_path) as migrated:
-        assert (
-            migrated.recovered_on_open == 1
-        )  # v1 had no writer ids: a leftover stream is from a dead process
+        assert migrated.recovered_on_open == 1  # v1 had no writer ids: a leftover stream is from a dead process
         (conv,) = migrated.list_conversations()
         assert (conv.id, conv.title, conv.created, conv.updated, conv.model) == (
             1,
