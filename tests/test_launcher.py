@@ -299,3 +299,15 @@ def test_server_survives_sighup_of_the_tuichat_that_started_it(home: Path, tmp_p
     server = mgr.find("hup")
     assert server is not None and server.poll().state == "ready"
     assert mgr.stop(server, timeout=1.0).clean
+
+
+def test_tensor_parallel_without_ray_gets_a_hint() -> None:
+    # The last lines lmdeploy 0.18 printed on two H200s with tp = 2 and no ray installed.
+    lines = [
+        "2026-11-30 11:26:02,300 - lmdeploy - ERROR - base.py:55 - <Dist> check failed!",
+        "Multi-nodes support requires `ray`.",
+        "lmdeploy.pytorch.engine.mp_engine.zmq_rpc.RPCServerDeadError: PyTorch ZMQ engine process is not alive.",
+    ]
+    hint = diagnose(lines, exit_code=1)
+    assert hint is not None
+    assert "pip install ray" in hint and "--distributed-executor-backend" in hint

@@ -260,6 +260,12 @@ def diagnose(lines: list[str], *, exit_code: int | None, port: int | None = None
             "max_batch_size, "
             'use a quantized model (model_format = "awq"), or stop whatever else uses the GPU.'
         )
+    if "requires `ray`" in low or "requires ray" in low:
+        # Seen on two H200s: lmdeploy 0.18's PyTorch backend picks the ray executor for tp > 1 by default.
+        return (
+            "Tensor parallelism with lmdeploy's PyTorch backend uses ray by default, and ray is not installed: "
+            'pip install ray, or add extra_args = ["--distributed-executor-backend", "mp"] to the profile.'
+        )
     if "errno 98" in low or "address already in use" in low:
         where = f"Port {port}" if port else "The port"
         return f'{where} is already in use: stop what listens there, or set port = "auto" in the profile.'
