@@ -496,3 +496,85 @@ async def test_f4_opens_a_saved_chat_and_continue_reopens_the_last() -> None:
         await wait_for(pilot, lambda: len(again.chat) == 4)
         assert again.chat.turns[0].content == "remember me"
         await wait_for(pilot, lambda: "and more" in screen_text(again))
+
+
+async def test_ctrl_up_selects_an_earlier_message_and_ctrl_o_copies_it() -> None:
+    server = ScriptedServer("the reply")
+    app = app_for(server)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(pilot, "my own words")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await pilot.press("ctrl+up")  # the reply
+        await pilot.press("ctrl+up")  # the user message
+        await pilot.press("ctrl+o")
+        assert app.last_copied == "my own words"
+        await pilot.press("ctrl+down")
+        await pilot.press("ctrl+o")
+        assert app.last_copied == "the reply"
+        await pilot.press("escape")  # unselects; ctrl+o is back to the last reply
+        assert app._selected_turn() is None
+
+
+async def test_attached_images_can_be_removed_before_sending(tmp_path: Path) -> None:
+    pic = make_png(tmp_path / "cat.png", (64, 48))
+    server = ScriptedServer("ok")
+    app = app_for(server)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(pilot, f"/image {pic}")
+        await wait_for(pilot, lambda: len(app.pending_attachments) == 1)
+        await pilot.press("shift+f8")
+        assert app.pending_attachments == []
+        await type_and_send(pilot, f"/image {pic}")
+        await wait_for(pilot, lambda: len(app.pending_attachments) == 1)
+        await type_and_send(pilot, "/image clear")
+        assert app.pending_attachments == []
+        await type_and_send(pilot, "text only")
+        await wait_for(pilot, lambda: len(server.requests) == 1)
+    assert server.requests[0]["messages"][0]["content"] == "text only"
+
+
+async def test_user_keymap_rebinds_an_action(hermetic_home: Path) -> None:
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text('[keys]\nretry = "f9"\n[ui]\ntheme = "textual-light"\n')
+    server = ScriptedServer("again")
+    app = app_for(server, config=load_config())
+    async with app.run_test() as pilot:
+        assert app.theme == "textual-light"
+        await type_and_send(pilot, "q")
+        await wait_for(pilot, lambda: not app.streaming and len(server.requests) == 1)
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: len(server.requests) == 2 and not app.streaming)
+
+
+async def test_command_palette_offers_every_chat_action() -> None:
+    app = app_for(ScriptedServer())
+    async with app.run_test(size=(100, 30)) as pilot:
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for expected in (
+            "Regenerate the last reply with the current sampling",
+            "Clear this chat (asks first)",
+            "Saved chats: open, rename, delete, search",
+        ):
+            assert expected in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"new chat")
+        await pilot.pause(0.3)
+        assert "New chat" in screen_text(app)
+
+
+async def test_restored_chat_gets_an_exact_count_from_the_server_tokenizer() -> None:
+    from standin.harness import run_standin
+
+    store = Store.open(default_path())
+    conv = store.create_conversation()
+    store.add_message(conv, "user", "one two three four")
+    store.add_message(conv, "assistant", "five six")
+    store.close()
+    with run_standin() as server:
+        app = app_for(None, url=server.url, api_key=server.api_key, conversation_id=conv)
+        async with app.run_test() as pilot:
+            meter = app.status_view.context
+            assert meter is not None
+            await wait_for(pilot, lambda: meter.used == 6)  # the stand-in's tokenizer: one token per word
+            assert meter.exact

@@ -130,3 +130,18 @@ def test_status_pane(snap_compare: Any, size: tuple[int, int]) -> None:
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
+def test_status_pane_without_gpu_or_metrics(snap_compare: Any, size: tuple[int, int]) -> None:
+    reader = FakeGpuReader(error="no NVIDIA GPU visible: NVML library not found (libnvidia-ml.so.1)")
+    server = ScriptedServer()  # metrics None: /metrics answers 404, as with --disable-metrics
+    app = app_for(server, gpu_reader=reader, poll_interval=3600, cursor_blink=False)
+
+    async def before(pilot: Pilot[Any]) -> None:
+        await settle(pilot)
+        await wait_for(pilot, lambda: app.status_view.metrics_error is not None and app.status_view.gpu is not None)
+        await pilot.press("f3")
+        await pilot.pause(0.1)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)

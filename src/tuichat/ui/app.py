@@ -100,6 +100,9 @@ class TuichatApp(App[None]):
         Binding("f4", "history", "Chats", id="history", show=False),
         Binding("f5", "server", "Server", id="server", show=False),
         Binding("f8", "attach_image", "Image", id="attach_image", show=False),
+        Binding("shift+f8", "clear_attachments", "Drop images", id="clear_attachments", show=False),
+        Binding("ctrl+up,alt+up", "select_previous", "Select earlier", id="select_previous", show=False),
+        Binding("ctrl+down,alt+down", "select_next", "Select later", id="select_next", show=False),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
     ]
 
@@ -251,6 +254,16 @@ class TuichatApp(App[None]):
             meter.reset()
             meter.estimate_from(t.content for t in self.chat.turns if t.role in ("user", "assistant"))
             self._redraw_status()
+            self.run_worker(self._count_context(), group="encode", exclusive=True, exit_on_error=False)
+
+    async def _count_context(self) -> None:
+        """Exact token count of a restored chat from the server's own tokenizer (/v1/encode), when it has one."""
+        text = "\n".join(t.content for t in self.chat.turns if t.role in ("user", "assistant"))
+        count = await self.client.count_tokens(text)
+        meter = self.status_view.context
+        if count is not None and meter is not None:
+            meter.record_usage(count, 0)
+            self._redraw_status()
 
     def _earlier_marker(self) -> Static:
         return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier")
@@ -273,10 +286,12 @@ class TuichatApp(App[None]):
         if self.store is None:
             return None
         if self.conversation_id is None:
+            server = self.server
             self.conversation_id = self.store.create_conversation(
                 model=self.model,
                 server_url=self.target.url,
-                profile=self.options.profile,
+                profile=self.profile_name if server is not None else None,
+                lmdeploy_version=server.record.lmdeploy_version if server is not None else None,
                 system_prompt=self.sampling.system_prompt or None,
             )
         return self.conversation_id
@@ -485,7 +500,11 @@ class TuichatApp(App[None]):
         prompt = self.query_one(PromptArea)
         stripped = text.strip()
         if stripped.startswith("/image"):
-            self.run_worker(self.attach_image(stripped[len("/image") :].strip()), group="attach")
+            argument = stripped[len("/image") :].strip()
+            if argument == "clear":
+                self.action_clear_attachments()
+            else:
+                self.run_worker(self.attach_image(argument), group="attach")
             prompt.text = ""
             return False
         if not stripped and not self.pending_attachments:
@@ -701,7 +720,7 @@ class TuichatApp(App[None]):
         if action in self.CHAT_ACTIONS and len(self.screen_stack) > 1:
             return False  # another screen is on top: its own keys apply, the chat's are hidden
         if action == "stop":
-            return True if self.streaming else None
+            return True if self.streaming or self._selected_turn() is not None else None
         if action in ("retry", "undo", "clear", "new_chat") and self.streaming:
             return None
         return True
@@ -721,6 +740,9 @@ class TuichatApp(App[None]):
         "history": "Saved chats: open, rename, delete, search",
         "server": "Server panel: start, stop, restart, profiles, log",
         "attach_image": "Attach an image (or type /image PATH)",
+        "clear_attachments": "Remove the attached images (or /image clear)",
+        "select_previous": "Select an earlier message (then ctrl+o copies it; Esc unselects)",
+        "select_next": "Select a later message",
         "quit": "Quit (asks about a server tuichat started)",
     }
 
@@ -739,6 +761,23 @@ class TuichatApp(App[None]):
         ]
         self.push_screen(HelpScreen(rows))
 
+    def get_system_commands(self, screen: Any) -> Any:
+        """The command palette (ctrl+p) offers every action of the chat screen, with its key."""
+        yield from super().get_system_commands(screen)
+        if screen is not self.screen_stack[0]:
+            return
+        from functools import partial
+
+        from textual.app import SystemCommand
+
+        keymap = dict(self.config.keys)
+        for binding in self._bindings_for_help():
+            if binding.id in ("quit", "help") or binding.id is None:
+                continue
+            key = keymap.get(binding.id, binding.key)
+            title = self.HELP_TEXT.get(binding.id, binding.description)
+            yield SystemCommand(title, f"{key} · {binding.id}", partial(self.run_action, binding.action))
+
     def _bindings_for_help(self) -> list[Binding]:
         return [b for b in self.BINDINGS if isinstance(b, Binding)]
 
@@ -746,6 +785,8 @@ class TuichatApp(App[None]):
         worker = getattr(self, "_reply_worker", None)
         if self.streaming and worker is not None:
             worker.cancel()
+        elif self._selected_turn() is not None:
+            self.action_clear_selection()
 
     async def action_retry(self) -> None:
         if self.streaming:
@@ -835,11 +876,59 @@ class TuichatApp(App[None]):
         self.notify(f"Copied {what} ({len(text)} characters)." + (f" {hint}" if hint else ""))
 
     def action_copy_reply(self) -> None:
+        selected = self._selected_turn()
+        if selected is not None:
+            self.copy_text(selected.content, f"the selected {'reply' if selected.role == 'assistant' else 'message'}")
+            return
         reply = self.chat.last_reply()
         if reply is None or not reply.content:
             self.notify("No reply to copy yet.")
             return
         self.copy_text(reply.content, "the last reply")
+
+    # -- selecting a message (to copy it) ---------------------------------------------------------------------
+
+    def _message_widgets(self) -> list[Any]:
+        widgets = []
+        for widget in self.query_one(Conversation).children:
+            turn = getattr(widget, "turn", None)
+            if turn is not None and turn.role in ("user", "assistant"):
+                widgets.append(widget)
+        return widgets
+
+    def _selected_turn(self) -> Turn | None:
+        for widget in self._message_widgets():
+            if widget.has_class("selected"):
+                turn: Turn = widget.turn
+                return turn
+        return None
+
+    def _select(self, step: int) -> None:
+        widgets = self._message_widgets()
+        if not widgets:
+            self.notify("No message to select yet.")
+            return
+        current = next((i for i, w in enumerate(widgets) if w.has_class("selected")), None)
+        index = (len(widgets) - 1 if step < 0 else 0) if current is None else current + step
+        index = max(0, min(index, len(widgets) - 1))
+        for widget in widgets:
+            widget.remove_class("selected")
+        target = widgets[index]
+        target.add_class("selected")
+        container = self.query_one(Conversation)
+        container.release_anchor()
+        container.scroll_to_widget(target, animate=False)
+
+    def action_select_previous(self) -> None:
+        self._select(-1)
+
+    def action_select_next(self) -> None:
+        self._select(+1)
+
+    def action_clear_selection(self) -> None:
+        for widget in self._message_widgets():
+            widget.remove_class("selected")
+        self.query_one(Conversation).anchor()
 
     def action_copy_code(self) -> None:
         from tuichat.clipboard import extract_code_blocks
@@ -1042,8 +1131,18 @@ class TuichatApp(App[None]):
         text = Text("Attached: ", style="bold")
         for att in self.pending_attachments:
             text.append(f"[🖼 {att.label()}] ", style="cyan")
+        text.append("· shift+f8 or /image clear removes", style="dim")
         bar.update(text)
         bar.display = True
+
+    def action_clear_attachments(self) -> None:
+        if not self.pending_attachments:
+            self.notify("No image is attached.")
+            return
+        count = len(self.pending_attachments)
+        self.pending_attachments = []
+        self._show_attachments()
+        self.notify(f"Removed {count} image(s) from the next message.")
 
     # -- quitting ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,710 @@
+"""The quantize form: `lmdeploy lite auto_awq` (W4A16) as a managed job, with its progress, log, cancel and profile.
+
+The work is `tuichat.quantize.QuantizeJob`: it runs lmdeploy in its own process group, writes into a hidden
+staging folder and only renames a finished model into place, so a failed or cancelled run leaves nothing
+behind. This screen only fills in `QuantizeOptions`, asks before an existing output folder is replaced, and
+follows the job from a thread worker that polls it every half second and reads the new lines of its log.
+Cancelling stops the whole process group and shows how that went (`StopResult`), so the user can tell that no
+lmdeploy process is left holding the GPU. A finished model gets a profile (saved with `config.add_profile`);
+the screen dismisses with that profile's name, or None.
+
+Paths under the home folder are shown as `~/…` (and typed that way too): they are shorter, and read the same
+on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, Select, Static
+
+from tuichat import paths
+from tuichat.config import Config, add_profile
+from tuichat.errors import TuichatError
+from tuichat.launcher import LogFollower, collapse_cr
+from tuichat.models import hf_cache_dir, modelscope_cache_dir, profile_name_for
+from tuichat.procgroup import StopResult
+from tuichat.profiles import validate_name
+from tuichat.quantize import (
+    CALIB_DATASETS,
+    DEFAULT_CALIB_DATASET,
+    JobStatus,
+    QuantizeJob,
+    QuantizeOptions,
+    default_command,
+    format_elapsed,
+    validate_options,
+)
+from tuichat.sanitize import clean
+from tuichat.ui.screens import ConfirmScreen
+
+TICK = 0.5  # seconds between polls of the job
+LOG_KEEP = 500  # log lines kept on view; the whole log stays in its file
+CANCEL_TIMEOUT = 10.0  # seconds before a cancel escalates to SIGKILL
+MARKS: dict[str, tuple[str, str]] = {
+    "idle": ("", ""),
+    "starting": ("…", "yellow"),
+    "running": ("◐", "yellow"),
+    "cancelling": ("◌", "yellow"),
+    "done": ("✔", "green"),
+    "failed": ("✖", "red"),
+    "cancelled": ("■", "yellow"),
+}
+_LAYER_PHASES = ("calibrating", "smoothing", "quantizing")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def tilde(path: Path | str) -> str:
+    """`path` with the home folder shown as `~`."""
+    text = str(path)
+    home = os.path.expanduser("~")
+    if home not in ("", "/", "~") and (text == home or text.startswith(home.rstrip("/") + "/")):
+        return "~" + text[len(home.rstrip("/")) :]
+    return text
+
+
+def tilde_text(text: str) -> str:
+    """Every mention of the home folder in a sentence shown as `~` (error messages name whole paths)."""
+    home = os.path.expanduser("~").rstrip("/")
+    if home in ("", "~"):
+        return text
+    return text.replace(home + "/", "~/")
+
+
+def _in_hub_cache(folder: Path) -> bool:
+    """True for a folder inside the Hugging Face or ModelScope cache, where an output does not belong."""
+    real = folder.absolute()
+    if any(part.startswith("models--") for part in real.parts) and "snapshots" in real.parts:
+        return True
+    for cache in (hf_cache_dir(), modelscope_cache_dir()):
+        with contextlib.suppress(ValueError):
+            real.relative_to(cache.absolute())
+            return True
+    return False
+
+
+def model_base_name(model: str) -> str:
+    """The model's own name: a hub id's last part, a folder's name, the repo name of a hub-cache snapshot."""
+    text = model.strip().rstrip("/")
+    parts = Path(text).expanduser().parts
+    if "snapshots" in parts:
+        index = len(parts) - 1 - parts[::-1].index("snapshots")
+        if index > 0 and parts[index - 1].startswith("models--"):
+            return parts[index - 1].split("--")[-1]
+    return text.rsplit("/", 1)[-1] or "model"
+
+
+def default_output(model: str, roots: Sequence[str], w_bits: int = 4) -> Path:
+    """`<model>-awq-w4` beside a local model folder, else under the first model root (else ~/models)."""
+    target = f"{model_base_name(model)}-awq-w{w_bits}"
+    local = Path(model.strip()).expanduser()
+    if model.strip() and local.is_dir() and not _in_hub_cache(local):
+        return local.absolute().parent / target
+    if roots:
+        return Path(roots[0]).expanduser().absolute() / target
+    return Path.home() / "models" / target
+
+
+def free_profile_name(base: str, taken: set[str] | Sequence[str]) -> str:
+    """`base`, or `base-2`, `base-3`… whichever no profile has yet."""
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def log_path_for(out: Path) -> Path:
+    """One log per output folder name, kept in tuichat's state folder; each run appends to it."""
+    return paths.state_dir() / "quantize" / f"{out.name}.log"
+
+
+def tidy(line: str) -> str:
+    """A log line as shown: the last state of a tqdm redraw, without control sequences."""
+    return clean(collapse_cr(line)).rstrip()
+
+
+class QuantizeScreen(Screen[str | None]):
+    """A form for `lmdeploy lite auto_awq`; runs it, shows its progress and log, makes a profile for the result."""
+
+    DEFAULT_CSS = """
+    QuantizeScreen {
+        layout: vertical;
+    }
+    QuantizeScreen #qz-title {
+        height: 1;
+        width: 1fr;
+        padding: 0 1;
+        background: $panel;
+        text-style: bold;
+    }
+    QuantizeScreen #qz-form {
+        height: auto;
+        padding: 0 1;
+    }
+    QuantizeScreen .qz-row {
+        height: 1;
+    }
+    QuantizeScreen .qz-key {
+        width: 15;
+        color: $text-muted;
+    }
+    QuantizeScreen .qz-key2 {
+        width: 13;
+        padding-left: 2;
+        color: $text-muted;
+    }
+    QuantizeScreen .qz-row Input {
+        width: 1fr;
+    }
+    QuantizeScreen .qz-row .qz-num {
+        width: 10;
+    }
+    QuantizeScreen #qz-calib {
+        width: 30;
+    }
+    QuantizeScreen #qz-start {
+        margin-right: 2;
+    }
+    QuantizeScreen #qz-hint {
+        color: $text-muted;
+        width: 1fr;
+        height: 1;
+    }
+    QuantizeScreen #qz-state-box {
+        height: auto;
+        padding: 0 1;
+    }
+    QuantizeScreen #qz-state {
+        height: auto;
+    }
+    QuantizeScreen #qz-progress {
+        display: none;
+    }
+    QuantizeScreen #qz-message {
+        height: auto;
+        max-height: 6;
+        display: none;
+    }
+    QuantizeScreen #qz-log {
+        height: 1fr;
+        min-height: 3;
+        border: round $primary;
+        overflow: auto auto;
+        scrollbar-size-vertical: 1;
+        scrollbar-size-horizontal: 1;
+    }
+    QuantizeScreen #qz-log:focus {
+        border: round $accent;
+    }
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+s", "start_job", "Start", id="quantize_start", priority=True),
+        Binding("c", "cancel_job", "Cancel job", id="quantize_cancel"),
+        Binding("enter", "finish", "Done", id="quantize_done", priority=True),
+        Binding("escape", "back", "Back", id="quantize_back"),
+    ]
+
+    def __init__(self, config: Config, model: str, command: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.command = list(command) if command else default_command()
+        self.clock: Callable[[], float] = time.monotonic  # elapsed time on screen; tests freeze it
+        self.cancel_timeout = CANCEL_TIMEOUT
+        self.state = "idle"  # idle, starting, running, cancelling, done, failed, cancelled
+        self.job: QuantizeJob | None = None
+        self.status: JobStatus | None = None
+        self.profile_saved: str | None = None
+        self.messages: list[tuple[str, str]] = []  # (level, sentence)
+        self.lines: list[str] = []
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+        self._abandoned = False  # the screen went away: a job that starts now must be cancelled at once
+        self._wake = threading.Event()
+        bits = 4
+        self._auto_out = tilde(default_output(model, config.model_roots, bits))
+        self._auto_name = self._free_name(Path(self._auto_out).name)
+
+    # -- layout -----------------------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Label("Quantize to 4-bit AWQ (W4A16) with lmdeploy lite auto_awq", id="qz-title")
+        with Vertical(id="qz-form"):
+            with Horizontal(classes="qz-row"):
+                yield Label("model", classes="qz-key")
+                yield Input(
+                    tilde(self.model), placeholder="model folder or hub id (owner/name)", id="qz-model", compact=True
+                )
+            with Horizontal(classes="qz-row"):
+                yield Label("output folder", classes="qz-key")
+                yield Input(
+                    self._auto_out, placeholder="a new folder for the quantized model", id="qz-out", compact=True
+                )
+            with Horizontal(classes="qz-row"):
+                yield Label("w-bits", classes="qz-key")
+                yield Input("4", type="integer", id="qz-bits", classes="qz-num", compact=True)
+                yield Label("group size", classes="qz-key2")
+                yield Input("128", type="integer", id="qz-group", classes="qz-num", compact=True)
+            with Horizontal(classes="qz-row"):
+                yield Label("calib dataset", classes="qz-key")
+                yield Select(
+                    [(name, name) for name in CALIB_DATASETS],
+                    allow_blank=False,
+                    value=DEFAULT_CALIB_DATASET,
+                    id="qz-calib",
+                    compact=True,
+                )
+            with Horizontal(classes="qz-row"):
+                yield Label("samples", classes="qz-key")
+                yield Input("128", type="integer", id="qz-samples", classes="qz-num", compact=True)
+                yield Label("seqlen", classes="qz-key2")
+                yield Input("1024", type="integer", id="qz-seqlen", classes="qz-num", compact=True)
+            with Horizontal(classes="qz-row"):
+                yield Label("profile name", classes="qz-key")
+                yield Input(self._auto_name, placeholder="blank = no profile", id="qz-profile", compact=True)
+            with Horizontal(classes="qz-row"):
+                yield Button("Start", id="qz-start", variant="primary", compact=True)
+                yield Label("Ctrl+S starts · samples 0 = no calibration download", id="qz-hint")
+        with Vertical(id="qz-state-box"):
+            yield Static("", id="qz-state")
+            yield ProgressBar(total=1.0, show_eta=False, id="qz-progress")
+            yield Static("", id="qz-message")
+        log = RichLog(max_lines=LOG_KEEP, markup=False, highlight=False, wrap=False, id="qz-log")
+        log.border_title = "log"
+        yield log
+        yield Footer(compact=True, show_command_palette=False)
+
+    def on_mount(self) -> None:
+        for field in self.query(Input).results():
+            field.cursor_position = len(field.value)
+        self.query_one("#qz-start", Button).focus()
+        self._draw()
+
+    def on_unmount(self) -> None:
+        # The app is going away with the job still running: it must not outlive tuichat.
+        self._abandoned = True
+        job = self.job
+        if job is not None and self.state in ("starting", "running", "cancelling"):
+            with contextlib.suppress(Exception):
+                job.cancel(timeout=min(self.cancel_timeout, 5.0))
+        self._wake.set()
+
+    def _free_name(self, out_name: str) -> str:
+        return free_profile_name(profile_name_for(out_name), set(self.config.profiles))
+
+    # -- drawing ----------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("starting", "running", "cancelling")
+
+    def elapsed(self) -> float:
+        if self._started_at is None:
+            return 0.0
+        end = self._ended_at if self._ended_at is not None else self.clock()
+        return max(0.0, end - self._started_at)
+
+    def state_line(self) -> Text:
+        """`◐ calibrating · layers 3 of 24 · 00:12`: the phase, the layers it has done, the time so far."""
+        state = self.state
+        mark, style = MARKS.get(state, ("", ""))
+        status = self.status
+        text = Text()
+        if state == "idle":
+            return text
+        text.append(f"{mark} ", style=style)
+        if state == "starting":
+            text.append("starting", style=f"bold {style}")
+            text.append(" · checking the model and the output folder")
+            return text
+        word = {"running": status.phase if status else "starting", "cancelling": "cancelling"}.get(state, state)
+        text.append(word, style=f"bold {style}")
+        if status is not None:
+            if state == "running" and status.phase == "calibrating" and "calibration data" in status.message:
+                text.append(f" · {status.message.split(': ', 1)[-1]}")
+            elif status.phase in _LAYER_PHASES or state == "done":
+                total = status.layers_total
+                text.append(f" · layers {status.layers_done} of {total if total else '?'}")
+            elif state == "running":
+                text.append(f" · {status.message}")
+            elif state != "done":
+                text.append(f" · while {status.phase}", style="dim")
+        text.append(f" · {format_elapsed(self.elapsed())}")
+        return text
+
+    def _draw(self) -> None:
+        if not self.is_attached:
+            return
+        self.query_one("#qz-state", Static).update(self.state_line())
+        bar = self.query_one("#qz-progress", ProgressBar)
+        status = self.status
+        bar.display = self.state in ("running", "cancelling", "done") and status is not None
+        if status is not None:
+            fraction = status.fraction
+            if fraction is None:
+                bar.update(total=None)
+            else:
+                bar.update(total=1.0, progress=fraction)
+        box = self.query_one("#qz-message", Static)
+        styles = {"error": "red", "hint": "red", "ok": "green", "warning": "yellow", "info": ""}
+        text = Text()
+        for n, (level, sentence) in enumerate(self.messages):
+            if n:
+                text.append("\n")
+            prefix = {"error": "✖ ", "hint": "→ ", "warning": "⚠ ", "ok": "✔ "}.get(level, "")
+            text.append(prefix + sentence, style=styles.get(level, ""))
+        box.update(text)
+        box.display = bool(self.messages)
+        locked = self.running or self.state == "done"
+        for widget in (*self.query(Input).results(), self.query_one(Select), self.query_one("#qz-start", Button)):
+            widget.disabled = locked
+        self.refresh_bindings()
+
+    def say(self, *messages: tuple[str, str]) -> None:
+        """Show sentences under the progress (level: error, hint, ok, warning or info), replacing earlier ones."""
+        self.messages = list(messages)
+        self._draw()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "start_job":
+            return self.state in ("idle", "failed", "cancelled")
+        if action == "cancel_job":
+            return self.state in ("starting", "running")
+        if action == "finish":
+            return self.state == "done"
+        return True
+
+    # -- the form ---------------------------------------------------------------------------------------------
+
+    def _value(self, wid: str) -> str:
+        return self.query_one(f"#{wid}", Input).value.strip()
+
+    def _int(self, wid: str, label: str) -> int:
+        text = self._value(wid)
+        try:
+            return int(text)
+        except ValueError:
+            raise TuichatError(f"{label} must be a whole number (got '{text}').") from None
+
+    def read_form(self) -> tuple[QuantizeOptions, str | None]:
+        """The job's options and the profile name (None: no profile); raises a TuichatError sentence."""
+        model = self._value("qz-model")
+        if not model:
+            raise TuichatError("Give the model to quantize: a model folder, or a hub id such as owner/name.")
+        out_text = self._value("qz-out")
+        if not out_text:
+            raise TuichatError("Give an output folder for the quantized model.")
+        local = Path(model).expanduser()
+        calib = self.query_one("#qz-calib", Select).value
+        opts = QuantizeOptions(
+            model=str(local.absolute()) if local.exists() else model,
+            out=Path(out_text).expanduser().absolute(),
+            w_bits=self._int("qz-bits", "w-bits"),
+            group_size=self._int("qz-group", "group size"),
+            calib_dataset=str(calib) if isinstance(calib, str) else DEFAULT_CALIB_DATASET,
+            calib_samples=self._int("qz-samples", "samples"),
+            calib_seqlen=self._int("qz-seqlen", "seqlen"),
+            command=list(self.command),
+        )
+        validate_options(opts)
+        name = self._value("qz-profile") or None
+        if name is not None:
+            try:
+                validate_name(name)
+            except TuichatError:
+                raise TuichatError(
+                    f"'{name}' cannot be a profile name: use 1-64 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit (or leave it blank for no profile)."
+                ) from None
+            if name in self.config.profiles:
+                raise TuichatError(
+                    f"A profile called {name} already exists: choose another profile name, "
+                    "or leave it blank for no profile."
+                )
+        return opts, name
+
+    @on(Input.Changed, "#qz-bits")
+    def _bits_changed(self, event: Input.Changed) -> None:
+        # an output name nobody has typed over follows the bit width (…-awq-w8)
+        try:
+            bits = int(event.value)
+        except ValueError:
+            return
+        out = self.query_one("#qz-out", Input)
+        if out.value != self._auto_out:
+            return
+        self._auto_out = tilde(default_output(self.model, self.config.model_roots, bits))
+        out.value = self._auto_out
+        profile = self.query_one("#qz-profile", Input)
+        if profile.value == self._auto_name:
+            self._auto_name = self._free_name(Path(self._auto_out).name)
+            profile.value = self._auto_name
+
+    @on(Button.Pressed, "#qz-start")
+    def _start_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_start_job()
+
+    # -- starting ---------------------------------------------------------------------------------------------
+
+    def action_start_job(self) -> None:
+        if self.running or self.state == "done":
+            return
+        try:
+            opts, name = self.read_form()
+        except TuichatError as exc:
+            self.say(("error", tilde_text(str(exc))))
+            return
+        out = opts.out
+        try:
+            occupied = out.is_dir() and not out.is_symlink() and any(out.iterdir())
+        except OSError:
+            occupied = False  # start() says what is wrong with it
+        if not occupied:
+            self._launch(opts, name, overwrite=False)
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._launch(opts, name, overwrite=True)
+            else:
+                self.say(("info", "Not started: choose another output folder, or start again and confirm replacing."))
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"The output folder {tilde(out)} already exists and is not empty. Replace it with the quantized "
+                "model? The old folder is removed only once the new model is complete."
+            ),
+            answer,
+        )
+
+    def _launch(self, opts: QuantizeOptions, name: str | None, *, overwrite: bool) -> None:
+        self.state = "starting"
+        self.job = None
+        self.status = None
+        self.profile_saved = None
+        self.lines = []
+        self._started_at = self.clock()
+        self._ended_at = None
+        self._wake.clear()
+        log = self.query_one(RichLog)
+        log.clear()
+        log_path = log_path_for(opts.out)
+        log.border_title = f"log · {tilde(log_path)}"
+        log.focus()
+        self.say()
+        self._run_job(opts, log_path, overwrite, name)
+
+    def _post(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback` on the event loop from a worker thread; dropped once the app has gone."""
+        with contextlib.suppress(RuntimeError):
+            self.app.call_from_thread(callback, *args)
+
+    @work(thread=True, group="quantize-job", exit_on_error=False)
+    def _run_job(self, opts: QuantizeOptions, log_path: Path, overwrite: bool, name: str | None) -> None:
+        follower = LogFollower(log_path, start_at_end=0)  # this run only: the log keeps earlier runs
+        try:
+            job = QuantizeJob.start(opts, log_path, overwrite=overwrite)
+        except TuichatError as exc:
+            self._post(self._refused, str(exc))
+            return
+        except Exception as exc:  # a sentence, never a traceback
+            self._post(self._refused, f"Cannot start the quantizer: {exc}.")
+            return
+        self.job = job  # set here, not only on the event loop, so that on_unmount can see it (see _abandoned)
+        if self._abandoned:
+            job.cancel(timeout=min(self.cancel_timeout, 5.0))
+            return
+        self._post(self._job_started, job)
+        while True:
+            status = job.poll()
+            lines = self._read(follower, status.finished)
+            if status.finished:
+                saved, error = self._save_profile(job, status, name)
+                self._post(self._job_finished, job, status, lines, saved, error)
+                return
+            self._post(self._job_progress, job, status, lines)
+            self._wake.wait(TICK)
+            self._wake.clear()
+
+    @staticmethod
+    def _read(follower: LogFollower, final: bool) -> list[str]:
+        raw, partial = follower.read()
+        if final and partial.strip():
+            raw = [*raw, partial]
+        shown = []
+        for line in raw:
+            text = tidy(line)
+            # tuichat's own header lines name the staging folder and the time: the title names the log instead
+            if text and not text.startswith("=== "):
+                shown.append(text)
+        return shown
+
+    def _save_profile(self, job: QuantizeJob, status: JobStatus, name: str | None) -> tuple[str | None, str | None]:
+        if status.state != "done" or name is None:
+            return None, None
+        try:
+            profile_name, table = job.profile(name)
+            add_profile(profile_name, table, path=self.config.path)
+        except TuichatError as exc:
+            return None, f"The model is ready, but its profile was not saved: {exc}"
+        except OSError as exc:
+            return None, f"The model is ready, but its profile was not saved: {exc.strerror or exc}."
+        return profile_name, None
+
+    def _refused(self, message: str) -> None:
+        # nothing ran: back to the form, with the reason
+        self.state = "idle"
+        self._started_at = None
+        self.query_one(RichLog).border_title = "log"
+        self.say(("error", tilde_text(message)))
+        self.query_one("#qz-start", Button).focus()
+
+    def _job_started(self, job: QuantizeJob) -> None:
+        if self.state == "starting":
+            self.state = "running"
+        self._draw()
+
+    def _show_lines(self, lines: list[str]) -> None:
+        if not lines or not self.is_attached:
+            return
+        self.lines.extend(lines)
+        del self.lines[:-LOG_KEEP]
+        self.query_one(RichLog).write("\n".join(lines))
+
+    def _job_progress(self, job: QuantizeJob, status: JobStatus, lines: list[str]) -> None:
+        if job is not self.job:
+            return
+        if self.state != "cancelling":
+            self.state = "running"
+        self.status = status
+        self._show_lines(lines)
+        self._draw()
+
+    def _job_finished(
+        self, job: QuantizeJob, status: JobStatus, lines: list[str], saved: str | None, error: str | None
+    ) -> None:
+        if job is not self.job:
+            return
+        self.status = status
+        self.state = status.state
+        self._ended_at = self.clock()
+        self._show_lines(lines)
+        kept = [m for m in self.messages if m[0] == "stop"]  # the cancel's StopResult, when it came first
+        found: list[tuple[str, str]] = []
+        if status.state == "done":
+            self.profile_saved = saved
+            found.append(("ok", tilde_text(status.message)))
+            if saved is not None:
+                found.append(("ok", f"Saved profile {saved}. Enter goes back with it selected."))
+            elif error is not None:
+                found.append(("error", tilde_text(error)))
+            else:
+                found.append(("info", "No profile name was given, so no profile was made. Enter goes back."))
+        elif status.state == "cancelled":
+            found.append(("info", tilde_text(status.message) + "."))
+            if status.hint:
+                found.append(("hint", tilde_text(status.hint)))
+        else:
+            found.append(("error", tilde_text(status.message)))
+            if status.hint:
+                found.append(("hint", tilde_text(status.hint)))
+            found.append(("info", "Fix the form and press Ctrl+S to try again; the log below has the details."))
+        self.messages = [*found, *kept]
+        self._draw()
+        if self.state == "done":
+            self.query_one(RichLog).focus()
+
+    # -- cancelling and leaving -------------------------------------------------------------------------------
+
+    def action_cancel_job(self) -> None:
+        if self.state not in ("starting", "running") or self.job is None:
+            if self.state == "starting":
+                self.say(("info", "Wait: the quantizer is starting; c cancels it once it runs."))
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._begin_cancel(leave=False)
+
+        self.app.push_screen(
+            ConfirmScreen("Cancel the quantization? Every lmdeploy process is stopped and the partial output removed."),
+            answer,
+        )
+
+    def _begin_cancel(self, *, leave: bool) -> None:
+        job = self.job
+        if job is None or self.state not in ("starting", "running"):
+            if leave:
+                self.dismiss(None)
+            return
+        self.state = "cancelling"
+        self._draw()
+        self._cancel(job, leave)
+
+    @work(thread=True, group="quantize-cancel", exit_on_error=False)
+    def _cancel(self, job: QuantizeJob, leave: bool) -> None:
+        try:
+            result = job.cancel(timeout=self.cancel_timeout)
+        except Exception as exc:  # a sentence, never a traceback
+            self._post(self._cancel_failed, f"Cancelling failed: {exc}. Press c to try again.")
+            return
+        finally:
+            self._wake.set()  # the poll loop collects the cancelled status at once
+        self._post(self._cancelled, job, result, leave)
+
+    def _cancel_failed(self, message: str) -> None:
+        self.state = "running"
+        self.say(("error", message))
+
+    def _cancelled(self, job: QuantizeJob, result: StopResult, leave: bool) -> None:
+        if job is not self.job:
+            return
+        level = "stop" if result.clean else "error"
+        sentence = result.describe("The quantizer")
+        if result.clean and result.signal_used != "none":
+            sentence += " No lmdeploy process is left."
+        self.messages = [*(m for m in self.messages if m[0] != "stop"), (level, sentence)]
+        self._draw()
+        if leave:
+            self.dismiss(None)
+
+    def action_finish(self) -> None:
+        if self.state == "done":
+            self.dismiss(self.profile_saved)
+
+    def action_back(self) -> None:
+        if self.state in ("cancelling", "starting") or (self.state == "running" and self.job is None):
+            self.say(
+                ("info", f"Wait: the quantizer is {'being stopped' if self.state == 'cancelling' else 'starting'}.")
+            )
+            return
+        if self.state == "running":
+
+            def answer(yes: bool | None) -> None:
+                if yes:
+                    self._begin_cancel(leave=True)
+
+            self.app.push_screen(
+                ConfirmScreen("The quantization is still running. Cancel it and go back? (n keeps it running here)"),
+                answer,
+            )
+            return
+        self.dismiss(self.profile_saved if self.state == "done" else None)
