@@ -578,3 +578,32 @@ async def test_restored_chat_gets_an_exact_count_from_the_server_tokenizer() -> 
             assert meter is not None
             await wait_for(pilot, lambda: meter.used == 6)  # the stand-in's tokenizer: one token per word
             assert meter.exact
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"),
+    [("[[fault:die=3]]", "connection to the server broke"), ("[[fault:stall=3]]", "sent nothing for 0.5 s")],
+    ids=["server-dies-mid-reply", "stall"],
+)
+async def test_a_stream_that_breaks_keeps_the_partial_reply(hermetic_home: Path, fault: str, fragment: str) -> None:
+    from standin.harness import run_standin
+
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text("[ui]\nstall_timeout = 0.5\n")
+    with run_standin("--fake-words", "50", "--fake-rate", "50", "--fake-tokens-per-chunk", "1") as server:
+        app = app_for(None, url=server.url, api_key=server.api_key, config=load_config())
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready")  # type: ignore[attr-defined]
+            await type_and_send(pilot, f"count {fault}")
+            await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
+            reply = app.chat.turns[1]
+            assert reply.role == "assistant" and reply.state == "interrupted"
+            assert reply.content.startswith("w1 w2")
+            assert fragment in app.chat.turns[-1].content
+            assert "Traceback" not in screen_text(app)
+    store = Store.open(default_path())
+    conv = store.last_conversation()
+    assert conv is not None
+    saved = store.messages(conv.id)
+    store.close()
+    assert saved[-1].state == "interrupted" and saved[-1].content == reply.content
