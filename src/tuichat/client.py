@@ -418,8 +418,8 @@ def _short(exc: Exception) -> str:
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
-    if "Connection refused" in text or "[Errno 111]" in text:
-        return "connection refused"
+    if "Connection refused" in text or "[Errno 111]" in text or "All connection attempts failed" in text:
+        return "connection refused: nothing listens there"
     if "Name or service not known" in text or "nodename nor servname" in text:
         return "unknown host name"
     return text[:200]
