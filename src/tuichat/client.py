@@ -14,7 +14,7 @@ or OpenAI's nested one (`{"error": {"message"}}`); both are understood.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,7 +205,8 @@ class ChatClient:
         if 400 <= status < 500:
             return ChatError(
                 "bad_request",
-                f"the server refused the request ({status}){said}",
+                f"the server refused the request ({status}){said}. Change the value it names (F2 opens the "
+                "sampling pane) and send again.",
                 status=status,
                 detail=detail,
             )
@@ -216,7 +217,12 @@ class ChatClient:
                 status=status,
                 detail=detail,
             )
-        return ChatError("server", f"the server failed ({status}){said}", status=status, detail=detail)
+        return ChatError(
+            "server",
+            f"the server failed ({status}){said}. Check its log (F5, or `tuichat logs PROFILE`) and retry (ctrl+r).",
+            status=status,
+            detail=detail,
+        )
 
     async def _get(self, path: str) -> httpx.Response:
         try:
@@ -313,7 +319,7 @@ class ChatClient:
 
     async def stream_chat(
         self, model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Stream one reply. Closing the generator (or cancelling its task) closes the connection, which makes
         LMDeploy stop generating: that is how Stop works."""
         body = self.chat_body(model, messages, sampling)
@@ -348,7 +354,12 @@ class ChatClient:
                         continue
                     if "error" in chunk:
                         detail = _error_text(json.dumps(chunk).encode()) or "unknown error"
-                        raise ChatError("in_band", f"the server reported an error mid-reply: {detail}", detail=detail)
+                        raise ChatError(
+                            "in_band",
+                            f"the server reported an error mid-reply: {detail}. The partial reply is kept; "
+                            "retry (ctrl+r), and check the server's log (F5) if it happens again.",
+                            detail=detail,
+                        )
                     for event in _chunk_events(chunk, cleaner):
                         yield event
         except ChatError:
@@ -364,12 +375,15 @@ class ChatClient:
         except ValueError:
             raise ChatError("protocol", "the server answered with neither a stream nor JSON") from None
         if isinstance(data, dict) and (data.get("object") == "error" or "error" in data):
-            raise self._status_error(int(data.get("code") or 400), body, model)
+            code = data.get("code")
+            raise self._status_error(code if isinstance(code, int) and 400 <= code < 600 else 400, body, model)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise ChatError("protocol", "the server's answer had no choices") from None
+            raise ChatError(
+                "protocol", "the server's answer had no choices: is --url an OpenAI-compatible chat server?"
+            ) from None
         yield Delta(clean(text))
         yield Finish(choice.get("finish_reason"))
         usage = data.get("usage")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tuichat.errors import TuichatError
+from tuichat.sanitize import clean
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
                         return 1
                     print(f"{'id':>5}  {'message':>7}  {'title':<30}  snippet")
                     for hit in hits:
-                        print(f"{hit.conversation_id:>5}  {hit.message_id:>7}  {hit.title[:30]:<30}  {hit.snippet}")
+                        print(
+                            f"{hit.conversation_id:>5}  {hit.message_id:>7}  {clean(hit.title)[:30]:<30}  {clean(hit.snippet)}"
+                        )
                     return 0
                 convs = store.list_conversations(limit=args.limit)
                 if not convs:
@@ -47,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
                     return 0
                 print(f"{'id':>5}  {'title':<40}  {'updated':<16}  {'messages':>8}")
                 for c in convs:
-                    print(f"{c.id:>5}  {c.title[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
+                    print(f"{c.id:>5}  {clean(c.title)[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
                 return 0
             if args.command == "export":
                 if store.get_conversation(args.id) is None:
                     raise TuichatError(f"no conversation {args.id}: see `tuichat history` for the ids")
-                sys.stdout.write(store.export(args.id, args.format))
+                text = store.export(args.id, args.format)
+                # Markdown goes to a terminal as it is: never let saved text drive it (JSON escapes them).
+                sys.stdout.write(clean(text) if args.format == "md" and sys.stdout.isatty() else text)
                 return 0
             if args.command == "import":
                 text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))

@@ -27,6 +27,7 @@ from typing import Any, Literal, Self
 
 from tuichat import paths
 from tuichat.errors import TuichatError
+from tuichat.sanitize import clean
 
 DEFAULT_TITLE = "New chat"
 TITLE_MAX_CHARS = 48
@@ -616,7 +617,7 @@ class Store:
                 "INSERT INTO conversations (title, created, updated, model, server_url, profile, "
                 "lmdeploy_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    conv["title"],
+                    clean(conv["title"]),  # an imported file is untrusted: no terminal sequences in it
                     conv["created"],
                     conv["updated"],
                     conv["model"],
@@ -633,7 +634,7 @@ class Store:
                     (
                         conv_id,
                         m["role"],
-                        m["content"],
+                        clean(m["content"]),
                         m["state"],
                         m["created"],
                         _json_or_none(m["sampling"]),

@@ -30,6 +30,7 @@ from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
 from tuichat.config import Config, load_config, save_config
 from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
 from tuichat.sampling import Sampling
+from tuichat.sanitize import clean
 from tuichat.target import Target, resolve_target
 from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen, QuitScreen
 from tuichat.ui.status_pane import StatusPane, StatusView
@@ -225,7 +226,8 @@ class TuichatApp(App[None]):
         for msg in self.store.messages(conv_id):
             if msg.role == "system":
                 continue
-            turns.append(Turn(msg.role, msg.content, msg.state, msg.id, stats=msg.stats))
+            # Saved text may come from an imported file: clean it as if it had just streamed in.
+            turns.append(Turn(msg.role, clean(msg.content), msg.state, msg.id, stats=msg.stats))
         self.chat = ChatSession(turns)
         self.conversation_id = conv_id
         container = self.query_one(Conversation)
