@@ -40,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
                         return 1
                     print(f"{'id':>5}  {'message':>7}  {'title':<30}  snippet")
                     for hit in hits:
-                        print(
-                            f"{hit.conversation_id:>5}  {hit.message_id:>7}  {clean(hit.title)[:30]:<30}  {clean(hit.snippet)}"
-                        )
+                        title = clean(hit.title)[:30]
+                        print(f"{hit.conversation_id:>5}  {hit.message_id:>7}  {title:<30}  {clean(hit.snippet)}")
                     return 0
                 convs = store.list_conversations(limit=args.limit)
                 if not convs:
