@@ -535,14 +535,14 @@ async def test_attached_images_can_be_removed_before_sending(tmp_path: Path) -> 
 
 async def test_user_keymap_rebinds_an_action(hermetic_home: Path) -> None:
     hermetic_home.mkdir(parents=True, exist_ok=True)
-    (hermetic_home / "config.toml").write_text('[keys]\nretry = "f9"\n[ui]\ntheme = "textual-light"\n')
+    (hermetic_home / "config.toml").write_text('[keys]\nretry = "f12"\n[ui]\ntheme = "textual-light"\n')
     server = ScriptedServer("again")
     app = app_for(server, config=load_config())
     async with app.run_test() as pilot:
         assert app.theme == "textual-light"
         await type_and_send(pilot, "q")
         await wait_for(pilot, lambda: not app.streaming and len(server.requests) == 1)
-        await pilot.press("f9")
+        await pilot.press("f12")
         await wait_for(pilot, lambda: len(server.requests) == 2 and not app.streaming)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from apphelpers import screen_text, wait_for
-from standin.harness import STANDIN_COMMAND
+from standin.harness import STANDIN_COMMAND, free_port
 
 from tuichat.config import add_profile, load_config
 from tuichat.gpu import FakeGpuReader, GpuInfo
@@ -31,6 +31,9 @@ def manager(hermetic_home: Path) -> Iterator[ServerManager]:
             "extra_args": ["--fake-load-seconds", "0.6", "--fake-reply", "Hi from the **stand-in**."],
             "session_len": 2048,
             "stop_timeout": 3,
+            # A fixed free port: with "auto", tests running in parallel (each with its own state dir) could
+            # both pick 23333 and one would reach the other's server.
+            "port": free_port(),
         },
     )
     mgr = ServerManager(gpu_reader=FakeGpuReader([GpuInfo(0, "Fake H200", "u", mem_used=GB, mem_total=140 * GB)]))
@@ -105,7 +108,12 @@ async def test_profile_is_launched_with_progress_then_chat_uses_its_key(manager:
 async def test_a_crash_while_loading_shows_the_reason_in_the_chat(manager: ServerManager) -> None:
     add_profile(
         "crashy",
-        {"model": "org/tiny-chat", "command": STANDIN_COMMAND, "extra_args": ["--fake-crash-while-loading"]},
+        {
+            "model": "org/tiny-chat",
+            "command": STANDIN_COMMAND,
+            "extra_args": ["--fake-crash-while-loading"],
+            "port": free_port(),
+        },
     )
     app = make_app(
         AppOptions(profile="crashy", config=load_config(), manager=manager, env={}, gpu_reader=FakeGpuReader())
@@ -158,7 +166,9 @@ async def test_f5_opens_the_server_panel_and_attach_points_the_chat_at_it(manage
         await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
         await pilot.press("f5")
         await wait_for(pilot, lambda: isinstance(app.screen, ServerScreen))
-        await wait_for(pilot, lambda: "ready" in screen_text(app), timeout=10)
+        panel = app.screen
+        assert isinstance(panel, ServerScreen)
+        await wait_for(pilot, lambda: panel.status is not None and panel.status.state == "ready", timeout=10)
         assert "org/tiny-chat" in screen_text(app)
         await pilot.press("ctrl+r")  # the chat's retry key does nothing on the panel
         assert isinstance(app.screen, ServerScreen)
@@ -167,3 +177,47 @@ async def test_f5_opens_the_server_panel_and_attach_points_the_chat_at_it(manage
         await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=10)  # type: ignore[attr-defined]
         await chat_once(pilot, app, "via the panel")
         assert app.chat.turns[-1].content == "Hi from the **stand-in**."
+
+
+async def test_f9_lists_local_models_and_a_chosen_one_becomes_a_profile(
+    hermetic_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from tuichat.ui.models_screen import ModelsScreen
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    model = tmp_path / "models" / "my-awq"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "hidden_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "vocab_size": 1024,
+                "torch_dtype": "float16",
+                "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128},
+            }
+        )
+    )
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text(f'[models]\nroots = ["{model.parent}"]\n')
+    from apphelpers import ScriptedServer, app_for
+
+    app = app_for(ScriptedServer(), config=load_config(), gpu_reader=FakeGpuReader())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        await wait_for(pilot, lambda: "my-awq" in screen_text(app), timeout=10)
+        screen = app.screen
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.query_one("#mdl-name").has_focus)
+        await pilot.press("enter")  # accept the suggested profile name
+        await wait_for(pilot, lambda: not isinstance(app.screen, ModelsScreen), timeout=10)
+        assert app.profile_name is not None
+        name = app.profile_name
+    profile = load_config().profiles[name]
+    assert profile.model_format == "awq" and profile.model == str(model)

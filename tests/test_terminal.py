@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from ptyterm import PtyApp
-from standin.harness import STANDIN_COMMAND, run_standin, wait_for
+from standin.harness import STANDIN_COMMAND, free_port, run_standin, wait_for
 
 from tuichat.config import add_profile
 from tuichat.launcher import ServerManager
@@ -79,7 +79,12 @@ def test_sighup_keeps_the_launched_server_and_the_next_tuichat_reattaches(
     os.environ["TUICHAT_HOME"] = env["TUICHAT_HOME"]  # add_profile and ServerManager here use the same home
     add_profile(
         "fake",
-        {"model": "org/tiny-chat", "command": STANDIN_COMMAND, "extra_args": ["--fake-reply", "pong"]},
+        {
+            "model": "org/tiny-chat",
+            "command": STANDIN_COMMAND,
+            "extra_args": ["--fake-reply", "pong"],
+            "port": free_port(),
+        },
     )
     manager = ServerManager()
     try:

@@ -100,6 +100,7 @@ class TuichatApp(App[None]):
         Binding("ctrl+e", "load_earlier", "Earlier messages", id="load_earlier", show=False),
         Binding("f4", "history", "Chats", id="history", show=False),
         Binding("f5", "server", "Server", id="server", show=False),
+        Binding("f9", "models", "Models", id="models", show=False),  # f6/f7 belong to the prompt
         Binding("f8", "attach_image", "Image", id="attach_image", show=False),
         Binding("shift+f8", "clear_attachments", "Drop images", id="clear_attachments", show=False),
         Binding("ctrl+up,alt+up", "select_previous", "Select earlier", id="select_previous", show=False),
@@ -741,6 +742,7 @@ class TuichatApp(App[None]):
         "load_earlier": "Show earlier messages of a long chat",
         "history": "Saved chats: open, rename, delete, search",
         "server": "Server panel: start, stop, restart, profiles, log",
+        "models": "Local models: fit estimate, make a profile, W4A16 quantize",
         "attach_image": "Attach an image (or type /image PATH)",
         "clear_attachments": "Remove the attached images (or /image clear)",
         "select_previous": "Select an earlier message (then ctrl+o copies it; Esc unselects)",
@@ -1082,6 +1084,24 @@ class TuichatApp(App[None]):
                 self.server = None
 
         self.push_screen(ServerScreen(self._manager(), self.config, name, self.server), done)
+
+    def action_models(self) -> None:
+        from tuichat.ui.models_screen import ModelsResult, ModelsScreen
+
+        def done(result: ModelsResult | None) -> None:
+            if result is None or not result.profile_name:
+                return
+            try:
+                from tuichat.config import load_config
+
+                self.config = load_config(self.config.path)  # the picker (or a quantize run) saved a profile
+            except Exception as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.profile_name = result.profile_name
+            self.notify(f"Saved profile {result.profile_name}: F5 starts it.")
+
+        self.push_screen(ModelsScreen(self.config, self.options.gpu_reader), done)
 
     def action_attach_image(self) -> None:
         from tuichat.ui.image_picker import ImagePickerScreen

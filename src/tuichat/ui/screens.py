@@ -40,7 +40,7 @@ class HelpScreen(ModalScreen[None]):
                     Text(
                         "Prompt: Enter sends, Ctrl+J or Shift+Enter adds a line, pasting never sends. "
                         "/image PATH attaches an image. Ctrl+P opens the command palette with every action. "
-                        'Rebind keys in config.toml, e.g. [keys] retry = "f9".'
+                        'Rebind keys in config.toml, e.g. [keys] retry = "f12".'
                     ),
                     classes="hint",
                 )

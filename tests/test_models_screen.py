@@ -1,0 +1,330 @@
+"""The model picker driven with Pilot: model folders made in tmp_path, caches and HOME pointed there too.
+
+A FakeGpuReader stands for the GPU, so the fit sentence is known in advance; tests/fake_lite.py stands for
+`lmdeploy lite auto_awq` when a test quantizes from the picker.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from apphelpers import screen_text, wait_for
+from textual.app import App
+from textual.pilot import Pilot
+from textual.widgets import Input, Static
+
+from tuichat.config import add_profile, load_config
+from tuichat.gpu import FakeGpuReader, GpuInfo
+from tuichat.ui.models_screen import ModelsResult, ModelsScreen, ModelsTable, column_widths
+from tuichat.ui.quantize_screen import QuantizeScreen
+from tuichat.ui.screens import ConfirmScreen
+
+GB = 1000**3
+FAKE = Path(__file__).with_name("fake_lite.py")
+QWEN = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+    "torch_dtype": "bfloat16",
+}
+AWQ = {**QWEN, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}, "torch_dtype": "float16"}
+VLM = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    **{k: v for k, v in QWEN.items() if k not in ("architectures", "model_type")},
+    "vision_config": {"hidden_size": 128, "depth": 2},
+}
+
+
+class Host(App[None]):
+    """Pushes the picker and keeps what it dismissed with."""
+
+    def __init__(self, screen: ModelsScreen) -> None:
+        super().__init__()
+        self.picker = screen
+        self.results: list[ModelsResult | None] = []
+
+    def on_mount(self) -> None:
+        self.push_screen(self.picker, self.results.append)
+
+
+def write_weights(path: Path, rows: int = 64, cols: int = 64) -> None:
+    """A real safetensors file holding one bf16 matrix of zeros."""
+    size = rows * cols * 2
+    header = json.dumps({"w.weight": {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [0, size]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * size)
+
+
+def make_model(folder: Path, config: dict[str, Any], weights: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text("{}")
+    if weights:
+        write_weights(folder / "model.safetensors")
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "home"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(folder))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    for key in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    return folder
+
+
+@pytest.fixture
+def root(home: Path, hermetic_home: Path) -> Path:
+    """A model root in config.toml holding a plain, an AWQ, a vision-language and a broken model."""
+    folder = home / "models"
+    make_model(folder / "tiny-chat", QWEN)
+    make_model(folder / "tiny-awq", AWQ)
+    make_model(folder / "tiny-vl", VLM)
+    broken = folder / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": [')
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text(f'[models]\nroots = ["{folder}"]\n')
+    return folder
+
+
+def gpu(used: int = 10 * GB, total: int = 150 * GB) -> FakeGpuReader:
+    return FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=used, mem_total=total)])
+
+
+def picker(reader: FakeGpuReader | None = None, **kwargs: Any) -> tuple[Host, ModelsScreen]:
+    screen = ModelsScreen(load_config(), reader or gpu(), **kwargs)
+    return Host(screen), screen
+
+
+async def scanned(pilot: Pilot[Any], screen: ModelsScreen) -> None:
+    await wait_for(pilot, lambda: pilot.app.screen is screen and screen.result is not None)
+    await wait_for(pilot, lambda: screen.snapshot is not None)
+    await pilot.pause()
+
+
+async def highlight(pilot: Pilot[Any], screen: ModelsScreen, name: str) -> None:
+    index = [m.name for m in screen.models].index(name)
+    screen.query_one(ModelsTable).move_cursor(row=index)
+    await pilot.pause()
+    current = screen.current_model()
+    assert current is not None and current.name == name
+
+
+def detail(screen: ModelsScreen) -> str:
+    return str(screen.query_one("#mdl-detail", Static).render())
+
+
+def message(screen: ModelsScreen) -> str:
+    return str(screen.query_one("#mdl-message", Static).render())
+
+
+async def test_models_are_listed_with_their_facts_and_problems_below(root: Path, home: Path) -> None:
+    snapshot = make_model(home.parent / "hf" / "hub" / "models--org--Cached-7B" / "snapshots" / "abc", QWEN)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        assert [m.name for m in screen.models] == ["org/Cached-7B", "tiny-awq", "tiny-chat", "tiny-vl"]
+        text = screen_text(app)
+        assert "Local models · 4" in text
+        assert "searched ~/models" in text
+        lines = {line.split()[0]: line for line in text.splitlines() if line.strip()[:4] in ("tiny", "org/")}
+        assert "Qwen2ForCausalLM" in lines["tiny-chat"] and "bfloat16" in lines["tiny-chat"]
+        assert "awq w4" in lines["tiny-awq"] and "float16" in lines["tiny-awq"]
+        assert lines["tiny-vl"].rstrip().endswith("yes")  # the VLM column
+        assert lines["tiny-chat"].rstrip().endswith("-")
+        assert "4.1K" in lines["tiny-chat"]  # 64 x 64 parameters in the safetensors header
+        # the broken folder is a sentence under the table, not a row and not a crash
+        assert "~/models/broken/config.json is not valid JSON" in text
+        assert "fetch the model again" in str(screen.query_one("#mdl-problems", Static).render())
+
+
+async def test_the_fit_sentence_speaks_of_free_memory_and_the_cache_share(root: Path) -> None:
+    app, screen = picker(gpu(used=10 * GB, total=150 * GB))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-chat")
+        text = detail(screen)
+        assert "Fit on GPU 0 (Fake H200, 140.0 GB free of 150.0 GB)" in text
+        assert "KV cache gets about 112.0 GB at 0.8" in text and "fits." in text
+        await highlight(pilot, screen, "tiny-awq")  # its profile asks for the tutorial's 0.4
+        text = detail(screen)
+        assert "KV cache gets about 56.0 GB at 0.4" in text
+        assert "model_format = awq" in text and "AWQ 4-bit weights" in text
+        await highlight(pilot, screen, "tiny-vl")
+        assert "Vision-language model" in detail(screen)
+
+
+async def test_weights_larger_than_the_gpu_do_not_fit(root: Path) -> None:
+    big = make_model(root / "huge", QWEN, weights=False)
+    with (big / "pytorch_model.bin").open("wb") as fh:
+        fh.truncate(200 * GB)  # sparse: takes no disk space, but its size is that of a 100B model
+    app, screen = picker(gpu(used=1 * GB, total=150 * GB))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "huge")
+        text = detail(screen)
+        assert "weights 200.0 GB need more than the GPU's 150.0 GB; does not fit" in text
+        assert "use a quantized (AWQ) model" in text
+
+
+async def test_without_a_gpu_it_says_so_and_still_makes_profiles(root: Path) -> None:
+    reader = FakeGpuReader(error="no NVIDIA GPU visible: driver not loaded")
+    app, screen = picker(reader)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-chat")
+        text = detail(screen)
+        assert "no estimate" in text and "driver not loaded" in text and "A profile can still be made" in text
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.query_one("#mdl-name", Input).has_focus)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("tiny-chat")])
+    assert load_config().profiles["tiny-chat"].model == str(root / "tiny-chat")
+
+
+async def test_enter_on_an_awq_model_makes_an_awq_profile(root: Path) -> None:
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-awq")
+        await pilot.press("enter")
+        field = screen.query_one("#mdl-name", Input)
+        await wait_for(pilot, lambda: field.has_focus)
+        assert field.value == "tiny-awq"
+        assert "A new profile for tiny-awq" in message(screen)
+        assert "AWQ 4-bit weights" in screen_text(app)  # the profile notes
+        await pilot.press("ctrl+u", *"my-awq", "enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("my-awq")])
+    profile = load_config().profiles["my-awq"]
+    assert profile.model == str(root / "tiny-awq")
+    assert profile.model_format == "awq"
+    assert profile.cache_max_entry_count == 0.4
+
+
+async def test_a_vision_model_gets_the_longer_session_and_esc_cancels_naming(root: Path) -> None:
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-vl")
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.naming is not None)
+        await pilot.press("escape")  # back to the list, nothing saved
+        await wait_for(pilot, lambda: screen.naming is None and screen.query_one(ModelsTable).has_focus)
+        assert app.results == []
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.query_one("#mdl-name", Input).has_focus)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("tiny-vl")])
+    assert load_config().profiles["tiny-vl"].session_len == 16384
+
+
+async def test_a_typed_hub_id_becomes_a_profile(root: Path) -> None:
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await pilot.press("slash")
+        hub = screen.query_one("#mdl-hub", Input)
+        await wait_for(pilot, lambda: hub.has_focus)
+        await pilot.press(*"not a model", "enter")
+        await wait_for(pilot, lambda: "neither a model folder nor a hub id" in message(screen))
+        assert screen.naming is None
+        hub.value = "internlm/internlm2-chat-1_8b"  # as if pasted
+        await wait_for(pilot, lambda: "lmdeploy downloads it at the first start" in detail(screen))
+        await pilot.press("enter")
+        name = screen.query_one("#mdl-name", Input)
+        await wait_for(pilot, lambda: name.has_focus)
+        assert name.value == "internlm2-chat-1_8b"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("internlm2-chat-1_8b")])
+    assert load_config().profiles["internlm2-chat-1_8b"].model == "internlm/internlm2-chat-1_8b"
+
+
+async def test_a_taken_name_is_suggested_free_and_replacing_asks(root: Path) -> None:
+    add_profile("tiny-chat", {"model": "owner/other"})
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-chat")
+        await pilot.press("p")
+        field = screen.query_one("#mdl-name", Input)
+        await wait_for(pilot, lambda: field.has_focus)
+        assert field.value == "tiny-chat-2"
+        await pilot.press("ctrl+u", *"tiny-chat", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen is screen)
+        assert load_config().profiles["tiny-chat"].model == "owner/other"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("tiny-chat")])
+    assert load_config().profiles["tiny-chat"].model == str(root / "tiny-chat")
+
+
+async def test_rescan_finds_a_new_model_and_an_empty_machine_says_what_to_do(home: Path) -> None:
+    app, screen = picker()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await scanned(pilot, screen)
+        assert "No local models found" in screen_text(app)
+        make_model(home.parent / "ms" / "org" / "Fresh___Model", QWEN)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: [m.name for m in screen.models] == ["org/Fresh.Model"])
+        await pilot.pause()
+        assert "org/Fresh.Model" in screen_text(app)
+
+
+async def test_q_quantizes_the_highlighted_model_and_returns_with_its_profile(root: Path) -> None:
+    command = [sys.executable, str(FAKE), "--fake-seconds", "0.2"]
+    app, screen = picker(quantize_command=command)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-awq")
+        await pilot.press("q")  # already quantized: refused with a reason
+        await wait_for(pilot, lambda: "already quantized" in message(screen))
+        await highlight(pilot, screen, "tiny-chat")
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, QuantizeScreen))
+        form = app.screen
+        assert isinstance(form, QuantizeScreen)
+        assert form.query_one("#qz-model", Input).value == "~/models/tiny-chat"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: form.state in ("done", "failed"), timeout=20)
+        assert form.state == "done"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("tiny-chat-awq-w4")])
+    assert load_config().profiles["tiny-chat-awq-w4"].model_format == "awq"
+
+
+def test_column_widths_fill_the_table_and_keep_short_columns_whole() -> None:
+    rows = [
+        {
+            "name": "internlm/internlm2-chat-1_8b",
+            "arch": "InternLM2ForCausalLM",
+            "params": "1.9B",
+            "dtype": "bfloat16",
+            "quant": "-",
+            "size": "3.8 GB",
+            "vlm": "-",
+        }
+    ]
+    widths = column_widths(rows, 79)
+    assert sum(widths.values()) + 14 == 79
+    assert widths["dtype"] == 8 and widths["size"] == 6 and widths["vlm"] == 3
+    wide = column_widths(rows, 119)
+    assert wide["name"] >= len(rows[0]["name"]) and wide["arch"] == len(rows[0]["arch"])

@@ -1,0 +1,183 @@
+"""SVG snapshots of the model picker and the quantize form at 80x24 and 120x40.
+
+Nothing pictured depends on the machine: HOME is the test's tmp_path (paths show as `~/…`, the caches are the
+default ones under it), model folders hold fixed files, the GPU is a FakeGpuReader, inputs have cursor blink
+off, and the quantize form's clock is frozen so its elapsed time reads 00:00. Update the baselines with
+`pytest --snapshot-update tests/test_snapshots_models.py` and look at the report before committing them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from apphelpers import wait_for
+from textual.app import App
+from textual.pilot import Pilot
+from textual.screen import Screen
+from textual.widgets import Input
+
+from tuichat.config import load_config
+from tuichat.gpu import FakeGpuReader, GpuInfo
+from tuichat.ui.models_screen import ModelsScreen, ModelsTable
+from tuichat.ui.quantize_screen import QuantizeScreen
+
+SIZES = [(80, 24), (120, 40)]
+GB = 1000**3
+FAKE = Path(__file__).with_name("fake_lite.py")
+QWEN = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+    "torch_dtype": "bfloat16",
+}
+AWQ = {**QWEN, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}, "torch_dtype": "float16"}
+VLM = {
+    **QWEN,
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "vision_config": {"hidden_size": 128, "depth": 2},
+}
+
+
+class Host(App[None]):
+    def __init__(self, make: Callable[[], Screen[Any]]) -> None:
+        super().__init__()
+        self.make = make
+
+    def on_mount(self) -> None:
+        self.push_screen(self.make())
+
+
+def make_model(folder: Path, config: dict[str, Any], rows: int = 256) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    size = rows * 256 * 2
+    header = json.dumps({"w.weight": {"dtype": "BF16", "shape": [rows, 256], "data_offsets": [0, size]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * size)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hermetic_home: Path) -> Path:
+    """HOME is tmp_path, so TUICHAT_HOME and the default caches all show as ~/…; one model root, ~/models."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "MODELSCOPE_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    root = tmp_path / "models"
+    make_model(root / "tiny-chat", QWEN, rows=1024)
+    make_model(root / "tiny-awq", AWQ, rows=64)
+    make_model(root / "Qwen2-VL-tiny-Instruct", VLM, rows=512)
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text('{"architectures": [')
+    snapshot = (
+        tmp_path / ".cache" / "huggingface" / "hub" / "models--internlm--internlm2-chat-1_8b" / "snapshots" / "r1"
+    )
+    make_model(snapshot, {**QWEN, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2"}, rows=2048)
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    (hermetic_home / "config.toml").write_text(f'[models]\nroots = ["{root}"]\n')
+    return tmp_path
+
+
+def no_blink(pilot: Pilot[Any]) -> None:
+    for field in pilot.app.screen.query(Input).results():
+        field.cursor_blink = False
+
+
+def models_app() -> Host:
+    reader = FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GB, mem_total=150 * GB)])
+    return Host(lambda: ModelsScreen(load_config(), reader))
+
+
+async def models_ready(pilot: Pilot[Any]) -> None:
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ModelsScreen))
+    screen = pilot.app.screen
+    assert isinstance(screen, ModelsScreen)
+    await wait_for(pilot, lambda: screen.result is not None and screen.snapshot is not None)
+    no_blink(pilot)
+    await pilot.pause(0.1)
+
+
+async def naming_ready(pilot: Pilot[Any]) -> None:
+    await models_ready(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, ModelsScreen)
+    index = [m.name for m in screen.models].index("tiny-awq")
+    screen.query_one(ModelsTable).move_cursor(row=index)
+    await pilot.pause()
+    await pilot.press("p")
+    await wait_for(pilot, lambda: screen.query_one("#mdl-name", Input).has_focus)
+    no_blink(pilot)
+    await pilot.pause(0.1)
+
+
+def quantize_app(home: Path, model: str, *switches: str) -> Host:
+    command = [sys.executable, str(FAKE), "--fake-seconds", "0.1", *switches]
+
+    def make() -> QuantizeScreen:
+        screen = QuantizeScreen(load_config(), str(home / "models" / model), command=command)
+        screen.clock = lambda: 0.0  # elapsed time reads 00:00 however long the run took
+        return screen
+
+    return Host(make)
+
+
+async def form_ready(pilot: Pilot[Any]) -> None:
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, QuantizeScreen))
+    no_blink(pilot)
+    await pilot.pause(0.1)
+
+
+async def quantized_ready(pilot: Pilot[Any]) -> None:
+    await form_ready(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, QuantizeScreen)
+    await pilot.press("ctrl+s")
+    await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
+    await pilot.pause(0.2)
+
+
+async def refused_ready(pilot: Pilot[Any]) -> None:
+    await form_ready(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, QuantizeScreen)
+    await pilot.press("ctrl+s")
+    await wait_for(pilot, lambda: any("already quantized" in m for _, m in screen.messages))
+    await pilot.pause(0.1)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
+def test_models_list(snap_compare: Any, home: Path, size: tuple[int, int]) -> None:
+    assert snap_compare(models_app(), terminal_size=size, run_before=models_ready)
+
+
+def test_models_naming_an_awq_profile(snap_compare: Any, home: Path) -> None:
+    assert snap_compare(models_app(), terminal_size=(80, 24), run_before=naming_ready)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
+def test_quantize_form(snap_compare: Any, home: Path, size: tuple[int, int]) -> None:
+    assert snap_compare(quantize_app(home, "tiny-chat"), terminal_size=size, run_before=form_ready)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
+def test_quantize_done(snap_compare: Any, home: Path, size: tuple[int, int]) -> None:
+    assert snap_compare(quantize_app(home, "tiny-chat"), terminal_size=size, run_before=quantized_ready)
+
+
+def test_quantize_failed_with_a_hint(snap_compare: Any, home: Path) -> None:
+    app = quantize_app(home, "tiny-chat", "--fake-fail", "oom")
+    assert snap_compare(app, terminal_size=(80, 24), run_before=quantized_ready)
+
+
+def test_quantize_refused_for_a_quantized_model(snap_compare: Any, home: Path) -> None:
+    assert snap_compare(quantize_app(home, "tiny-awq"), terminal_size=(80, 24), run_before=refused_ready)
