@@ -311,3 +311,14 @@ def test_tensor_parallel_without_ray_gets_a_hint() -> None:
     hint = diagnose(lines, exit_code=1)
     assert hint is not None
     assert "pip install ray" in hint and "--distributed-executor-backend" in hint
+
+
+def test_another_server_on_the_port_is_not_taken_for_ours(manager: ServerManager) -> None:
+    """Two launches racing for one port: the loser must not report the winner's /health as its own."""
+    from standin.harness import run_standin
+
+    with run_standin(api_key="someone-elses-key") as other:
+        ours = manager.start("racer", standin("--fake-load-seconds", "2"))
+        ours.record = replace(ours.record, port=other.port)  # as if both had picked the same port
+        assert ours.poll().state == "starting"  # /health answers 200, but /v1/models refuses our key
+        manager.stop(ours, timeout=1.0)

@@ -528,9 +528,18 @@ class ManagedServer:
     def _healthy(self) -> bool:
         try:
             resp = self._client().get(f"{self.url}/health")
+            if resp.status_code != 200:
+                return False
+            if self._ever_ready:
+                return True
+            # The first time, make sure the answer comes from *our* server: another process on the same port
+            # (a second tuichat racing for it) would answer /health too, but not with our random key.
+            key = self.api_key
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            models = self._client().get(f"{self.url}/v1/models", headers=headers)
         except httpx.HTTPError:
             return False
-        return resp.status_code == 200
+        return models.status_code == 200
 
     def _read_log(self) -> None:
         lines, partial = self._follower.read()
