@@ -191,7 +191,7 @@ class ChatClient:
             return ChatError(
                 "too_long",
                 f"the conversation is too long for the model{said}. Shorten the message, undo earlier "
-                "exchanges (ctrl+b), start a new chat (ctrl+n), or launch with a larger session_len.",
+                "exchanges (alt+u), start a new chat (ctrl+n), or launch with a larger session_len.",
                 status=status,
                 detail=detail,
             )
@@ -253,7 +253,7 @@ class ChatClient:
             raise self._status_error(resp.status_code, resp.content)
         try:
             data = resp.json()
-            return [str(item["id"]) for item in data["data"]]
+            return [clean(str(item["id"])) for item in data["data"]]
         except (ValueError, KeyError, TypeError):
             raise ChatError("protocol", f"{self.base_url}/v1/models did not answer with a model list") from None
 

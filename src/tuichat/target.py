@@ -30,6 +30,14 @@ def normalise_url(url: str) -> str:
         url = "http://" + url
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
+    import httpx
+
+    try:
+        port = httpx.URL(url).port
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise TuichatError(f"'{url}' is not a usable server address: {exc}") from None
+    if port is not None and not 0 < port < 65536:
+        raise TuichatError(f"'{url}' has port {port}; a port is a number from 1 to 65535")
     return url
 
 
@@ -48,5 +56,16 @@ def resolve_target(
         chosen, source = cfg.server.url, "config"
     else:
         chosen, source = DEFAULT_URL, "default"
-    key = api_key or env.get("OPENAI_API_KEY") or cfg.server.api_key or None
+    # A key goes only with the URL it belongs to: OPENAI_API_KEY with OPENAI_BASE_URL, the config's key with the
+    # config's URL. `--url` elsewhere gets only an explicit --api-key, so a key never leaks to another host.
+    if api_key:
+        key: str | None = api_key
+    elif source == "OPENAI_BASE_URL":
+        key = env.get("OPENAI_API_KEY") or None
+    elif source == "config":
+        key = cfg.server.api_key or None
+    elif source == "default":
+        key = env.get("OPENAI_API_KEY") or cfg.server.api_key or None  # this machine's own default port
+    else:
+        key = None
     return Target(normalise_url(chosen), key, model or cfg.server.model, source)

@@ -90,14 +90,14 @@ class TuichatApp(App[None]):
         Binding("f1", "help", "Help", id="help"),
         Binding("escape", "stop", "Stop", id="stop"),
         Binding("ctrl+r", "retry", "Retry", id="retry"),
-        Binding("ctrl+b", "undo", "Undo", id="undo"),
+        Binding("alt+u,ctrl+b", "undo", "Undo", id="undo"),  # ctrl+b alone is the tmux prefix
         Binding("ctrl+l", "clear", "Clear", id="clear"),
         Binding("ctrl+n", "new_chat", "New", id="new_chat"),
         Binding("ctrl+o", "copy_reply", "Copy", id="copy_reply"),
         Binding("ctrl+g", "copy_code", "Copy code", id="copy_code", show=False),
         Binding("f2", "toggle_sampling", "Sampling", id="toggle_sampling", show=False),
         Binding("f3", "toggle_status", "Status", id="toggle_status", show=False),
-        Binding("ctrl+e", "load_earlier", "Earlier messages", id="load_earlier", show=False),
+        Binding("ctrl+t", "load_earlier", "Earlier messages", id="load_earlier", show=False),  # ctrl+e: the prompt
         Binding("f4", "history", "Chats", id="history", show=False),
         Binding("f5", "server", "Server", id="server", show=False),
         Binding("f9", "models", "Models", id="models", show=False),  # f6/f7 belong to the prompt
@@ -140,6 +140,8 @@ class TuichatApp(App[None]):
         self._gpu_sampler: GpuSampler | None = None
         self._next_metrics_at = 0.0
         self._metrics_busy = False
+        self._hung_up = False
+        self._replacing: list[Turn] = []
         self.manager: ServerManager | None = options.manager
         self.server: ManagedServer | None = None
         self.profile_name: str | None = options.profile
@@ -188,7 +190,21 @@ class TuichatApp(App[None]):
         else:
             self.check_server()
 
+    def _check_keymap(self) -> None:
+        """A typo in [keys] would silently do nothing: name the file and key instead."""
+        from tuichat.ui.keyids import known_binding_ids
+
+        unknown = sorted(set(self.config.keys) - known_binding_ids())
+        if unknown:
+            self.notify(
+                f"{self.config.path}: keys.{unknown[0]}: no action has this id (F1 lists the ids)",
+                severity="error",
+                timeout=15,
+            )
+
     def on_ready(self) -> None:
+        if self.config.keys:
+            self.call_after_refresh(self._check_keymap)
         self.first_frame_s = time.perf_counter() - START_TIME
         self.log.info(f"first frame after {self.first_frame_s:.3f} s")
 
@@ -269,7 +285,7 @@ class TuichatApp(App[None]):
             self._redraw_status()
 
     def _earlier_marker(self) -> Static:
-        return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+e shows them", style="dim"), id="earlier")
+        return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+t shows them", style="dim"), id="earlier")
 
     async def action_load_earlier(self) -> None:
         if not self.hidden_turns:
@@ -394,8 +410,9 @@ class TuichatApp(App[None]):
                     if check.level == "warning":
                         self.call_from_thread(self.notify, check.message, severity="warning", timeout=10)
                 server = manager.start(name, profile)
-            except TuichatError as exc:
-                self.call_from_thread(self.add_note, "error", str(exc))
+            except Exception as exc:  # TuichatError says what to do; anything else still must not hang here
+                text = str(exc) if isinstance(exc, TuichatError) else f"could not start {name}: {exc!r}"
+                self.call_from_thread(self.add_note, "error", text)
                 self.call_from_thread(self.query_one(StatusLine).set, state="failed")
                 return
             self.call_from_thread(
@@ -457,6 +474,10 @@ class TuichatApp(App[None]):
 
     def retarget(self, url: str, api_key: str | None, model: str | None) -> None:
         """Point the chat at another server (a launched one, or one picked in the server panel)."""
+        worker = getattr(self, "_reply_worker", None)
+        if self.streaming and worker is not None:
+            worker.cancel()
+            self.notify(f"The reply was stopped: the chat now talks to {url}.", severity="warning")
         old = self.client
         self.client = ChatClient(
             url,
@@ -481,6 +502,7 @@ class TuichatApp(App[None]):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hangup)
 
     def _hangup(self) -> None:
+        self._hung_up = True  # the partial reply is saved as interrupted, not as stopped by the user
         worker = getattr(self, "_reply_worker", None)
         if self.streaming and worker is not None:
             worker.cancel()  # the partial reply is saved, marked stopped
@@ -502,13 +524,13 @@ class TuichatApp(App[None]):
         """Send what the user typed; returns False (and says why) when it cannot go now."""
         prompt = self.query_one(PromptArea)
         stripped = text.strip()
-        if stripped.startswith("/image"):
+        if stripped == "/image" or stripped.startswith("/image "):
             argument = stripped[len("/image") :].strip()
             if argument == "clear":
                 self.action_clear_attachments()
+                prompt.text = ""
             else:
-                self.run_worker(self.attach_image(argument), group="attach")
-            prompt.text = ""
+                self.run_worker(self.attach_image(argument, typed=text), group="attach")
             return False
         if not stripped and not self.pending_attachments:
             return False
@@ -527,7 +549,7 @@ class TuichatApp(App[None]):
             if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
                 self.notify(
                     f"This message may not fit: the chat uses ~{meter.used:,} of {meter.session_len:,} tokens. "
-                    "Undo earlier exchanges (ctrl+b) or start a new chat (ctrl+n) if the server refuses it.",
+                    "Undo earlier exchanges (alt+u) or start a new chat (ctrl+n) if the server refuses it.",
                     severity="warning",
                 )
         turn = Turn("user", text, attachments=list(self.pending_attachments))
@@ -549,62 +571,87 @@ class TuichatApp(App[None]):
         self.start_reply()
         return True
 
-    def start_reply(self) -> None:
+    def start_reply(self, replacing: list[Turn] | None = None) -> None:
+        """Start streaming a reply to the history as it stands. `replacing` (from Retry) is the old reply, kept
+        hidden until the first new token arrives so that a failed retry loses nothing."""
         self.streaming = True
+        self._replacing = list(replacing or [])
         self.refresh_bindings()
-        worker = self.run_worker(self._reply(), group="reply", exclusive=True, exit_on_error=False)
-        self._reply_task = None
-        self._reply_worker = worker
+        self._reply_worker = self.run_worker(self._reply(), group="reply", exclusive=True, exit_on_error=False)
+
+    def _drop_replaced(self) -> None:
+        turns, self._replacing = self._replacing, []
+        ids = {id(t) for t in turns}
+        for widget in list(self.query_one(Conversation).children):
+            if id(getattr(widget, "turn", None)) in ids:
+                widget.remove()
+        for turn in turns:
+            if turn.msg_id is not None:
+                self._save("delete_message", turn.msg_id)
+
+    def _restore_replaced(self) -> None:
+        turns, self._replacing = self._replacing, []
+        if not turns:
+            return
+        self.chat.turns.extend(turns)
+        ids = {id(t) for t in turns}
+        for widget in self.query_one(Conversation).children:
+            if id(getattr(widget, "turn", None)) in ids:
+                widget.display = True
 
     async def _reply(self) -> None:
         status = self.query_one(StatusLine)
         container = self.query_one(Conversation)
-        if self.model is None:
-            try:
-                models = await self.client.list_models()
-                self.model = models[0] if models else None
-            except ChatError as exc:
-                self._request_failed(exc)
-                return
-            if self.model is None:
-                self._request_failed(ChatError("not_found", "the server lists no model under /v1/models."))
-                return
-            status.set(model=self.model)
-        messages = self.chat.history(self.sampling.system_prompt)
-        reply = self.chat.add(Turn("assistant", "", state="streaming"))
-        conv = self._ensure_conversation()
+        reply: Turn | None = None
         widget: ReplyMessage | None = None
         started = time.monotonic()
         first_at: float | None = None
         usage: Usage | None = None
         finish: str | None = None
         chunks = 0
-        pending = ""
-        last_flush = 0.0
+        pending: list[str] = []
         last_save = started
-        state = "done"
         error: ChatError | None = None
+        cancelled = False
+        conv: int | None = None
+
+        async def flush() -> None:
+            # On a timer rather than per chunk: ~20 writes a second keep Markdown cheap, and text that arrives
+            # just before a stall is still shown and saved.
+            nonlocal last_save
+            if widget is not None and pending:
+                text = "".join(pending)
+                pending.clear()
+                await widget.write(text)
+            now = time.monotonic()
+            if reply is not None and reply.msg_id is not None and now - last_save >= SAVE_EVERY:
+                self._save("update_reply", reply.msg_id, reply.content)
+                last_save = now
+
+        timer = self.set_interval(FLUSH_EVERY, flush)
         status.set(state="streaming", last="waiting for first token")
         try:
+            if self.model is None:
+                models = await self.client.list_models()
+                if not models:
+                    raise ChatError("not_found", "the server lists no model under /v1/models.")
+                self.model = models[0]
+                status.set(model=self.model)
+            messages = self.chat.history(self.sampling.system_prompt)
+            reply = self.chat.add(Turn("assistant", "", state="streaming"))
+            conv = self._ensure_conversation()
             async for event in self.client.stream_chat(self.model, messages, self.sampling):
                 if isinstance(event, Delta):
                     if first_at is None:
                         first_at = time.monotonic()
+                        self._drop_replaced()  # new text is here: the reply it replaces can go for good
                         widget = ReplyMessage(reply, live=True)
                         await container.mount(widget)
                         if conv is not None:
                             reply.msg_id = self._save("begin_reply", conv, sampling=self.sampling.to_table())
                     chunks += 1
                     reply.content += event.text
-                    pending += event.text
-                    now = time.monotonic()
-                    if now - last_flush >= FLUSH_EVERY and widget is not None:
-                        await widget.write(pending)
-                        pending = ""
-                        last_flush = now
-                    if reply.msg_id is not None and now - last_save >= SAVE_EVERY:
-                        self._save("update_reply", reply.msg_id, reply.content)
-                        last_save = now
+                    pending.append(event.text)
                 elif isinstance(event, Finish):
                     finish = event.reason
                 elif isinstance(event, Usage):
@@ -613,20 +660,27 @@ class TuichatApp(App[None]):
                     self.notify(event.text, severity="warning")
         except ChatError as exc:
             error = exc
-            state = "interrupted" if reply.content else "error"
         except asyncio.CancelledError:
-            state = "stopped"
-            if widget is not None and pending:
-                pending = ""
-            self._end_reply(reply, widget, state, started, first_at, usage, chunks, finish, None)
-            raise
-        if widget is not None and pending:
-            await widget.write(pending)
+            cancelled = True
+        except Exception as exc:  # never a traceback, and never an app stuck in "streaming"
+            error = ChatError("protocol", f"the request failed unexpectedly ({type(exc).__name__}: {exc}).")
+        finally:
+            timer.stop()
+        if cancelled:
+            state = "interrupted" if self._hung_up else "stopped"
+        elif error is not None:
+            state = "interrupted" if reply is not None and reply.content else "error"
+        elif finish == "abort":
+            state = "interrupted"  # the server aborted the request
+        else:
+            state = "done"
         self._end_reply(reply, widget, state, started, first_at, usage, chunks, finish, error)
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _end_reply(
         self,
-        reply: Turn,
+        reply: Turn | None,
         widget: ReplyMessage | None,
         state: str,
         started: float,
@@ -637,6 +691,23 @@ class TuichatApp(App[None]):
         error: ChatError | None,
     ) -> None:
         """Record how the reply ended (synchronously, so a cancelled task still saves), then redraw it."""
+        self.streaming = False
+        self.refresh_bindings()
+        status = self.query_one(StatusLine)
+        if reply is None or not reply.content:
+            # Nothing came back: drop the empty reply, bring back what a retry had hidden, and put the prompt
+            # back when this was a fresh message.
+            if reply is not None and reply in self.chat.turns:
+                self.chat.turns.remove(reply)
+            if reply is not None and reply.msg_id is not None:
+                self._save("delete_message", reply.msg_id)
+            replacing = bool(self._replacing)
+            self._restore_replaced()
+            if error is not None:
+                self._request_failed(error, restore_prompt=not replacing)
+            else:
+                status.set(state="ready", last="stopped before the first token")
+            return
         ended = time.monotonic()
         reply.state = state
         reply.stats = _reply_stats(started, first_at, ended, usage, chunks, finish)
@@ -644,52 +715,36 @@ class TuichatApp(App[None]):
         meter = self.status_view.context
         if meter is not None and usage is not None and usage.prompt_tokens is not None:
             meter.record_usage(usage.prompt_tokens, usage.completion_tokens or 0)
-        if error is not None and error.kind == "too_long" and meter is not None and error.detail:
-            meter.learn_from_error(error.detail)
         self._redraw_status()
-        if not reply.content:
-            # Nothing came back: drop the empty reply; an error before any token restores the prompt.
-            self.chat.turns.remove(reply)
-            if reply.msg_id is not None:
-                self._save("delete_message", reply.msg_id)
-        elif reply.msg_id is not None:
+        if reply.msg_id is not None:
             self._save("finish_reply", reply.msg_id, reply.content, state, stats=reply.stats)
-        self.streaming = False
-        self.refresh_bindings()
-        status = self.query_one(StatusLine)
         from tuichat.ui.widgets import stats_text
 
-        if error is not None and not reply.content:
-            self._request_failed(error)
-        elif error is not None:
+        if error is not None:
             self.add_note("error", error.message)
             status.set(state="ready" if error.kind in ("stall", "in_band") else error.kind)
+        elif state == "stopped":
+            status.set(state="ready", last="stopped · " + stats_text(reply.stats))
         else:
             status.set(state="ready", last=stats_text(reply.stats))
-        if state == "stopped":
-            status.set(last="stopped · " + stats_text(reply.stats))
         if finish == "length":
             self.notify("The reply hit max_tokens (or the session length) and was cut.", severity="warning")
         if widget is not None:
             self.call_later(widget.finish)
 
-    def _request_failed(self, error: ChatError) -> None:
-        """The request failed before any reply text: put the prompt back so nothing typed is lost."""
-        self.streaming = False
-        self.refresh_bindings()
+    def _request_failed(self, error: ChatError, restore_prompt: bool = True) -> None:
+        """The request failed before any reply text. A fresh message goes back to the prompt (joined with
+        anything typed since, with its images) so nothing typed is lost."""
         last_user = self.chat.last_index("user")
-        if last_user is not None and last_user == len(self.chat.turns) - 1:
+        if restore_prompt and last_user is not None and last_user == len(self.chat.turns) - 1:
             turn = self.chat.turns.pop()
             if turn.msg_id is not None:
                 self._save("delete_message", turn.msg_id)
             for widget in self.query_one(Conversation).query(".user"):
                 if getattr(widget, "turn", None) is turn:
                     widget.remove()
-            prompt = self.query_one(PromptArea)
-            if not prompt.text.strip():
-                prompt.text = turn.content
-                self.pending_attachments = turn.attachments
-                self._show_attachments()
+            self._give_back(turn)
+            self._forget_empty_conversation()
         meter = self.status_view.context
         if error.kind == "too_long" and meter is not None and error.detail:
             meter.learn_from_error(error.detail)
@@ -697,6 +752,25 @@ class TuichatApp(App[None]):
         self.add_note("error", error.message)
         state = {"connect": "unreachable"}.get(error.kind, error.kind)
         self.query_one(StatusLine).set(state=state, last="")
+
+    def _give_back(self, turn: Turn) -> None:
+        """Put a message back into the prompt, ahead of whatever was typed since, with its images."""
+        prompt = self.query_one(PromptArea)
+        typed = prompt.text
+        prompt.text = turn.content + ("\n\n" + typed if typed.strip() else "")
+        kept = [a for a in self.pending_attachments if a not in turn.attachments]
+        self.pending_attachments = turn.attachments + kept
+        self._show_attachments()
+
+    def _forget_empty_conversation(self) -> None:
+        """A conversation whose only message went back to the prompt should not linger in the history."""
+        if self.store is None or self.conversation_id is None:
+            return
+        if any(t.role in ("user", "assistant") for t in self.chat.turns):
+            return
+        if not self._save("messages", self.conversation_id):
+            self._save("delete", self.conversation_id)
+            self.conversation_id = None
 
     # -- actions ----------------------------------------------------------------------------------------------
 
@@ -799,8 +873,11 @@ class TuichatApp(App[None]):
             self.notify("Nothing to retry yet.")
             return
         removed = self.chat.drop_after_last_user()
-        await self._remove_widgets(removed)
-        self.start_reply()
+        ids = {id(t) for t in removed}
+        for widget in self.query_one(Conversation).children:
+            if id(getattr(widget, "turn", None)) in ids:
+                widget.display = False  # hidden, not deleted, until the new reply's first token
+        self.start_reply(replacing=removed)
 
     async def action_undo(self) -> None:
         if self.streaming:
@@ -812,9 +889,7 @@ class TuichatApp(App[None]):
         await self._remove_widgets(removed)
         user = next((t for t in removed if t.role == "user"), None)
         if user is not None:
-            prompt = self.query_one(PromptArea)
-            if not prompt.text.strip():
-                prompt.text = user.content  # like Gradio's Undo: the message comes back for editing
+            self._give_back(user)  # like Gradio's Undo: the message comes back for editing
         self.notify("Removed the last exchange.")
 
     async def _remove_widgets(self, turns: list[Turn]) -> None:
@@ -1047,14 +1122,26 @@ class TuichatApp(App[None]):
         from tuichat.ui.history_screen import ConversationsScreen, HistoryChoice
 
         def chosen(choice: HistoryChoice | None) -> None:
+            self._check_open_conversation_exists()
             if choice is None:
                 return
             if self.streaming:
                 self.notify("A reply is still streaming: stop it (Esc) before switching chats.", severity="warning")
                 return
-            self.run_worker(self.open_conversation(choice.conversation_id, choice.message_id), exclusive=False)
+            self.run_worker(self.open_conversation(choice.conversation_id, choice.message_id), exit_on_error=False)
 
         self.push_screen(ConversationsScreen(self.store), chosen)
+
+    def _check_open_conversation_exists(self) -> None:
+        """If the chat on screen was deleted from the history, start afresh instead of saving into nothing."""
+        if self.store is None or self.conversation_id is None:
+            return
+        if self._save("get_conversation", self.conversation_id) is None:
+            self.conversation_id = None
+            self.chat = ChatSession()
+            self.hidden_turns = 0
+            self.query_one(Conversation).remove_children()
+            self.notify("The open chat was deleted; this is a new one.")
 
     def action_server(self) -> None:
         from tuichat.ui.server_screen import ServerAction, ServerScreen
@@ -1131,9 +1218,10 @@ class TuichatApp(App[None]):
 
     # -- images -----------------------------------------------------------------------------------------------
 
-    async def attach_image(self, path_text: str) -> None:
+    async def attach_image(self, path_text: str, typed: str | None = None) -> None:
+        """Attach an image; `typed` is the /image command to clear from the prompt once it worked."""
         if not path_text:
-            self.notify("Usage: /image PATH", severity="warning")
+            self.notify("Usage: /image PATH (or /image clear)", severity="warning")
             return
         try:
             from tuichat.images import load_attachment
@@ -1144,6 +1232,9 @@ class TuichatApp(App[None]):
             return
         self.pending_attachments.append(att)
         self._show_attachments()
+        prompt = self.query_one(PromptArea)
+        if typed is not None and prompt.text == typed:
+            prompt.text = ""
 
     def _show_attachments(self) -> None:
         bar = self.query_one("#attachments", Static)
