@@ -649,6 +649,10 @@ class TuichatApp(App[None]):
                         await container.mount(widget)
                         if conv is not None:
                             reply.msg_id = self._save("begin_reply", conv, sampling=self.sampling.to_table())
+                        await widget.write(event.text)  # the first words go out at once: that is the TTFT
+                        reply.content += event.text
+                        chunks += 1
+                        continue
                     chunks += 1
                     reply.content += event.text
                     pending.append(event.text)
