@@ -248,7 +248,7 @@ async def test_f1_shows_every_binding_with_its_id() -> None:
 async def test_out_of_range_sampling_is_refused_in_the_pane_and_never_sent(hermetic_home: Path) -> None:
     server = ScriptedServer("ok")
     app = app_for(server)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with app.run_test(size=(150, 40)) as pilot:
         pane = app.query_one(SamplingPane)
         assert pane.display  # wide terminal: shown by default
         temperature = pane.query_one("#temperature", Input)

@@ -57,7 +57,7 @@ async def test_no_gpu_and_no_metrics_say_so_and_chat_still_works() -> None:
     server.metrics = None  # --disable-metrics: 404
     reader = FakeGpuReader(error="no NVIDIA GPU visible: NVML library not found (libnvidia-ml.so.1)")
     app = app_for(server, gpu_reader=reader, poll_interval=0.1)
-    async with app.run_test(size=(160, 45)) as pilot:
+    async with app.run_test(size=(180, 45)) as pilot:
         assert app.query_one(StatusPane).display  # very wide: shown by default
         await wait_for(pilot, lambda: "No NVIDIA GPU visible" in screen_text(app))
         await wait_for(pilot, lambda: "metrics unavailable" in screen_text(app))
@@ -86,14 +86,14 @@ async def test_a_failing_gpu_reading_shows_as_unavailable() -> None:
     reader = two_gpus()
     reader.fail_next(RuntimeError("NVML exploded"))
     app = app_for(ScriptedServer(), gpu_reader=reader, poll_interval=0.05)
-    async with app.run_test(size=(160, 45)) as pilot:
+    async with app.run_test(size=(180, 45)) as pilot:
         await wait_for(pilot, lambda: "GPU0" in screen_text(app), timeout=5)
 
 
 async def test_reply_stats_and_context_meter_learn_from_usage_and_errors() -> None:
     server = ScriptedServer("a reply")
     app = app_for(server, gpu_reader=two_gpus(), poll_interval=5)
-    async with app.run_test(size=(160, 45)) as pilot:
+    async with app.run_test(size=(180, 45)) as pilot:
         prompt = app.query_one("#prompt")
         prompt.text = "hello"  # type: ignore[attr-defined]
         prompt.focus()

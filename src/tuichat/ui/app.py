@@ -49,10 +49,10 @@ if TYPE_CHECKING:
     from tuichat.store import Store
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
-WIDE = 110  # from this width the sampling pane shows by default
-WIDER = 150  # and from this one the status pane too
+WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
+WIDER = 170  # and from this one the status pane too
 METRICS_BACKOFF = 30.0  # seconds between /metrics tries once the server said it has none
-RESTORE_LIMIT = 60  # turns mounted when a conversation opens; older ones load on request
+RESTORE_LIMIT = 20  # turns mounted when a conversation opens (about a screenful); ctrl+t loads more
 FLUSH_EVERY = 0.05  # seconds between writes into the live Markdown stream (about 20 a second)
 SAVE_EVERY = 0.3  # seconds between saves of a streaming reply
 
@@ -640,18 +640,20 @@ class TuichatApp(App[None]):
             messages = self.chat.history(self.sampling.system_prompt)
             reply = self.chat.add(Turn("assistant", "", state="streaming"))
             conv = self._ensure_conversation()
+            # Mounted before the request goes out, so the first chunk only has to be written (that is the TTFT).
+            widget = ReplyMessage(reply, live=True)
+            await container.mount(widget)
             async for event in self.client.stream_chat(self.model, messages, self.sampling):
                 if isinstance(event, Delta):
                     if first_at is None:
                         first_at = time.monotonic()
-                        self._drop_replaced()  # new text is here: the reply it replaces can go for good
-                        widget = ReplyMessage(reply, live=True)
-                        await container.mount(widget)
-                        if conv is not None:
-                            reply.msg_id = self._save("begin_reply", conv, sampling=self.sampling.to_table())
-                        await widget.write(event.text)  # the first words go out at once: that is the TTFT
+                        await widget.write(event.text)  # the first words go out at once
                         reply.content += event.text
                         chunks += 1
+                        self._drop_replaced()  # new text is here: the reply it replaces can go for good
+                        if conv is not None:
+                            reply.msg_id = self._save("begin_reply", conv, sampling=self.sampling.to_table())
+                            self._save("update_reply", reply.msg_id, reply.content)
                         continue
                     chunks += 1
                     reply.content += event.text
@@ -701,6 +703,8 @@ class TuichatApp(App[None]):
         if reply is None or not reply.content:
             # Nothing came back: drop the empty reply, bring back what a retry had hidden, and put the prompt
             # back when this was a fresh message.
+            if widget is not None:
+                widget.remove()
             if reply is not None and reply in self.chat.turns:
                 self.chat.turns.remove(reply)
             if reply is not None and reply.msg_id is not None:
