@@ -53,7 +53,7 @@ WIDE = 140  # from this width the sampling pane shows by default (each visible p
 WIDER = 170  # and from this one the status pane too
 METRICS_BACKOFF = 30.0  # seconds between /metrics tries once the server said it has none
 RESTORE_LIMIT = 20  # turns mounted when a conversation opens (about a screenful); ctrl+t loads more
-FLUSH_EVERY = 0.05  # seconds between writes into the live Markdown stream (about 20 a second)
+FLUSH_EVERY = 0.033  # seconds between writes into the live Markdown stream (about 30 a second)
 SAVE_EVERY = 0.3  # seconds between saves of a streaming reply
 
 
