@@ -42,7 +42,7 @@ async def test_f3_shows_gpus_with_our_memory_apart_from_others() -> None:
         assert not app.query_one(StatusPane).display
         await pilot.press("f3")
         assert app.query_one(StatusPane).display
-        await wait_for(pilot, lambda: "GPU1" in screen_text(app) and "KV" in screen_text(app))
+        await wait_for(pilot, lambda: "GPU1" in (t := screen_text(app)) and "KV" in t and "prefix hit" in t)
         text = screen_text(app)
         assert "GPU0 H200" in text
         assert "ours 30.0 GB" in text and "others 10.0 GB" in text  # GPU0: 40 used, 30 ours
@@ -111,4 +111,4 @@ async def test_reply_stats_and_context_meter_learn_from_usage_and_errors() -> No
         prompt.text = "again"  # type: ignore[attr-defined]
         await pilot.press("enter")
         await wait_for(pilot, lambda: meter.session_len == 40)
-        await wait_for(pilot, lambda: "context" in screen_text(app) and "16/40" in screen_text(app))
+        await wait_for(pilot, lambda: "context" in (t := screen_text(app)) and "16/40" in t)

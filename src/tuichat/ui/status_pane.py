@@ -183,10 +183,34 @@ class StatusPane(VerticalScroll):
         yield Label("This chat", classes="pane-title")
         yield Static(Text("no reply yet", style="dim"), id="chat-view")
 
+    _last: dict[str, object]
+
+    def on_mount(self) -> None:
+        self._last = {}
+
+    def _changed(self, part: str, key: object) -> bool:
+        """Redraw a part only when what it shows changed: every redraw costs layout on the next frame, and
+        the pane is refreshed every poll while a reply streams beside it."""
+        try:
+            same = self._last.get(part) == key
+        except TypeError:  # an unhashable or uncomparable key: redraw
+            same = False
+        if same:
+            return False
+        self._last[part] = key
+        return True
+
     def show(self, view: StatusView) -> None:
-        self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
-        self.query_one("#server-view", Static).update(server_renderable(view))
+        gpu = view.gpu
+        gpu_key = (gpu.gpus, gpu.error, frozenset(view.our_pids)) if gpu is not None else None
+        if self._changed("gpu", gpu_key):
+            self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
+        rate = round(view.gen_rate) if view.gen_rate is not None else None
+        if self._changed("server", (view.metrics, view.metrics_error, rate)):
+            self.query_one("#server-view", Static).update(server_renderable(view))
         for name, data in (("kv", view.kv_history), ("rate", view.rate_history)):
+            if not self._changed(name, (len(data), data[-1] if data else None)):
+                continue
             # A sparkline of fewer than two points says nothing: hide it until there is a trend to draw.
             shown = len(data) >= 2
             spark = self.query_one(f"#{name}-spark", Sparkline)
@@ -194,5 +218,10 @@ class StatusPane(VerticalScroll):
             self.query_one(f"#{name}-spark-label").display = shown
             if shown:
                 spark.data = data[-60:]
-        self.query_one("#launch-view", Static).update(launch_renderable(view.launch))
-        self.query_one("#chat-view", Static).update(chat_renderable(view))
+        if self._changed("launch", tuple(view.launch.items())):
+            self.query_one("#launch-view", Static).update(launch_renderable(view.launch))
+        meter = view.context
+        meter_key = (meter.used, meter.session_len, meter.exact, meter.warning()) if meter is not None else None
+        reply_key = tuple(view.last_reply.items()) if view.last_reply else None
+        if self._changed("chat", (reply_key, meter_key)):
+            self.query_one("#chat-view", Static).update(chat_renderable(view))
