@@ -19,7 +19,15 @@ from typing import Any, TextIO
 from tuichat import paths
 from tuichat.errors import TuichatError
 from tuichat.gpu import format_bytes
-from tuichat.models import DiscoveryResult, ModelInfo, discover, inspect_model, profile_name_for, profile_notes
+from tuichat.models import (
+    DiscoveryResult,
+    ModelInfo,
+    discover,
+    free_profile_name,
+    inspect_model,
+    profile_name_for,
+    profile_notes,
+)
 from tuichat.quantize import (
     DEFAULT_CALIB_DATASET,
     JobStatus,
@@ -129,15 +137,6 @@ def _row(m: ModelInfo) -> tuple[str, ...]:
 # ---------------------------------------------------------------- quantize
 
 
-def _free_profile_name(base: str, taken: set[str]) -> str:
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}-{n}" in taken:
-        n += 1
-    return f"{base}-{n}"
-
-
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
         return False
@@ -179,7 +178,7 @@ def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextI
                     "or add --yes to replace it."
                 )
         else:
-            profile_name = _free_profile_name(profile_name_for(opts.out.absolute().name), taken)
+            profile_name = free_profile_name(profile_name_for(opts.out.absolute().name), taken)
 
     overwrite = False
     target = opts.out.absolute()

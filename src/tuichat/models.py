@@ -617,3 +617,13 @@ def profile_notes(model: ModelInfo) -> list[str]:
             "so shrink them or raise session_len."
         )
     return notes
+
+
+def free_profile_name(base: str, taken: set[str] | Sequence[str]) -> str:
+    """`base`, or `base-2`, `base-3`… whichever no profile has yet."""
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"

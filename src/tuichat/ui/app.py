@@ -130,7 +130,6 @@ class TuichatApp(App[None]):
         self.last_copied: str | None = None
         self.first_frame_s: float | None = None
         self.hidden_turns = 0  # turns of a restored conversation not mounted yet
-        self._reply_task: asyncio.Task[None] | None = None
         self._code_cycle = 0
         self._save_timer: Any = None
         self.status_view = StatusView(context=ContextMeter(None))

@@ -38,6 +38,7 @@ from tuichat.models import (
     ModelInfo,
     discover,
     fit_estimate,
+    free_profile_name,
     hf_cache_dir,
     looks_like_hub_id,
     modelscope_cache_dir,
@@ -45,7 +46,7 @@ from tuichat.models import (
     profile_notes,
 )
 from tuichat.profiles import BUILTIN_PROFILES, validate_name
-from tuichat.ui.quantize_screen import QuantizeScreen, free_profile_name, tilde, tilde_text
+from tuichat.ui.quantize_screen import QuantizeScreen, tilde, tilde_text
 from tuichat.ui.screens import ConfirmScreen
 
 LMDEPLOY_CACHE_SHARE = 0.8  # lmdeploy's default --cache-max-entry-count, for profiles that do not set one

@@ -34,7 +34,7 @@ from tuichat import paths
 from tuichat.config import Config, add_profile
 from tuichat.errors import TuichatError
 from tuichat.launcher import LogFollower, collapse_cr
-from tuichat.models import hf_cache_dir, modelscope_cache_dir, profile_name_for
+from tuichat.models import free_profile_name, hf_cache_dir, modelscope_cache_dir, profile_name_for
 from tuichat.procgroup import StopResult
 from tuichat.profiles import validate_name
 from tuichat.quantize import (
@@ -117,16 +117,6 @@ def default_output(model: str, roots: Sequence[str], w_bits: int = 4) -> Path:
     if roots:
         return Path(roots[0]).expanduser().absolute() / target
     return Path.home() / "models" / target
-
-
-def free_profile_name(base: str, taken: set[str] | Sequence[str]) -> str:
-    """`base`, or `base-2`, `base-3`… whichever no profile has yet."""
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}-{n}" in taken:
-        n += 1
-    return f"{base}-{n}"
 
 
 def log_path_for(out: Path) -> Path:
