@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -277,14 +278,57 @@ async def test_http_errors_map_to_a_kind_with_the_server_sentence_and_what_to_do
     assert (error.kind, error.status, error.detail) == (kind, status, sentence)
     assert "Traceback" not in error.message and "httpx" not in error.message
     assert ADVICE.search(own_words(error)), f"{kind}: the message does not say what to do: {error.message!r}"
+    assert ".." not in error.message and ". ." not in error.message  # the server's full stop is not doubled
 
 
-async def test_unknown_model_message_names_the_model() -> None:
-    body = flat(404, "The model 'qwen-typo' does not exist.", "not_found_error")
-    async with mock_client(json_response(404, body)) as client:
+def models_body(*ids: str) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+
+
+async def test_unknown_model_message_names_the_model_lists_the_servers_and_says_how_to_choose() -> None:
+    handler = routes(
+        {
+            "/v1/chat/completions": httpx.Response(
+                404, json=flat(404, "The model 'qwen-typo' does not exist.", "not_found_error")
+            ),
+            "/v1/models": httpx.Response(200, json=models_body("qwen2.5-7b", "internlm3")),
+        }
+    )
+    async with mock_client(handler) as client:
         _, error = await chat(client, model="qwen-typo")
     assert error is not None and error.kind == "not_found"
     assert "'qwen-typo'" in own_words(error)
+    assert "It has: qwen2.5-7b, internlm3." in error.message
+    assert "--model ID (e.g. --model qwen2.5-7b)" in error.message
+    assert ".." not in error.message
+
+
+async def test_unknown_model_on_a_server_with_many_models_names_the_first_and_counts_the_rest() -> None:
+    ids = [f"model-{i:02d}" for i in range(30)]
+    handler = routes(
+        {
+            "/v1/chat/completions": httpx.Response(404, json=nested(404, "The model `x` does not exist.")),
+            "/v1/models": httpx.Response(200, json=models_body(*ids)),
+        }
+    )
+    async with mock_client(handler) as client:
+        _, error = await chat(client, model="x")
+    assert error is not None
+    assert "model-00, model-01" in error.message and "model-11 and 18 more." in error.message
+    assert "model-12" not in error.message
+
+
+async def test_unknown_model_when_the_models_list_fails_too_still_says_how_to_choose() -> None:
+    handler = routes(
+        {
+            "/v1/chat/completions": httpx.Response(404, json=flat(404, "The model 'x' does not exist.")),
+            "/v1/models": httpx.Response(500, json=flat(500, "boom")),
+        }
+    )
+    async with mock_client(handler) as client:
+        _, error = await chat(client, model="x")
+    assert error is not None and error.kind == "not_found"
+    assert "/v1/models" in error.message and "--model ID" in error.message
 
 
 async def test_404_without_a_model_sentence_asks_whether_the_url_is_an_openai_server() -> None:
@@ -638,6 +682,70 @@ async def test_standin_dying_mid_reply_is_a_reset() -> None:
     assert error is not None
     assert error.kind == "reset"
     assert text_of(events) and DEFAULT_REPLY.startswith(text_of(events)) and text_of(events) != DEFAULT_REPLY
+
+
+async def test_standin_unknown_model_lists_the_model_it_has(standin: Standin) -> None:
+    async with real_client(standin.url) as client:
+        _, error = await chat(client, model="no-such-model")
+    assert error is not None
+    assert "It has: tiny-chat." in error.message
+    assert "--model tiny-chat" in error.message
+    assert ".." not in error.message
+
+
+async def test_https_to_a_plain_http_server_says_to_use_http(standin: Standin) -> None:
+    plain = standin.url  # http://127.0.0.1:PORT
+    tls_url = plain.replace("http://", "https://")
+    async with real_client(tls_url) as client:
+        _, error = await chat(client, model="tiny-chat")
+        health = await client.health()
+    assert error is not None and error.kind == "tls"
+    assert error.message == (
+        f"the server at {tls_url} speaks plain HTTP, not HTTPS: use {plain} instead (--url {plain})."
+    )
+    assert "SSL" not in error.message
+    assert not health.ok and f"use {plain}" in health.message
+
+
+def _raising(exc: Exception) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handler
+
+
+def _connect_error_from(cause: ssl.SSLError) -> httpx.ConnectError:
+    try:
+        raise httpx.ConnectError(str(cause)) from cause
+    except httpx.ConnectError as exc:
+        return exc
+
+
+async def test_https_to_plain_http_is_recognised_by_newer_openssl_reason_too() -> None:
+    # OpenSSL 3.2+ reports the same mistake as RECORD_LAYER_FAILURE instead of WRONG_VERSION_NUMBER
+    cause = ssl.SSLError(1, "[SSL: RECORD_LAYER_FAILURE] record layer failure (_ssl.c:1000)")
+    cause.reason = "RECORD_LAYER_FAILURE"
+    client = ChatClient("https://box:8443", transport=httpx.MockTransport(_raising(_connect_error_from(cause))))
+    try:
+        _, error = await chat(client)
+    finally:
+        await client.aclose()
+    assert error is not None and error.kind == "tls"
+    assert "speaks plain HTTP" in error.message and "use http://box:8443 instead" in error.message
+
+
+async def test_an_untrusted_certificate_is_named_as_such_not_as_a_dead_server() -> None:
+    cause = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    cause.reason = "CERTIFICATE_VERIFY_FAILED"
+    cause.verify_message = "self-signed certificate"
+    client = ChatClient("https://box:8443", transport=httpx.MockTransport(_raising(_connect_error_from(cause))))
+    try:
+        _, error = await chat(client)
+    finally:
+        await client.aclose()
+    assert error is not None and error.kind == "tls"
+    assert "self-signed certificate" in error.message and "does not trust" in error.message
+    assert "Start one" not in error.message
 
 
 async def test_nothing_listening_is_connect_with_the_ssh_hint() -> None:

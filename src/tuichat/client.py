@@ -7,13 +7,18 @@ timeout (the stall timeout) because a long prefill sends nothing for a while. `t
 `HTTP_PROXY` in the environment from capturing traffic to 127.0.0.1.
 
 Every failure becomes a `ChatError` with a `kind` and a sentence saying what to do; the caller never sees an
-httpx exception. Error bodies come in LMDeploy's flat shape (`{"message", "type", "code", "object": "error"}`)
-or OpenAI's nested one (`{"error": {"message"}}`); both are understood.
+httpx exception. A stream that ends with neither `[DONE]` nor a finish reason was cut off (a server dying with
+`Connection: close`, or a chunked body that just ends, looks to httpx like a normal end): after the text that
+arrived, it raises `StreamCutOff`, so the reply is marked interrupted instead of saved as complete.
+
+Error bodies come in LMDeploy's flat shape (`{"message", "type", "code", "object": "error"}`) or OpenAI's nested
+one (`{"error": {"message"}}`); both are understood.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +37,8 @@ SSH_HINT = "for a server on another machine, forward its port: ssh -L 23333:127.
 class ChatError(TuichatError):
     """A request failed. `kind` says how; `message` is what the user reads (already with the fix).
 
-    kinds: connect, unauthorized, not_found, too_long, bad_request, multimodal, unavailable, server, in_band,
-    stall, reset, protocol.
+    kinds: connect, tls, unauthorized, not_found, too_long, bad_request, multimodal, unavailable, server, in_band,
+    stall, reset, cutoff, protocol.
     """
 
     def __init__(self, kind: str, message: str, *, status: int | None = None, detail: str | None = None):
@@ -42,6 +47,28 @@ class ChatError(TuichatError):
         self.status = status
         self.detail = detail  # the server's own sentence, when it gave one
         super().__init__(message)
+
+
+class StreamCutOff(ChatError):
+    """The stream ended without `[DONE]` or a finish reason: the server closed the reply before finishing it.
+
+    Raised only after every piece of text that did arrive was yielded, so the caller keeps the partial reply."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "cutoff",
+            "the server closed the connection before finishing the reply (no finish reason, no [DONE]): it may "
+            "have crashed or restarted. The partial reply is kept and marked interrupted; check the server's log "
+            "(F5, or `tuichat logs PROFILE`) and retry (ctrl+r) once it is back.",
+        )
+
+
+# OpenSSL's reasons when an https:// client gets a plain-HTTP answer (an "HTTP/1.1 400" where a TLS record should
+# be); RECORD_LAYER_FAILURE is OpenSSL 3.2+'s name for it, UNKNOWN_PROTOCOL older ones'.
+_PLAIN_HTTP_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)
+MODELS_SHOWN = 12  # an Ollama-style server may list dozens; the message names the first few
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,23 @@ class ChatClient:
     # -- plain requests ---------------------------------------------------------------------------------------
 
     def _transport_error(self, exc: Exception) -> ChatError:
+        tls = _ssl_cause(exc)
+        if tls is not None:
+            reason = tls.reason or ""
+            if reason in _PLAIN_HTTP_REASONS or "wrong version number" in str(tls):
+                plain = "http://" + self.base_url.removeprefix("https://")
+                return ChatError(
+                    "tls",
+                    f"the server at {self.base_url} speaks plain HTTP, not HTTPS: use {plain} instead (--url {plain}).",
+                )
+            if isinstance(tls, ssl.SSLCertVerificationError) or "CERTIFICATE" in reason:
+                return ChatError(
+                    "tls",
+                    f"the server at {self.base_url} has a TLS certificate this machine does not trust "
+                    f"({tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else reason}). "
+                    "Use the host name the certificate was issued for, or add its CA to the system's trust store.",
+                )
+            return ChatError("tls", f"the TLS handshake with {self.base_url} failed ({_short(exc)}). Check --url.")
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
             return ChatError(
                 "connect",
@@ -163,9 +207,13 @@ class ChatClient:
             )
         return ChatError("protocol", f"the request to {self.base_url} failed: {_short(exc)}")
 
-    def _status_error(self, status: int, body: bytes, model: str | None = None) -> ChatError:
+    def _status_error(
+        self, status: int, body: bytes, model: str | None = None, models: Sequence[str] | None = None
+    ) -> ChatError:
+        """The error for an HTTP status. `models` (what /v1/models lists) is named in an unknown-model message."""
         detail = _error_text(body)
-        said = f": {detail}" if detail else ""
+        # ": <the server's sentence>" ending in exactly one full stop, or just the full stop
+        said = f": {_sentence(detail)}" if detail else "."
         if status == 401:
             return ChatError(
                 "unauthorized",
@@ -175,13 +223,8 @@ class ChatClient:
                 detail=detail,
             )
         if status == 404:
-            if detail and "model" in detail.lower():
-                return ChatError(
-                    "not_found",
-                    f"the server has no model '{model}'{said}. Pick one it lists (--model, or F5).",
-                    status=status,
-                    detail=detail,
-                )
+            if _is_unknown_model(detail):
+                return ChatError("not_found", _unknown_model_text(model, detail, models), status=status, detail=detail)
             return ChatError(
                 "not_found",
                 f"{self.base_url} answered 404 Not Found: is it an OpenAI-compatible server (such as "
@@ -192,7 +235,7 @@ class ChatClient:
         if status == 400 and detail and "context length" in detail:
             return ChatError(
                 "too_long",
-                f"the conversation is too long for the model{said}. Shorten the message, undo earlier "
+                f"the conversation is too long for the model{said} Shorten the message, undo earlier "
                 "exchanges (alt+u), start a new chat (ctrl+n), or launch with a larger session_len.",
                 status=status,
                 detail=detail,
@@ -200,14 +243,14 @@ class ChatClient:
         if status == 400 and detail and "multimodal" in detail.lower():
             return ChatError(
                 "multimodal",
-                f"this model takes text only{said}. Remove the image, or start a vision-language profile.",
+                f"this model takes text only{said} Remove the image, or start a vision-language profile.",
                 status=status,
                 detail=detail,
             )
         if 400 <= status < 500:
             return ChatError(
                 "bad_request",
-                f"the server refused the request ({status}){said}. Change the value it names (F2 opens the "
+                f"the server refused the request ({status}){said} Change the value it names (F2 opens the "
                 "sampling pane) and send again.",
                 status=status,
                 detail=detail,
@@ -215,16 +258,26 @@ class ChatClient:
         if status == 503:
             return ChatError(
                 "unavailable",
-                f"the server is not ready (503){said}. It may still be loading; try again shortly.",
+                f"the server is not ready (503){said} It may still be loading; try again shortly.",
                 status=status,
                 detail=detail,
             )
         return ChatError(
             "server",
-            f"the server failed ({status}){said}. Check its log (F5, or `tuichat logs PROFILE`) and retry (ctrl+r).",
+            f"the server failed ({status}){said} Check its log (F5, or `tuichat logs PROFILE`) and retry (ctrl+r).",
             status=status,
             detail=detail,
         )
+
+    async def _request_error(self, status: int, body: bytes, model: str | None) -> ChatError:
+        """`_status_error`, after asking the server which models it has when the model was unknown."""
+        if status != 404 or not _is_unknown_model(_error_text(body)):
+            return self._status_error(status, body, model)
+        try:
+            models: list[str] | None = await self.list_models()
+        except ChatError:
+            models = None  # the message then says where to look instead
+        return self._status_error(status, body, model, models)
 
     async def _get(self, path: str) -> httpx.Response:
         try:
@@ -329,7 +382,7 @@ class ChatClient:
             async with aconnect_sse(self._http, "POST", "/v1/chat/completions", json=body) as source:
                 response = source.response
                 if response.status_code != 200:
-                    raise self._status_error(response.status_code, await response.aread(), model)
+                    raise await self._request_error(response.status_code, await response.aread(), model)
                 ctype = response.headers.get("content-type", "")
                 if "text/event-stream" not in ctype:
                     # Old LMDeploy (0.3) reports errors as HTTP 200 JSON; others may ignore `stream`.
@@ -337,13 +390,12 @@ class ChatClient:
                         yield event
                     return
                 cleaner = StreamCleaner()
+                finished = False
                 async for sse in source.aiter_sse():
                     data = sse.data
                     if data.strip() == "[DONE]":
-                        rest = cleaner.flush()
-                        if rest:
-                            yield Delta(rest)
-                        return
+                        finished = True
+                        break
                     if not data.strip():
                         continue
                     try:
@@ -363,7 +415,13 @@ class ChatClient:
                             detail=detail,
                         )
                     for event in _chunk_events(chunk, cleaner):
+                        finished = finished or isinstance(event, Finish)
                         yield event
+                rest = cleaner.flush()
+                if rest:
+                    yield Delta(rest)
+                if not finished:
+                    raise StreamCutOff()
         except ChatError:
             raise
         except SSEError as exc:
@@ -378,7 +436,7 @@ class ChatClient:
             raise ChatError("protocol", "the server answered with neither a stream nor JSON") from None
         if isinstance(data, dict) and (data.get("object") == "error" or "error" in data):
             code = data.get("code")
-            raise self._status_error(code if isinstance(code, int) and 400 <= code < 600 else 400, body, model)
+            raise await self._request_error(code if isinstance(code, int) and 400 <= code < 600 else 400, body, model)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
@@ -413,6 +471,46 @@ def _chunk_events(chunk: Mapping[str, Any], cleaner: StreamCleaner) -> list[Stre
     if isinstance(usage, dict):
         events.append(_usage(usage))
     return events
+
+
+def _sentence(text: str) -> str:
+    """`text` ending in exactly one full stop (or its own ! or ?), so a message never reads "exist.. Pick"."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _is_unknown_model(detail: str | None) -> bool:
+    return detail is not None and "model" in detail.lower()
+
+
+def _unknown_model_text(model: str | None, detail: str | None, models: Sequence[str] | None) -> str:
+    asked = f"'{model}'" if model else "the model asked for"
+    said = f": {_sentence(detail)}" if detail else "."
+    if models is None:
+        has = "See the ids it lists under /v1/models."
+    elif not models:
+        has = "It lists no model at all: check how it was started (F5, or `tuichat logs PROFILE`)."
+    else:
+        shown = ", ".join(models[:MODELS_SHOWN])
+        more = f" and {len(models) - MODELS_SHOWN} more" if len(models) > MODELS_SHOWN else ""
+        has = f"It has: {shown}{more}."
+    example = f" (e.g. --model {models[0]})" if models else ""
+    return (
+        f"the server has no model {asked}{said} {has} Choose one with --model ID{example}, "
+        "or set model under [server] in the config."
+    )
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The `ssl.SSLError` behind an httpx error (httpx wraps httpcore's error, which wraps the ssl one)."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _int(value: object) -> int | None:
