@@ -1,8 +1,10 @@
-"""tuichat's config file: read with tomllib, strictly validated, written atomically with tomli_w.
+"""tuichat's config file: read with tomllib, strictly validated, edited in place with tomlkit.
 
 The file lives at `paths.config_file()` (`$TUICHAT_HOME/config.toml` when set). Every error names the file and
-the dotted key and says what is allowed, so a typo never turns into a silent default. The file may hold an API
-key, so it is written 0600.
+the dotted key and says what is allowed, so a typo never turns into a silent default. The user writes this file
+by hand, so a save (`update_config`, `set_value`, `set_sampling`, `add_profile`, `remove_profile`, `save_config`)
+changes only the keys it is about and keeps comments, blank lines and key order; it never writes a file that
+would fail validation. The file may hold an API key, so it is written atomically and 0600.
 
     default_profile = "internlm2-w4"
     [server]    url, api_key, model                       (what to attach to when no profile is launched)
@@ -16,6 +18,7 @@ key, so it is written 0600.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,6 +30,8 @@ from tuichat.errors import ConfigError
 from tuichat.sampling import Sampling, SamplingError, sampling_from_table
 
 if TYPE_CHECKING:
+    from tomlkit import TOMLDocument
+
     from tuichat.profiles import Profile
 
 ON_QUIT_CHOICES = ("ask", "stop", "keep")
@@ -64,6 +69,9 @@ class Config:
     # The user's own profile tables, kept as written so that saving does not rewrite them.
     profile_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
+    # Every setting as the file said when loaded: `save_config` writes only what differs from it, so a value
+    # edited by hand while tuichat ran is not overwritten by a save about something else.
+    baseline: Mapping[tuple[str, ...], object] | None = field(default=None, compare=False, repr=False)
 
     @property
     def user_profiles(self) -> set[str]:
@@ -198,7 +206,7 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
             hint = f" (did you mean '{close[0]}'?)" if close else " (see `tuichat profiles`)"
             raise ConfigError(file, "default_profile", f"no profile is called '{default}'{hint}")
 
-    return Config(
+    cfg = Config(
         path=file,
         default_profile=default,
         server=server,
@@ -209,28 +217,29 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
         profile_tables=profile_tables,
         profiles=merged,
     )
+    return replace(cfg, baseline=_leaves(cfg))
 
 
 def load_config(path: Path | None = None) -> Config:
     """Read and validate the config file; a missing file gives the defaults and built-in profiles."""
     file = path or paths.config_file()
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        return parse_config({}, file)
-    except OSError as exc:
-        raise ConfigError(file, "", f"cannot be read: {exc.strerror}") from None
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(file, "", "is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "", f"is not valid TOML: {exc}") from None
+    raw = _read_toml(_read_text(file), file)
     return parse_config(raw, file)
 
 
+# -- saving ---------------------------------------------------------------------------------------------------
+#
+# config.toml is a file the user writes by hand, so a save edits only the keys that changed (tomlkit keeps the
+# text around them: comments, blank lines, key order, quoting). Before anything is written the new text is checked
+# twice: it must read back as exactly the old settings plus the edit (a key tomlkit put in the wrong table would
+# otherwise pass unnoticed), and it must pass the strict validator above, so a save never leaves a file that the
+# next start would refuse.
+
+ConfigKey = tuple[str, ...]  # a key path, e.g. ("ui", "on_quit") or ("profiles", "mine")
+
+
 def to_document(cfg: Config) -> dict[str, Any]:
-    """The TOML document for a Config: only what differs from the defaults."""
+    """The TOML document for a Config: only what differs from the defaults (for a file written from scratch)."""
     doc: dict[str, Any] = {}
     if cfg.default_profile:
         doc["default_profile"] = cfg.default_profile
@@ -253,35 +262,380 @@ def to_document(cfg: Config) -> dict[str, Any]:
     return doc
 
 
-def save_config(cfg: Config) -> Path:
-    """Write the config atomically (0600: it may hold an API key); returns the path."""
-    import tomli_w  # lazy: only saving needs the writer
+def _plain(value: object) -> object:
+    """Tuples as lists and mappings as dicts: the shapes TOML (and a tomllib read-back) has."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
-    text = tomli_w.dumps(to_document(cfg))
-    paths.write_private(cfg.path, text)
+
+def _leaves(cfg: Config) -> dict[ConfigKey, object]:
+    """Every setting of `cfg` by key path (a profile as one whole table); an unset one is absent."""
+    out: dict[ConfigKey, object] = {}
+    if cfg.default_profile is not None:
+        out[("default_profile",)] = cfg.default_profile
+    for name, value in vars(cfg.server).items():
+        if value is not None:
+            out[("server", name)] = value
+    for name, value in cfg.sampling.to_table().items():
+        out[("sampling", name)] = _plain(value)
+    for name, value in vars(cfg.ui).items():
+        if value is not None:
+            out[("ui", name)] = value
+    for name, value in cfg.keys.items():
+        out[("keys", name)] = value
+    if cfg.model_roots:
+        out[("models", "roots")] = list(cfg.model_roots)
+    for name, table in cfg.profile_tables.items():
+        out[("profiles", name)] = _plain(table)
+    return out
+
+
+def _same(current: object, value: object) -> bool:
+    """Whether the file already says `value` (1 and 1.0 alike, true and 1 not), so its text can stay as written."""
+    unwrap = getattr(current, "unwrap", None)
+    plain = unwrap() if callable(unwrap) else current
+    return isinstance(plain, bool) == isinstance(value, bool) and _plain(plain) == value
+
+
+def _read_text(file: Path) -> str:
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot be read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "is not UTF-8 text") from None
+
+
+def _read_toml(text: str, file: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"is not valid TOML: {exc}") from None
+
+
+def _expect(raw: dict[str, Any], key: ConfigKey, value: object) -> None:
+    """Apply one change to the plain document: what the edited text must read back as."""
+    *parents, name = key
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if value is None:
+                return
+            child = node[part] = {}
+        node = child
+    if value is None:
+        node.pop(name, None)
+    else:
+        node[name] = value
+
+
+def _header(line: str) -> ConfigKey | None:
+    """The key path of a `[table]` header line, or None for any other line."""
+    stripped = line.strip()
+    if not stripped.startswith("[") or stripped.startswith("[["):
+        return None
+    try:
+        node: object = tomllib.loads(stripped)
+    except tomllib.TOMLDecodeError:
+        return None
+    key: list[str] = []
+    while isinstance(node, dict) and len(node) == 1:
+        name, node = next(iter(node.items()))
+        key.append(name)
+    return tuple(key) if node == {} else None
+
+
+def _is_blank(line: str) -> bool:
+    return not line.strip()
+
+
+def _cut_table(text: str, key: ConfigKey) -> str | None:
+    """`text` without the table `key` (its header, its keys, the comment lines right above its header); None
+    where the table has no header line of its own, for tomlkit to remove.
+
+    Comment lines after the table's last key stay: they introduce what follows (or close the file). The caller
+    checks the result reads back as the old document minus this table, so a header-like line inside a
+    multi-line string cannot go unnoticed.
+    """
+    lines = text.splitlines(keepends=True)
+    heads = [(i, path) for i, line in enumerate(lines) if (path := _header(line)) is not None]
+    starts = [i for i, path in heads if path == key]
+    if len(starts) != 1:
+        return None
+    start = starts[0]
+    end = next((i for i, path in heads if i > start and path[: len(key)] != key), len(lines))
+    last = max(i for i in range(start, end) if not _is_blank(lines[i]) and not lines[i].lstrip().startswith("#"))
+    lead = start
+    while lead > 0 and lines[lead - 1].lstrip().startswith("#"):
+        lead -= 1
+    if lead == 0:
+        lead = start  # comments that open the file are about the file, not this table
+    left, right = lines[:lead], lines[last + 1 : end] + lines[end:]
+    # One blank line where the table was, not two; none at either end of the file.
+    if not left or _is_blank(left[-1]):
+        while right and _is_blank(right[0]):
+            right.pop(0)
+    if not right:
+        while left and _is_blank(left[-1]):
+            left.pop()
+    return "".join(left + right)
+
+
+def _pruned(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The document without empty tables: removing a table's last key may leave its header, which means nothing."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            value = _pruned(value)
+            if not value:
+                continue
+        out[key] = value
+    return out
+
+
+def update_config(changes: Mapping[ConfigKey, object], *, path: Path | None = None) -> Path:
+    """Change only the given keys of the config file, keeping its comments, blank lines and key order.
+
+    `changes` maps a key path to its new value: None removes the key, a mapping replaces a table key by key (a
+    profile, say). Nothing is written unless the result passes the strict validation `load_config` applies; then a
+    ConfigError names the key. The write is atomic and 0600; a config.toml that is a symlink stays one.
+    """
+    file = path or paths.config_file()
+    target = file.resolve() if file.is_symlink() else file
+    paths.ensure_private_dir(target.parent)
+    with paths.locked(target.parent):
+        text = _read_text(file)
+        expected = _read_toml(text, file)
+        import tomlkit  # lazy: only saving needs the round-trip library
+
+        try:
+            doc = tomlkit.parse(text)
+        except tomlkit.exceptions.ParseError as exc:
+            raise ConfigError(file, "", f"cannot be edited ({exc}); change it by hand") from None
+        new_text = text
+        for key, value in changes.items():
+            plain = _plain(value)
+            _expect(expected, key, plain)
+            cut = _cut_table(new_text, key) if plain is None else None
+            if cut is None:
+                _Editor(doc).apply(key, plain, file)
+                cut = doc.as_string()
+            new_text = cut
+            doc = tomlkit.parse(new_text)
+        if "\r\n" in text and "\n" not in text.replace("\r\n", ""):
+            new_text = re.sub(r"(?<!\r)\n", "\r\n", new_text)  # new lines end as the user's lines do
+        if new_text == text:
+            return file
+        got = _read_toml(new_text, file)
+        if _pruned(got) != _pruned(expected):
+            where = ".".join(next(iter(changes), ()))
+            raise ConfigError(
+                file,
+                where,
+                "could not be changed without disturbing the rest of the file; nothing was written: change it by hand",
+            )
+        parse_config(got, file)
+        paths.write_private(target, new_text)
+    return file
+
+
+def set_value(key: ConfigKey, value: object, *, path: Path | None = None) -> Path:
+    """Set one setting, e.g. `set_value(("ui", "on_quit"), "stop")`; None removes it (back to the default)."""
+    return update_config({key: value}, path=path)
+
+
+def set_sampling(sampling: Sampling, *, path: Path | None = None) -> Path:
+    """Save the sampling values: set ones are written, unset ones removed, unchanged ones left as typed."""
+    from dataclasses import fields
+
+    table = sampling.to_table()
+    return update_config({("sampling", f.name): _plain(table.get(f.name)) for f in fields(Sampling)}, path=path)
+
+
+def save_config(cfg: Config) -> Path:
+    """Save what `cfg` changed since it was loaded (for a Config built in code: what differs from the file).
+
+    Only those keys are edited, so the rest of the file (comments included, and anything edited by hand while
+    tuichat ran) stays as it is.
+    """
+    base = cfg.baseline if cfg.baseline is not None else _leaves(load_config(cfg.path))
+    new = _leaves(cfg)
+    order = [*new, *(key for key in base if key not in new)]
+    changes = {key: new.get(key) for key in order if base.get(key) != new.get(key)}
+    if changes:
+        update_config(changes, path=cfg.path)
     return cfg.path
 
 
 def add_profile(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
     """Validate `table` as profile `name` and save it into the config file (replacing one of that name)."""
-    cfg = load_config(path)
     from tuichat import profiles as profiles_mod
 
-    profile = profiles_mod.parse_profile(name, table, cfg.path)
-    tables = {**cfg.profile_tables, name: dict(table)}
-    merged = {**cfg.profiles, name: profile}
-    return save_config(replace(cfg, profile_tables=tables, profiles=merged))
+    file = path or paths.config_file()
+    profiles_mod.parse_profile(name, table, file)
+    return update_config({("profiles", name): dict(table)}, path=file)
 
 
 def remove_profile(name: str, *, path: Path | None = None) -> Path:
+    """Remove the user's profile `name` (and `default_profile`, where it named a profile that no longer exists)."""
+    from tuichat import profiles as profiles_mod
+
     cfg = load_config(path)
     if name not in cfg.profile_tables:
         raise ConfigError(cfg.path, f"profiles.{name}", "is not a profile of this file (built-ins stay)")
-    tables = {k: v for k, v in cfg.profile_tables.items() if k != name}
-    from tuichat import profiles as profiles_mod
+    changes: dict[ConfigKey, object] = {("profiles", name): None}
+    if cfg.default_profile == name and name not in profiles_mod.BUILTIN_PROFILES:
+        changes[("default_profile",)] = None
+    return update_config(changes, path=cfg.path)
 
-    merged = dict(profiles_mod.BUILTIN_PROFILES)
-    for key, table in tables.items():
-        merged[key] = profiles_mod.parse_profile(key, table, cfg.path)
-    default = cfg.default_profile if cfg.default_profile in merged else None
-    return save_config(replace(cfg, profile_tables=tables, profiles=merged, default_profile=default))
+
+def _body(container: Any) -> list[tuple[Any, Any]]:
+    """The (key, item) list tomlkit renders a table or document from; empty for an inline table."""
+    from tomlkit.items import InlineTable, Table
+
+    if isinstance(container, InlineTable):
+        return []
+    if isinstance(container, Table):
+        return container.value.body
+    body = getattr(container, "body", [])
+    return body if isinstance(body, list) else []
+
+
+class _Editor:
+    """Targeted edits of a tomlkit document that leave the text around them alone."""
+
+    def __init__(self, doc: TOMLDocument) -> None:
+        self.doc = doc
+
+    def apply(self, key: ConfigKey, value: object, file: Path) -> None:
+        *parents, name = key
+        container: Any = self.doc
+        for depth, part in enumerate(parents):
+            if part not in container:
+                if value is None:
+                    return
+                # A table that only holds tables stays header-less: [profiles.mine], no empty [profiles].
+                bare = isinstance(value, dict) or depth < len(parents) - 1
+                self._add_table(container, part, {}, super_table=bare)
+            container = container[part]
+            if not isinstance(container, Mapping):
+                raise ConfigError(file, ".".join(key[: depth + 1]), "must be a table, e.g. [" + part + "]")
+        if value is None:
+            self._remove(container, name)
+        elif isinstance(value, dict):
+            self._set_table(container, name, value)
+        else:
+            self._set(container, name, value)
+
+    def _set(self, container: Any, name: str, value: object) -> None:
+        from tomlkit.items import Comment, Table, item
+
+        if name in container:
+            if not _same(container[name], value):
+                container[name] = value  # tomlkit keeps the line's indent and its trailing comment
+            return
+        new = item(value)
+        if isinstance(container, Table) and not container.is_super_table():
+            body = container.value.body
+            kv = [(k, it) for k, it in body if k is not None and not isinstance(it, Table)]
+            if kv:
+                # After the table's last key, not at its end: comments after that key introduce what follows.
+                last_key, last_item = kv[-1]
+                new.trivia.indent = last_item.trivia.indent
+                container.value._insert_after(last_key, name, new)
+                dict.__setitem__(container, name, new)
+                return
+            # An empty table: after the comment lines right under its header (they often explain this key).
+            at = 0
+            while at < len(body) and isinstance(body[at][1], Comment):
+                at += 1
+            if at < len(body):
+                container.value._insert_at(at, name, new)
+                dict.__setitem__(container, name, new)
+                return
+        container[name] = new
+
+    def _set_table(self, container: Any, name: str, table: dict[str, Any]) -> None:
+        from tomlkit.items import InlineTable, Table
+
+        current = container.get(name)
+        if not isinstance(current, Table | InlineTable):
+            if current is not None:
+                del container[name]
+            self._add_table(container, name, table)
+            return
+        for key in [k for k in current if k not in table]:
+            self._remove(current, key)
+        for key, value in table.items():
+            if isinstance(value, dict):
+                self._set_table(current, key, value)
+            else:
+                self._set(current, key, value)
+
+    def _add_table(self, container: Any, name: str, table: dict[str, Any], *, super_table: bool = False) -> None:
+        import tomlkit
+        from tomlkit.items import InlineTable
+
+        if isinstance(container, InlineTable):
+            container[name] = table
+            return
+        new = tomlkit.table(is_super_table=super_table)
+        for key, value in table.items():
+            new.add(key, value)
+        container[name] = new
+        added = container[name]
+        order = self._tables()
+        if not super_table and order and order[-1] is not added and any(t is added for t in order):
+            # Placed among other tables: keep a blank line before the next header, as the others have.
+            added.add(tomlkit.nl())
+
+    def _remove(self, container: Any, name: str) -> None:
+        from tomlkit.items import Null, Table, Whitespace
+
+        if name not in container:
+            return
+        current = container[name]
+        if not isinstance(current, Table):
+            body = _body(container)
+            at = next((i for i, (k, _) in enumerate(body) if k is not None and k.key == name), None)
+            del container[name]
+            if at is None:
+                return
+            # A key that stood alone between blank lines: keep one blank line there, not two.
+            rest = [it for _, it in body[:at] if not isinstance(it, Null)]
+            after = next((i for i in range(at + 1, len(body)) if not isinstance(body[i][1], Null)), None)
+            blank_before = not rest or (isinstance(rest[-1], Whitespace) and not rest[-1].s.strip("\n"))
+            if after is not None and blank_before:
+                following = body[after][1]
+                if isinstance(following, Whitespace) and not following.s.strip("\n"):
+                    body[after] = (None, Null())
+            return
+        del container[name]
+
+    def _tables(self) -> list[Any]:
+        """The tables that print a [header], in the order they appear in the text."""
+        from tomlkit.items import AoT, Table
+
+        out: list[Any] = []
+
+        def walk(body: list[tuple[Any, Any]]) -> None:
+            for key, it in body:
+                if isinstance(it, Table) and key is not None and not key.is_dotted():
+                    if not it.is_super_table():
+                        out.append(it)
+                    walk(it.value.body)
+                elif isinstance(it, AoT):
+                    for element in it.body:
+                        out.append(element)
+                        walk(element.value.body)
+
+        walk(self.doc.body)
+        return out

@@ -6,7 +6,11 @@ whole setup around; otherwise the platform's usual locations (XDG on Linux) come
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 APP_NAME = "tuichat"
@@ -56,10 +60,12 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` atomically to a 0600 file: the file never exists with wider permissions."""
+    """Write `text` atomically to a 0600 file: the file never exists with wider permissions, and a write that fails
+    or dies half-way leaves the old file as it was (the text goes to a temporary file renamed over it)."""
     ensure_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # mkstemp: a name no other writer (thread, or process with a recycled pid) can share, created 0600 exclusively.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -70,3 +76,33 @@ def write_private(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable: after a power cut the file is the old one or the new one, not missing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock, released on exit or when the process dies).
+
+    Two tuichat processes on one home each read, change and rewrite config.toml; the lock makes those edits
+    take turns, so neither loses the other's change. Locking the folder leaves no lock file behind.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
