@@ -3,11 +3,16 @@
 Kept thin and quick: Textual and the HTTP stack are imported only when the TUI actually opens, so
 `tuichat --version`, `tuichat ps` and friends answer at once. Every expected failure prints one sentence on
 stderr and exits 1 (2 for usage errors), never a traceback.
+
+`tuichat web` starts one plain `tuichat` per browser tab and hands it the server's API key in the environment
+variable named by `WEB_API_KEY_ENV` rather than as `--api-key` (a command line is readable by every user); `main`
+takes it out of the environment before anything else runs, so no server or tool the tab starts inherits it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +32,11 @@ SUBCOMMANDS = {
     "import": "tuichat.historycli",
     "models": "tuichat.modelcli",
     "quantize": "tuichat.modelcli",
+    "web": "tuichat.web",
 }
+
+# The key `tuichat web` gives each tab's tuichat (see the module docstring); the same name as tuichat.web's.
+WEB_API_KEY_ENV = "TUICHAT_WEB_API_KEY"
 
 EPILOG = """\
 subcommands (tuichat COMMAND --help for each):
@@ -42,6 +51,7 @@ subcommands (tuichat COMMAND --help for each):
   import FILE                  read an exported conversation back
   models [--root DIR]          list local models
   quantize MODEL --out DIR     W4A16 AWQ quantization with lmdeploy lite
+  web [--port 8000] [ARGS]     the same screen in a browser (one tuichat per tab), behind a token
 
 environment: TUICHAT_HOME (one folder for config, data and state), OPENAI_BASE_URL, OPENAI_API_KEY
 """
@@ -55,6 +65,13 @@ def chat_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_chat_arguments(parser)
+    parser.add_argument("--version", action="version", version=f"tuichat {__version__}")
+    return parser
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that choose what the chat screen talks to (shared with `tuichat web`)."""
     parser.add_argument("profile", nargs="?", help="launch profile to attach to or start (see `tuichat profiles`)")
     parser.add_argument("--url", help="server to attach to, e.g. http://127.0.0.1:23333 (or OPENAI_BASE_URL)")
     parser.add_argument("--api-key", help="the server's API key (or OPENAI_API_KEY)")
@@ -62,8 +79,6 @@ def chat_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--continue", dest="continue_last", action="store_true", help="reopen the last chat")
     group.add_argument("--conversation", type=int, metavar="ID", help="reopen a saved chat by id")
-    parser.add_argument("--version", action="version", version=f"tuichat {__version__}")
-    return parser
 
 
 def sub_parser(command: str) -> argparse.ArgumentParser:
@@ -87,12 +102,12 @@ def run_subcommand(argv: Sequence[str]) -> int:
     return result
 
 
-def run_tui(args: argparse.Namespace) -> int:
+def run_tui(args: argparse.Namespace, web_api_key: str | None = None) -> int:
     from tuichat.ui.app import AppOptions, make_app
 
     options = AppOptions(
         url=args.url,
-        api_key=args.api_key,
+        api_key=args.api_key or web_api_key,
         model=args.model,
         profile=args.profile,
         continue_last=args.continue_last,
@@ -105,11 +120,12 @@ def run_tui(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    web_api_key = os.environ.pop(WEB_API_KEY_ENV, None) or None
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv)
         args = chat_parser().parse_args(argv)
-        return run_tui(args)
+        return run_tui(args, web_api_key)
     except TuichatError as exc:
         print(f"tuichat: {exc}", file=sys.stderr)
         return 1
