@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from textual.app import App
 from textual.widgets import DataTable, Input, OptionList
 
 from tuichat.errors import TuichatError
-from tuichat.store import Store
+from tuichat.store import HeldBy, Store
 from tuichat.ui import history_screen
 from tuichat.ui.history_screen import ConversationsScreen, HistoryChoice
 from tuichat.ui.screens import ConfirmScreen
@@ -282,9 +285,9 @@ async def test_fits_80x24_with_long_titles(store: Store) -> None:
         await wait_for(pilot, lambda: footer(app) == "⏎ Open  r Rename  d Delete  / Search  esc Back")
         await pilot.press("slash", *"conversation")
         await wait_for(pilot, lambda: "30 matching messages" in screen_text(app))
-        lines = screen_text(app).splitlines()
-        assert all(len(line) <= 80 for line in lines)
-        assert sum("with a very long" in line for line in lines) >= 3  # several hits visible at once
+        # several hits visible at once (the title changes a frame before the hit list is drawn)
+        await wait_for(pilot, lambda: sum("with a very long" in line for line in screen_text(app).splitlines()) >= 3)
+        assert all(len(line) <= 80 for line in screen_text(app).splitlines())
         await wait_for(pilot, lambda: footer(app) == "⏎ Open  esc Back")  # r, d and / type into the search
 
 
@@ -360,3 +363,147 @@ async def test_a_thousand_conversations_open_and_search_quickly(tmp_path: Path) 
     # Generous bounds (a loaded 2-core CI box): they catch quadratic work, not milliseconds.
     assert shown < 3.0
     assert searched < 3.0
+
+
+# -- hostile text: nothing saved may drive the terminal -------------------------------------------------------
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4=\x07"
+# What a terminal acts on: C0 controls but newline, DEL, C1, and the bidi controls.
+ACTIVE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# The only sequences Textual itself writes for this screen: CSI (cursor moves, colours).
+CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def terminal_output(app: App[Any]) -> str:
+    """The bytes a full repaint of the screen would send to the terminal (the headless driver drops them)."""
+    return app.screen._compositor.render_update(full=True).render_segments(app.console)
+
+
+def assert_draws_no_control(app: App[Any]) -> None:
+    strips = app.screen._compositor.render_strips()
+    drawn = "".join(segment.text for strip in strips for segment in strip)
+    assert not ACTIVE.search(drawn), repr(drawn)
+    # What the terminal would receive: Textual's own CSI sequences and nothing else (no OSC clipboard or title
+    # write, no DCS, no C1, no bidi control).
+    leftover = CSI.sub("", terminal_output(app))
+    assert not ACTIVE.search(leftover), repr(ACTIVE.findall(leftover))
+
+
+HOSTILE = {
+    "tuichat_export": 1,
+    "conversation": {
+        "title": "pay\u202eslip" + OSC52 + " title\x1b[2J",
+        "model": "org/evil-model" + OSC52 + "\x9b2J",
+    },
+    "messages": [
+        {"role": "user", "content": "quokka " + OSC52 + " \u2067hidden"},
+        {"role": "assistant", "content": "ok"},
+    ],
+}
+
+
+async def test_a_hostile_import_draws_no_control_sequence(store: Store) -> None:
+    conv = store.import_json(json.dumps(HOSTILE))
+    app = Host(store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot)
+        assert_draws_no_control(app)
+        text = screen_text(app)
+        assert "pay⟨U+202E⟩slip title" in text  # shown, not applied
+        assert "evil-model" in text
+        await pilot.press("slash", *"quokka")
+        await wait_for(pilot, lambda: "1 matching message" in screen_text(app) and "hidden" in screen_text(app))
+        assert_draws_no_control(app)
+        assert "⟨U+2067⟩hidden" in screen_text(app)
+        await pilot.press("escape", "d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert_draws_no_control(app)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+        await pilot.press("r")
+        field = app.screen.query_one("#history-rename", Input)
+        assert field.value == "pay⟨U+202E⟩slip title"
+    assert store.get_conversation(conv) is not None
+
+
+async def test_raw_sequences_already_in_the_history_are_cleaned_when_drawn(store: Store) -> None:
+    # A history written before imports were cleaned may hold raw sequences: the screen cleans them again.
+    conv = chat(store, "placeholder", "x")
+    db = sqlite3.connect(store.path)
+    try:
+        db.execute("UPDATE conversations SET title = ?, model = ? WHERE id = ?", ("t" + OSC52, "m" + OSC52, conv))
+        db.execute("UPDATE messages SET content = ? WHERE conversation_id = ?", ("kiwi " + OSC52, conv))
+        db.commit()
+    finally:
+        db.close()
+    app = Host(store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot)
+        assert_draws_no_control(app)
+        await pilot.press("slash", *"kiwi")
+        await wait_for(pilot, lambda: "2 matching messages" in screen_text(app) and "kiwi" in screen_text(app))
+        assert_draws_no_control(app)
+
+
+# -- a conversation another tuichat holds ---------------------------------------------------------------------
+
+
+async def test_a_chat_held_elsewhere_is_marked_and_opens_only_read_only(store: Store) -> None:
+    free = chat(store, "free chat", "a")
+    busy = chat(store, "busy chat", "b")
+    with Store.open(store.path) as other:  # another tuichat (same pid here, a real one in test_claims)
+        assert not isinstance(other.claim(busy), HeldBy)
+        app = Host(store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await opened(pilot)
+            assert rows(app) == [f"open in pid {os.getpid()} · busy chat", "free chat"]
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            question = screen_text(app)
+            assert f"pid {os.getpid()}" in question and "read it here" in question
+            await pilot.press("n")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+            assert app.results == []
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: bool(app.results))
+        (choice,) = app.results
+        assert choice.conversation_id == busy and choice.read_only
+        assert choice.held_by is not None and choice.held_by.pid == os.getpid()
+
+        app = Host(store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await opened(pilot)
+            await pilot.press("down", "enter")  # a free one opens at once
+            await wait_for(pilot, lambda: bool(app.results))
+        assert app.results == [HistoryChoice(free, None)]
+
+
+async def test_a_chat_held_elsewhere_cannot_be_deleted(store: Store) -> None:
+    busy = chat(store, "busy chat", "b")
+    with Store.open(store.path) as other:
+        assert not isinstance(other.claim(busy), HeldBy)
+        app = Host(store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await opened(pilot)
+            await pilot.press("d")
+            said = f"open in another tuichat (pid {os.getpid()}"
+            await wait_for(pilot, lambda: any(said in n.message for n in app._notifications))
+            assert isinstance(app.screen, ConversationsScreen)  # no "delete?" question
+            assert rows(app) == [f"open in pid {os.getpid()} · busy chat"]
+    assert store.get_conversation(busy) is not None
+
+
+async def test_a_holder_that_quit_meanwhile_no_longer_blocks_the_pick(store: Store) -> None:
+    busy = chat(store, "busy chat", "b")
+    other = Store.open(store.path)
+    assert not isinstance(other.claim(busy), HeldBy)
+    app = Host(store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot)
+        assert rows(app)[0].startswith("open in pid")
+        other.close()  # the other tuichat quits while the list is shown
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: bool(app.results))
+    assert app.results == [HistoryChoice(busy, None)]

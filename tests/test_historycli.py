@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +115,123 @@ def test_history_never_prints_control_sequences_from_an_imported_file(
         code, out, _ = run(capsys, *argv)
         assert code == 0
         assert "\x1b" not in out and "\x07" not in out, f"{argv}: {out!r}"
+
+
+# An export file built to drive the terminal from every text field it has.
+OSC52 = "\x1b]52;c;cm0gLXJmIH4=\x07"
+HOSTILE_EXPORT = {
+    "tuichat_export": 1,
+    "conversation": {
+        "title": "evil\u202e title" + OSC52,
+        "model": "internlm2" + OSC52,
+        "server_url": "http://127.0.0.1:23333\x9b2J",
+        "profile": "fast\x1b[2J\n# Forged heading",
+        "lmdeploy_version": "0.18\x9d0;owned\x9c",
+    },
+    "messages": [
+        {
+            "role": "user",
+            "content": "look: \u2066gnp.exe\u2069 " + OSC52 + "\x1bP+q544e\x1b\\",
+            "images": ["cat\x1b]0;owned\x07.png"],
+            "sampling": {"temperature\x1b[1m": 0.5, "stop": ["\x07end\u202d"]},
+        },
+        {
+            "role": "assistant",
+            "content": "sure\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\ \u202ereversed",
+            "stats": {"note\x9b": "\x1b[31mred", "ttft": 0.2},
+        },
+    ],
+}
+# What a terminal acts on: C0 controls but newline and tab, DEL, C1, and the bidi controls.
+ACTIVE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def strings(value: object) -> list[str]:
+    """Every string in decoded JSON, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [*value.keys(), *(s for item in value.values() for s in strings(item))]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return []
+
+
+def tuichat_bytes(*argv: str) -> bytes:
+    """What `tuichat ARGV` writes to a pipe, as bytes (TUICHAT_HOME comes from the hermetic environment)."""
+    done = subprocess.run([sys.executable, "-m", "tuichat", *argv], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def assert_inert(raw: bytes, where: str) -> str:
+    assert b"\x1b" not in raw and b"\x07" not in raw, f"{where}: {raw!r}"
+    text = raw.decode("utf-8")
+    assert not ACTIVE.search(text), f"{where}: {text!r}"
+    return text
+
+
+def test_a_hostile_import_prints_no_control_sequence_anywhere(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(HOSTILE_EXPORT))
+    code, out, _ = run(capsys, "import", str(path))
+    assert code == 0
+    conv_id = out.strip().rsplit(" ", 1)[-1]
+
+    markdown = assert_inert(tuichat_bytes("export", conv_id, "--format", "md"), "export md")
+    assert markdown.startswith("# evil⟨U+202E⟩ title\n")  # the bidi control is shown, not applied
+    assert "- Model: internlm2\n" in markdown
+    assert "- Profile: fast # Forged heading\n" in markdown  # a one-line field stays one line
+    assert "Images: cat.png" in markdown
+    assert "look: ⟨U+2066⟩gnp.exe⟨U+2069⟩ " in markdown and "surelink ⟨U+202E⟩reversed" in markdown
+
+    raw_json = assert_inert(tuichat_bytes("export", conv_id, "--format", "json"), "export json")
+    doc = json.loads(raw_json)
+    for text in strings(doc):  # no escaped controls either: `jq -r` would print them
+        assert not ACTIVE.search(text), text
+    assert doc["conversation"]["model"] == "internlm2"
+    assert doc["messages"][0]["sampling"] == {"temperature": 0.5, "stop": ["end⟨U+202D⟩"]}
+    assert doc["messages"][1]["stats"] == {"note": "red", "ttft": 0.2}
+
+    listing = assert_inert(tuichat_bytes("history"), "history")
+    assert "evil⟨U+202E⟩ title" in listing
+    assert_inert(tuichat_bytes("history", "--search", "reversed"), "history --search")
+
+
+def test_the_import_stores_only_clean_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(HOSTILE_EXPORT))
+    assert run(capsys, "import", str(path))[0] == 0
+    with Store.open() as store:
+        db = sqlite3.connect(store.path)
+    try:
+        rows = db.execute("SELECT title, model, server_url, profile, lmdeploy_version FROM conversations").fetchall()
+        rows += db.execute("SELECT content, sampling, stats, images FROM messages").fetchall()
+    finally:
+        db.close()
+    stored = [value for row in rows for value in row if value is not None]
+    assert len(stored) == 5 + 3 + 3  # every field of the file that carried text
+    for value in stored:
+        assert not ACTIVE.search(value) and "\\u001b" not in value and "\\u0007" not in value, value
+
+
+def test_text_saved_before_the_fix_is_still_cleaned_on_output() -> None:
+    # A history written by an older tuichat may already hold raw sequences: output cleans again.
+    with Store.open() as store:
+        conv = store.create_conversation(model="m")
+        store.add_message(conv, "user", "hi")
+        db = sqlite3.connect(store.path)
+    try:
+        db.execute("UPDATE conversations SET title = ?, model = ?", ("old" + OSC52, "m\u202e" + OSC52))
+        db.execute("UPDATE messages SET content = ?, images = ?", ("hi" + OSC52, json.dumps(["x\x1b[2J.png"])))
+        db.commit()
+    finally:
+        db.close()
+    for fmt in ("md", "json"):
+        assert_inert(tuichat_bytes("export", str(conv), "--format", fmt), fmt)
+    assert "old" in assert_inert(tuichat_bytes("history"), "history")
 
 
 # ---------------------------------------------------------------------------------------------------- export

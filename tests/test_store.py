@@ -611,7 +611,7 @@ def test_a_version_1_history_is_migrated_keeping_its_data(db_path: Path) -> None
         assert migrated.add_message(1, "user", "thanks") == 5
         migrated.update_conversation(1, profile="default")
     check = sqlite3.connect(db_path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 3
     check.close()
 
 

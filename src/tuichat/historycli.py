@@ -1,4 +1,8 @@
-"""`tuichat history`, `tuichat export ID` and `tuichat import FILE`: the saved chats from the shell."""
+"""`tuichat history`, `tuichat export ID` and `tuichat import FILE`: the saved chats from the shell.
+
+Everything printed is cleaned of terminal control sequences whether or not stdout is a terminal: a file or a
+pipe written today is `cat` to a terminal tomorrow. The store cleans too; this is the last gate.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuichat.errors import TuichatError
-from tuichat.sanitize import clean
+from tuichat.sanitize import clean, clean_line
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -36,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
                 if args.search:
                     hits = store.search(args.search, limit=args.limit)
                     if not hits:
-                        print(f"nothing matches '{args.search}'", file=sys.stderr)
+                        print(f"nothing matches '{clean_line(args.search)}'", file=sys.stderr)
                         return 1
                     print(f"{'id':>5}  {'message':>7}  {'title':<30}  snippet")
                     for hit in hits:
-                        title = clean(hit.title)[:30]
-                        print(f"{hit.conversation_id:>5}  {hit.message_id:>7}  {title:<30}  {clean(hit.snippet)}")
+                        title = clean_line(hit.title)[:30]
+                        snippet = clean_line(hit.snippet)
+                        print(f"{hit.conversation_id:>5}  {hit.message_id:>7}  {title:<30}  {snippet}")
                     return 0
                 convs = store.list_conversations(limit=args.limit)
                 if not convs:
@@ -49,14 +54,14 @@ def run(args: argparse.Namespace) -> int:
                     return 0
                 print(f"{'id':>5}  {'title':<40}  {'updated':<16}  {'messages':>8}")
                 for c in convs:
-                    print(f"{c.id:>5}  {clean(c.title)[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
+                    print(f"{c.id:>5}  {clean_line(c.title)[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
                 return 0
             if args.command == "export":
                 if store.get_conversation(args.id) is None:
                     raise TuichatError(f"no conversation {args.id}: see `tuichat history` for the ids")
                 text = store.export(args.id, args.format)
-                # Markdown goes to a terminal as it is: never let saved text drive it (JSON escapes them).
-                sys.stdout.write(clean(text) if args.format == "md" and sys.stdout.isatty() else text)
+                # JSON escapes C0 controls but not C1 or bidi ones; cleaning JSON text keeps it valid JSON.
+                sys.stdout.write(clean(text))
                 return 0
             if args.command == "import":
                 text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))

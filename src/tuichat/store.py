@@ -5,6 +5,14 @@ milliseconds, so a crash, `kill -9`, a lost SSH session or a dying server leaves
 a second of a reply unsaved. A reply whose writer died stays in state 'streaming' on disk; the next `open`
 marks it 'interrupted', keeping its text.
 
+Two tuichats on one chat would interleave its turns, so a process that opens a conversation claims it first
+(`Store.claim`): a row in `claims` naming the holder the same way a streaming reply names its writer, so a holder
+killed with `kill -9` frees its claims by dying. While a live process holds a conversation, every other one may
+only read it: adding, undoing or deleting its messages is refused with a sentence naming the holder's pid.
+
+Text from outside (an imported file) is cleaned of terminal control sequences on the way in, and everything
+read back for display or export is cleaned again on the way out (see `tuichat.sanitize`).
+
 Layout: `conversations` and `messages` tables, an FTS5 index over message text kept in step by triggers,
 and `PRAGMA user_version` naming the schema version; `MIGRATIONS[i]` takes a database from version i to i+1.
 """
@@ -15,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -27,7 +36,7 @@ from typing import Any, Literal, Self
 
 from tuichat import paths
 from tuichat.errors import TuichatError
-from tuichat.sanitize import clean
+from tuichat.sanitize import clean, clean_data, clean_line
 
 DEFAULT_TITLE = "New chat"
 TITLE_MAX_CHARS = 48
@@ -74,6 +83,19 @@ class Message:
     sampling: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     images: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBy:
+    """A conversation is open in another live tuichat process, which alone may add to it."""
+
+    conversation_id: int
+    pid: int
+    since: float  # when that process claimed it
+
+    def sentence(self) -> str:
+        since = datetime.fromtimestamp(self.since).strftime("%H:%M")
+        return f"Conversation {self.conversation_id} is open in another tuichat (pid {self.pid}, since {since})."
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +182,24 @@ def _migrate_v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
+def _migrate_v3(db: sqlite3.Connection) -> None:
+    # v3: which process holds each open conversation (see Store.claim). `holder` is a writer id; `token` tells
+    # the claims of two Stores in one process apart.
+    _run_script(
+        db,
+        """
+        CREATE TABLE claims (
+            conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+            holder TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            token TEXT NOT NULL,
+            claimed REAL NOT NULL
+        );
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -231,6 +270,47 @@ def _writer_alive(writer: str | None) -> bool:
 # by our own pid is alive only while the Store that began it is still open.
 _live_replies: set[tuple[str, int]] = set()
 _live_lock = threading.Lock()
+# Tokens of the claims held by Stores open in this process: a claim by our own pid is alive only while listed.
+_live_claims: set[str] = set()
+
+
+def _claim_alive(holder: str, token: str) -> bool:
+    if holder == _writer_id():
+        with _live_lock:
+            return token in _live_claims
+    return _writer_alive(holder)
+
+
+class Claim:
+    """This process holds a conversation: others may read it but not add to it until `release` (or until
+    the Store closes, or the process dies). Usable as a context manager."""
+
+    __slots__ = ("_store", "conversation_id", "token")
+
+    def __init__(self, store: Store, conversation_id: int, token: str) -> None:
+        self._store = store
+        self.conversation_id = conversation_id
+        self.token = token
+
+    @property
+    def held(self) -> bool:
+        with _live_lock:
+            return self.token in _live_claims
+
+    def release(self) -> None:
+        """Let other tuichats continue the conversation; releasing twice does nothing."""
+        self._store._release(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Claim(conversation_id={self.conversation_id}, held={self.held})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +321,7 @@ def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
 
 
 def _title_from(text: str) -> str:
-    words = " ".join(text.split())
+    words = clean_line(text)
     if len(words) <= TITLE_MAX_CHARS:
         return words
     cut = words[: TITLE_MAX_CHARS - 1]
@@ -269,6 +349,7 @@ class Store:
         self.path = path
         self._key = os.path.realpath(path)
         self._my_replies: set[int] = set()
+        self._claims: dict[int, Claim] = {}
         self.recovered_on_open = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -319,6 +400,10 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            for claim in list(self._claims.values()):
+                with contextlib.suppress(TuichatError, sqlite3.Error):
+                    self._release(claim)  # if the row stays, it is dead anyway once forgotten or we exit
+            self._forget_claims()
             with _live_lock:
                 for msg_id in self._my_replies:
                     _live_replies.discard((self._key, msg_id))
@@ -372,7 +457,12 @@ class Store:
             cur = db.execute(
                 "INSERT INTO conversations (title, created, updated, model, server_url, profile, "
                 "lmdeploy_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (title, now, now, model, server_url, profile, lmdeploy_version),
+                (
+                    clean_line(title) or DEFAULT_TITLE,
+                    now,
+                    now,
+                    *(_label(value) for value in (model, server_url, profile, lmdeploy_version)),
+                ),
             )
             conv_id = _rowid(cur)
             if system_prompt:
@@ -392,16 +482,105 @@ class Store:
         if not fields:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
+        values = [_label(value) for value in fields.values()]
         with self._write() as db:
-            db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*fields.values(), conv_id))
+            db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values, conv_id))
 
     def rename(self, conv_id: int, title: str) -> None:
-        title = " ".join(title.split())
-        self.update_conversation(conv_id, title=title or DEFAULT_TITLE)
+        self.update_conversation(conv_id, title=clean_line(title) or DEFAULT_TITLE)
 
     def delete(self, conv_id: int) -> None:
+        """Delete a conversation; refused while another live tuichat holds it."""
         with self._write() as db:
+            self._refuse_if_held(db, conv_id)
             db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
+        with self._lock:
+            claim = self._claims.pop(conv_id, None)
+        if claim is not None:  # its row went with the conversation
+            with _live_lock:
+                _live_claims.discard(claim.token)
+
+    # -- claims: one tuichat at a time per conversation ------------------------------------------------------
+
+    def claim(self, conv_id: int) -> Claim | HeldBy:
+        """Take `conv_id` for this process, or say which live process has it. A claim left by a process that
+        has died (even by kill -9) is taken over. Claiming one this Store already holds returns that Claim."""
+        with self._lock:
+            mine = self._claims.get(conv_id)
+            if mine is not None:
+                return mine
+            token = secrets.token_hex(8)
+            try:
+                with self._write() as db:
+                    held = self._other_holder(db, conv_id)
+                    if held is not None:
+                        return held
+                    db.execute(
+                        "INSERT OR REPLACE INTO claims (conversation_id, holder, pid, token, claimed) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (conv_id, _writer_id(), os.getpid(), token, time.time()),
+                    )
+                    # Listed before the commit: once another Store of ours can see the row, it must see it alive.
+                    with _live_lock:
+                        _live_claims.add(token)
+            except BaseException:
+                with _live_lock:
+                    _live_claims.discard(token)
+                raise
+            claim = Claim(self, conv_id, token)
+            self._claims[conv_id] = claim
+            return claim
+
+    def holder(self, conv_id: int) -> HeldBy | None:
+        """Who else holds `conv_id`: None when it is free, its holder died, or this Store holds it."""
+        with self._lock:
+            return self._other_holder(self._db, conv_id)
+
+    def held_elsewhere(self) -> dict[int, HeldBy]:
+        """Every conversation another live process (or another Store of this one) holds, by id."""
+        with self._lock:
+            rows = self._db.execute("SELECT conversation_id, holder, pid, token, claimed FROM claims").fetchall()
+            mine = {claim.token for claim in self._claims.values()}
+        return {
+            conv_id: HeldBy(conv_id, pid, claimed)
+            for conv_id, holder, pid, token, claimed in rows
+            if token not in mine and _claim_alive(holder, token)
+        }
+
+    def _other_holder(self, db: sqlite3.Connection, conv_id: int) -> HeldBy | None:
+        row = db.execute(
+            "SELECT holder, pid, token, claimed FROM claims WHERE conversation_id = ?", (conv_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        holder, pid, token, claimed = row
+        mine = self._claims.get(conv_id)
+        if (mine is not None and mine.token == token) or not _claim_alive(holder, token):
+            return None
+        return HeldBy(conv_id, pid, claimed)
+
+    def _refuse_if_held(self, db: sqlite3.Connection, conv_id: int) -> None:
+        held = self._other_holder(db, conv_id)
+        if held is not None:
+            raise TuichatError(f"{held.sentence()} Only that one can change it; read it here, or close it there first.")
+
+    def _release(self, claim: Claim) -> None:
+        with self._lock:
+            if self._claims.get(claim.conversation_id) is not claim:
+                return
+            with self._write() as db:
+                db.execute(
+                    "DELETE FROM claims WHERE conversation_id = ? AND token = ?", (claim.conversation_id, claim.token)
+                )
+            del self._claims[claim.conversation_id]
+            with _live_lock:
+                _live_claims.discard(claim.token)
+
+    def _forget_claims(self) -> None:
+        with _live_lock:
+            for claim in self._claims.values():
+                _live_claims.discard(claim.token)
+        self._claims.clear()
 
     def list_conversations(self, limit: int | None = None) -> list[Conversation]:
         sql = _CONVERSATION_SELECT + " ORDER BY c.updated DESC, c.id DESC"
@@ -410,7 +589,7 @@ class Store:
             sql += " LIMIT ?"
             params = (limit,)
         with self._lock:
-            return [Conversation(*row) for row in self._db.execute(sql, params)]
+            return [_conversation(row) for row in self._db.execute(sql, params)]
 
     def last_conversation(self) -> Conversation | None:
         found = self.list_conversations(limit=1)
@@ -419,7 +598,7 @@ class Store:
     def get_conversation(self, conv_id: int) -> Conversation | None:
         with self._lock:
             row = self._db.execute(_CONVERSATION_SELECT + " WHERE c.id = ?", (conv_id,)).fetchone()
-        return Conversation(*row) if row else None
+        return _conversation(row) if row else None
 
     # -- messages --------------------------------------------------------------------------------------------
 
@@ -455,6 +634,7 @@ class Store:
         _check(role=role, state=state)
         now = time.time()
         with self._write() as db:
+            self._refuse_if_held(db, conv_id)
             if role == "user":
                 self._title_from_first_user_message(db, conv_id, content)
             cur = db.execute(
@@ -524,12 +704,16 @@ class Store:
 
     def delete_message(self, msg_id: int) -> None:
         with self._write() as db:
+            row = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            if row is not None:
+                self._refuse_if_held(db, row[0])
             db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
         self._untrack(msg_id)
 
     def delete_last_exchange(self, conv_id: int) -> int:
         """Remove the last user message and everything after it (undo); returns how many messages went."""
         with self._write() as db:
+            self._refuse_if_held(db, conv_id)
             row = db.execute(
                 "SELECT MAX(id) FROM messages WHERE conversation_id = ? AND role = 'user'", (conv_id,)
             ).fetchone()
@@ -592,7 +776,7 @@ class Store:
             except sqlite3.OperationalError:
                 return []
         return [
-            SearchHit(conv, msg, title, " ".join(snip.split()), role, created)
+            SearchHit(conv, msg, clean_line(title), clean_line(snip), role, created)
             for conv, msg, title, snip, role, created in rows
         ]
 
@@ -617,7 +801,7 @@ class Store:
                 "INSERT INTO conversations (title, created, updated, model, server_url, profile, "
                 "lmdeploy_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    clean(conv["title"]),  # an imported file is untrusted: no terminal sequences in it
+                    conv["title"],  # _parse_export has cleaned every text of the untrusted file
                     conv["created"],
                     conv["updated"],
                     conv["model"],
@@ -634,7 +818,7 @@ class Store:
                     (
                         conv_id,
                         m["role"],
-                        clean(m["content"]),
+                        m["content"],
                         m["state"],
                         m["created"],
                         _json_or_none(m["sampling"]),
@@ -679,6 +863,26 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def _label(value: str | None) -> str | None:
+    return None if value is None else clean_line(value)
+
+
+def _conversation(row: tuple[Any, ...]) -> Conversation:
+    """A conversation row, its labels cleaned: they are drawn in lists, headers and exports."""
+    conv_id, title, created, updated, model, server_url, profile, version, count = row
+    return Conversation(
+        conv_id,
+        clean_line(title) or DEFAULT_TITLE,
+        created,
+        updated,
+        _label(model),
+        _label(server_url),
+        _label(profile),
+        _label(version),
+        count,
+    )
 
 
 def _rowid(cur: sqlite3.Cursor) -> int:
@@ -728,23 +932,25 @@ def _export_json(conv: Conversation, msgs: list[Message]) -> str:
     document = {
         "tuichat_export": EXPORT_FORMAT_VERSION,
         "conversation": {
-            "title": conv.title,
+            "title": clean_line(conv.title),
             "created": conv.created,
             "updated": conv.updated,
-            "model": conv.model,
-            "server_url": conv.server_url,
-            "profile": conv.profile,
-            "lmdeploy_version": conv.lmdeploy_version,
+            "model": _label(conv.model),
+            "server_url": _label(conv.server_url),
+            "profile": _label(conv.profile),
+            "lmdeploy_version": _label(conv.lmdeploy_version),
         },
+        # Cleaned too: JSON escapes C0 controls but not C1 ones nor bidi controls, and `jq -r` would
+        # unescape the rest onto a terminal.
         "messages": [
             {
                 "role": m.role,
-                "content": m.content,
+                "content": clean(m.content),
                 "state": m.state,
                 "created": m.created,
-                "sampling": m.sampling,
-                "stats": m.stats,
-                "images": m.images,
+                "sampling": clean_data(m.sampling),
+                "stats": clean_data(m.stats),
+                "images": [clean_line(name) for name in m.images],
             }
             for m in msgs
         ],
@@ -772,7 +978,7 @@ def _stats_line(stats: Mapping[str, Any]) -> str:
 
 
 def _export_markdown(conv: Conversation, msgs: list[Message]) -> str:
-    lines = [f"# {conv.title}", ""]
+    lines = [f"# {clean_line(conv.title)}", ""]
     for label, value in (
         ("Model", conv.model),
         ("Server", conv.server_url),
@@ -780,14 +986,15 @@ def _export_markdown(conv: Conversation, msgs: list[Message]) -> str:
         ("LMDeploy", conv.lmdeploy_version),
     ):
         if value:
-            lines.append(f"- {label}: {value}")
+            lines.append(f"- {label}: {clean_line(value)}")
     lines += [f"- Date: {_when(conv.created)}", ""]
     for m in msgs:
         lines += [f"## {m.role.capitalize()}", ""]
         if m.images:
-            lines += ["Images: " + ", ".join(m.images), ""]
-        if m.content:
-            lines += [m.content.rstrip("\n"), ""]
+            lines += ["Images: " + ", ".join(clean_line(name) for name in m.images), ""]
+        content = clean(m.content)
+        if content:
+            lines += [content.rstrip("\n"), ""]
         note = _PARTIAL_NOTES.get(m.state)
         if note and m.role == "assistant":
             lines += [note, ""]
@@ -803,8 +1010,10 @@ def _bad_import(detail: str) -> TuichatError:
 
 
 def _optional_text(value: Any, where: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return clean_line(value) or None  # an imported file is untrusted: no terminal sequences in it
     raise _bad_import(f"{where} must be text")
 
 
@@ -840,7 +1049,7 @@ def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     now = time.time()
     title = _optional_text(raw_conv.get("title"), "the conversation title")
     conv: dict[str, Any] = {
-        "title": " ".join((title or "").split()) or DEFAULT_TITLE,
+        "title": title or DEFAULT_TITLE,
         "created": _timestamp(raw_conv.get("created"), "conversation.created", now),
     }
     conv["updated"] = _timestamp(raw_conv.get("updated"), "conversation.updated", conv["created"])
@@ -872,12 +1081,12 @@ def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         msgs.append(
             {
                 "role": role,
-                "content": content,
+                "content": clean(content),
                 "state": state,
                 "created": _timestamp(raw.get("created"), f"{where}.created", conv["created"]),
-                "sampling": sampling,
-                "stats": stats,
-                "images": images,
+                "sampling": clean_data(sampling),
+                "stats": clean_data(stats),
+                "images": [name for name in (clean_line(image) for image in images) if name],
             }
         )
     return conv, msgs

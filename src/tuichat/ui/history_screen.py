@@ -4,6 +4,10 @@ Built on `tuichat.store.Store`, which is handed in by the app. Everything is dri
 80x24 terminal; the keys are Bindings with ids (so `[keys]` in the config can rebind them) and the screen's footer
 lists the ones that apply to what is focused. Search runs in a thread worker, a short pause after the last
 keystroke, so a prefix that matches thousands of messages never freezes typing.
+
+Every title, model name and snippet is cleaned again right where it is drawn (`tuichat.sanitize`): an imported
+chat must not drive the terminal. A conversation another live tuichat holds (`Store.claim`) is marked with that
+process's pid; picking it offers to read it here without writing, and deleting it is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from tuichat.sanitize import clean_line
 from tuichat.ui.screens import ConfirmScreen
 
 if TYPE_CHECKING:
-    from tuichat.store import Conversation, SearchHit, Store
+    from tuichat.store import Conversation, HeldBy, SearchHit, Store
 
 SEARCH_DELAY = 0.15  # seconds of typing pause before a search runs
 SEARCH_LIMIT = 50
@@ -40,10 +45,16 @@ _COLUMNS = ("title", "updated", "count", "model")
 
 @dataclass(frozen=True, slots=True)
 class HistoryChoice:
-    """What the user picked: a conversation, and the message a search hit pointed at (None from the list)."""
+    """What the user picked: a conversation, and the message a search hit pointed at (None from the list).
+    `held_by` is set when another live tuichat holds it and the user chose to read it here without writing."""
 
     conversation_id: int
     message_id: int | None = None
+    held_by: HeldBy | None = None
+
+    @property
+    def read_only(self) -> bool:
+        return self.held_by is not None
 
 
 def format_time(timestamp: float) -> str:
@@ -55,14 +66,14 @@ def short_model(model: str | None) -> str:
     """The last part of a model path or repo id, which is the part that tells models apart."""
     if not model:
         return ""
-    return model.rstrip("/").rsplit("/", 1)[-1]
+    return clean_line(model).rstrip("/").rsplit("/", 1)[-1]
 
 
 def snippet_text(snippet: str, marks: tuple[str, str] = _MARKS) -> Text:
     """A search snippet as Text, with the matched words highlighted; never interpreted as markup."""
     start, end = marks
     text = Text(no_wrap=False)
-    pieces = snippet.split(start)
+    pieces = clean_line(snippet).split(start)
     text.append(pieces[0].replace(end, ""))
     for piece in pieces[1:]:
         matched, _, rest = piece.partition(end)
@@ -71,8 +82,11 @@ def snippet_text(snippet: str, marks: tuple[str, str] = _MARKS) -> Text:
     return text
 
 
-def _fit(value: str, width: int) -> Text:
-    text = Text(value, no_wrap=True, overflow="ellipsis")
+def _fit(value: str, width: int, prefix: str = "") -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    if prefix:
+        text.append(prefix, style="italic")
+    text.append(clean_line(value))
     text.truncate(width, overflow="ellipsis")
     return text
 
@@ -158,6 +172,7 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         self.store = store
         self.conversations: list[Conversation] = []
         self.hits: list[SearchHit] = []
+        self.held: dict[int, HeldBy] = {}  # conversations other live tuichats hold, by id
         self.mode = "list"  # "list", "search" or "rename"
         self.searched = ""  # the query the hit list shows
         self._renaming: int | None = None
@@ -197,8 +212,10 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         """Read the conversation list from the store and show it."""
         try:
             self.conversations = self.store.list_conversations()
+            self.held = self.store.held_elsewhere()
         except Exception as exc:  # a broken history file must not take the app down
             self.conversations = []
+            self.held = {}
             self.notify(f"Could not read the history: {exc}", severity="error")
         self._fill_table()
 
@@ -227,8 +244,9 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         self._show_list_or_empty()
 
     def _cells(self, conv: Conversation, widths: dict[str, int]) -> list[Text]:
+        held = self.held.get(conv.id)
         return [
-            _fit(conv.title, widths["title"]),
+            _fit(conv.title, widths["title"], f"open in pid {held.pid} · " if held else ""),
             Text(format_time(conv.updated)),
             Text(str(conv.message_count).rjust(widths["count"]), no_wrap=True),
             _fit(short_model(conv.model), widths["model"]),
@@ -304,22 +322,46 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
             index = hits.highlighted if hits.highlighted is not None else 0
             if 0 <= index < len(self.hits):
                 hit = self.hits[index]
-                self.dismiss(HistoryChoice(hit.conversation_id, hit.message_id))
+                self._pick(hit.conversation_id, hit.message_id)
             return
         conv = self.current_conversation()
         if conv is not None:
-            self.dismiss(HistoryChoice(conv.id, None))
+            self._pick(conv.id, None)
 
     @on(DataTable.RowSelected, "#history-table")
     def _row_clicked(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value is not None:
-            self.dismiss(HistoryChoice(int(event.row_key.value), None))
+            self._pick(int(event.row_key.value), None)
 
     @on(OptionList.OptionSelected, "#history-hits")
     def _hit_clicked(self, event: OptionList.OptionSelected) -> None:
         if 0 <= event.option_index < len(self.hits):
             hit = self.hits[event.option_index]
-            self.dismiss(HistoryChoice(hit.conversation_id, hit.message_id))
+            self._pick(hit.conversation_id, hit.message_id)
+
+    def _pick(self, conv_id: int, message_id: int | None) -> None:
+        """Open a conversation; one another tuichat holds is offered read-only, since only one may write it."""
+        try:
+            held = self.store.holder(conv_id)  # asked now: the other tuichat may have quit since the list was read
+        except Exception:
+            held = None  # the app's own open will say what is wrong with the history
+        if held is None:
+            self.dismiss(HistoryChoice(conv_id, message_id))
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.dismiss(HistoryChoice(conv_id, message_id, held))
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"{held.sentence()} Only one tuichat can add to a chat. Read it here without writing? "
+                "(To continue it here, quit it there, then open it again.)",
+                yes="y / Enter = read it here",
+                no="n / Esc = back",
+            ),
+            answer,
+        )
 
     def action_back(self) -> None:
         if self.mode == "rename":
@@ -338,8 +380,8 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         self.mode = "rename"
         self._renaming = conv.id
         field = self.query_one("#history-rename", Input)
-        field.value = conv.title
-        field.cursor_position = len(conv.title)
+        field.value = clean_line(conv.title)
+        field.cursor_position = len(field.value)
         self.query_one("#history-rename-row").display = True
         field.focus()
         self.refresh_bindings()
@@ -376,6 +418,13 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         conv = self.current_conversation()
         if conv is None:
             return
+        try:
+            held = self.store.holder(conv.id)
+        except Exception:
+            held = None  # _delete reports a broken history
+        if held is not None:
+            self.notify(f"{held.sentence()} Quit it there before deleting this chat.", severity="error")
+            return
 
         def answer(yes: bool | None) -> None:
             if yes:
@@ -384,7 +433,8 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
         count = conv.message_count
         self.app.push_screen(
             ConfirmScreen(
-                f"Delete “{conv.title}” and its {count} message{'s' if count != 1 else ''}? This cannot be undone."
+                f"Delete “{clean_line(conv.title)}” and its {count} message{'s' if count != 1 else ''}? "
+                "This cannot be undone."
             ),
             answer,
         )
