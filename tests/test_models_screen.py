@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from textual.widgets import Input, Static
 
 from tuichat.config import add_profile, load_config
 from tuichat.gpu import FakeGpuReader, GpuInfo
+from tuichat.procgroup import group_pids, process_start_ticks, spawn_group
+from tuichat.quantize import Probes, default_record_dir, find_orphan_jobs
 from tuichat.ui.models_screen import ModelsResult, ModelsScreen, ModelsTable, column_widths
 from tuichat.ui.quantize_screen import QuantizeScreen
 from tuichat.ui.screens import ConfirmScreen
@@ -291,7 +295,14 @@ async def test_rescan_finds_a_new_model_and_an_empty_machine_says_what_to_do(hom
 
 async def test_q_quantizes_the_highlighted_model_and_returns_with_its_profile(root: Path) -> None:
     command = [sys.executable, str(FAKE), "--fake-seconds", "0.2"]
-    app, screen = picker(quantize_command=command)
+    online = Probes(
+        has_module=lambda python, name: True,
+        hub_reachable=lambda: True,
+        dataset_cached=lambda name: False,
+        gpu_snapshot=lambda: None,
+        disk_free=lambda path: 10**15,
+    )
+    app, screen = picker(quantize_command=command, quantize_probes=online)
     async with app.run_test(size=(100, 30)) as pilot:
         await scanned(pilot, screen)
         await highlight(pilot, screen, "tiny-awq")
@@ -328,3 +339,55 @@ def test_column_widths_fill_the_table_and_keep_short_columns_whole() -> None:
     assert widths["dtype"] == 8 and widths["size"] == 6 and widths["vlm"] == 3
     wide = column_widths(rows, 119)
     assert wide["name"] >= len(rows[0]["name"]) and wide["arch"] == len(rows[0]["arch"])
+
+
+def leave_an_orphan_job(tmp_path: Path) -> tuple[int, Path]:
+    """What a tuichat killed mid-quantize leaves: a running job group, its staging folder, its record."""
+    staging = tmp_path / "models" / ".tiny-chat-awq-w4.partial-abcd1234"
+    staging.mkdir(parents=True)
+    (staging / "inputs_stats.pth").write_bytes(b"partial")
+    job = spawn_group([sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "job.log")
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()  # the tuichat that started the job, now gone
+    record = {
+        "pid": job.pid,
+        "start_ticks": process_start_ticks(job.pid),
+        "owner_pid": owner.pid,
+        "owner_ticks": None,
+        "started": time.time(),
+        "staging": str(staging),
+        "out": str(tmp_path / "models" / "tiny-chat-awq-w4"),
+        "model": str(tmp_path / "models" / "tiny-chat"),
+    }
+    default_record_dir().mkdir(parents=True, exist_ok=True)
+    (default_record_dir() / f"job-{job.pid}-000000.json").write_text(json.dumps(record))
+    return job.pid, staging
+
+
+async def test_a_job_left_by_a_dead_tuichat_is_offered_for_clean_up(tmp_path: Path, root: Path) -> None:
+    pid, staging = leave_an_orphan_job(tmp_path)
+    app, screen = picker()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        question = screen_text(app)
+        assert "started" in question and "by a tuichat that has ended, is still running" in question
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "Cleaned up: stopped the job" in message(screen), timeout=20)
+    assert not group_pids(pid)
+    assert not staging.exists()
+    assert find_orphan_jobs() == []
+
+
+async def test_declining_the_clean_up_leaves_the_job_for_next_time(tmp_path: Path, root: Path) -> None:
+    pid, staging = leave_an_orphan_job(tmp_path)
+    try:
+        app, screen = picker()
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("n")
+            await wait_for(pilot, lambda: "offered again next time" in message(screen))
+        assert group_pids(pid) and staging.exists()
+        assert [o.pid for o in find_orphan_jobs()] == [pid]
+    finally:
+        for orphan in find_orphan_jobs():
+            orphan.clean_up(timeout=2.0)

@@ -12,16 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fake_lite
 import pytest
 from apphelpers import screen_text, wait_for
 from textual.app import App
 from textual.pilot import Pilot
-from textual.widgets import Input, ProgressBar, Static
+from textual.widgets import Input, ProgressBar, Select, Static
 
 from tuichat.config import load_config
+from tuichat.gpu import FakeGpuReader, GpuInfo
 from tuichat.procgroup import group_pids
 from tuichat.profiles import parse_profile
-from tuichat.ui.quantize_screen import QuantizeScreen, default_output, model_base_name
+from tuichat.quantize import Probes
+from tuichat.store import Store
+from tuichat.ui.quantize_screen import CALIB_CHOICES, QuantizeScreen, default_output, model_base_name
 from tuichat.ui.screens import ConfirmScreen
 
 FAKE = Path(__file__).with_name("fake_lite.py")
@@ -36,6 +40,21 @@ CONFIG = {
     "vocab_size": 1024,
     "torch_dtype": "bfloat16",
 }
+
+
+GB = 1000**3
+# a machine with `datasets` and a hub, and plenty of disk; GPU memory is read through the screen's reader
+ONLINE = Probes(
+    has_module=lambda python, name: True,
+    hub_reachable=lambda: True,
+    dataset_cached=lambda name: False,
+    gpu_snapshot=lambda: None,
+    disk_free=lambda path: 10**15,
+)
+OFFLINE = Probes(
+    **{**vars(ONLINE), "has_module": lambda python, name: name != "datasets", "hub_reachable": lambda: False}
+)
+GPU = FakeGpuReader([GpuInfo(0, "NVIDIA H200", "GPU-0", mem_used=1 * GB, mem_total=140 * GB)])
 
 
 class Host(App[None]):
@@ -75,8 +94,8 @@ def fake(*switches: str) -> list[str]:
     return [sys.executable, str(FAKE), "--fake-seconds", "0.3", *switches]
 
 
-def form(model: Path | str, *switches: str) -> tuple[Host, QuantizeScreen]:
-    screen = QuantizeScreen(load_config(), str(model), command=fake(*switches))
+def form(model: Path | str, *switches: str, probes: Probes = ONLINE) -> tuple[Host, QuantizeScreen]:
+    screen = QuantizeScreen(load_config(), str(model), command=fake(*switches), probes=probes, gpu_reader=GPU)
     screen.cancel_timeout = 1.0  # the fake's worker ignores SIGINT: SIGTERM follows after half of this
     return Host(screen), screen
 
@@ -265,3 +284,94 @@ async def test_an_existing_output_folder_is_replaced_only_after_yes(model: Path)
         assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
         assert leftovers(model.parent) == []
         parse_profile("tiny-chat-awq-w4", {"model": str(out), "model_format": "awq"}, "config.toml")
+
+
+TEXT = "The harbour filled with gulls, fishermen and the smell of bread, and the fog lifted slowly. " * 60
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake lmdeploy, torch and transformers for tuichat's calibration entry, on the job's PYTHONPATH."""
+    folder = fake_lite.make_site(tmp_path / "site")
+    monkeypatch.setenv("PYTHONPATH", str(folder))
+    return folder
+
+
+async def choose_calibration(pilot: Pilot[Any], screen: QuantizeScreen, value: str) -> None:
+    screen.query_one("#qz-calib", Select).value = value
+    await pilot.pause()
+
+
+async def test_ptb_is_not_offered_and_an_offline_machine_is_told_the_offline_routes(model: Path) -> None:
+    app, screen = form(model, probes=OFFLINE)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, screen)
+        values = [value for _, value in CALIB_CHOICES]
+        assert "ptb" not in values and values[:2] == ["file", "history"] and values[-1] == "none"
+        assert not screen.query_one("#qz-calib-file", Input).display  # only for local text
+        await pilot.press("ctrl+s")  # wikitext2 by default: this machine has neither datasets nor a hub
+        await wait_for(pilot, lambda: "'datasets' package" in message_text(screen))
+        assert screen.state == "idle" and screen.job is None
+        assert "--calib-file" in message_text(screen) and "--calib-samples 0" in message_text(screen)
+        assert not (model.parent / "tiny-chat-awq-w4").exists()
+
+
+async def test_local_text_from_the_form_calibrates_offline_and_shows_sizes_and_fit(
+    model: Path, home: Path, site: Path
+) -> None:
+    corpus = home / "corpus.txt"
+    corpus.write_text(TEXT)
+    header = json.dumps(
+        {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [500_000], "data_offsets": [0, 10**6]}}
+    )
+    with (model / "model.safetensors").open("wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header.encode() + bytes(10**6))
+    app, screen = form(model, probes=OFFLINE)
+    async with app.run_test(size=(110, 40)) as pilot:
+        await opened(pilot, screen)
+        await choose_calibration(pilot, screen, "file")
+        field = screen.query_one("#qz-calib-file", Input)
+        assert field.display and field.has_focus
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: "Give the calibration text" in message_text(screen))
+        field.value = "~/corpus.txt"
+        screen.query_one("#qz-samples", Input).value = "4"
+        screen.query_one("#qz-seqlen", Input).value = "512"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
+        assert screen.state == "done", message_text(screen)
+        text = message_text(screen)
+        assert "Calibrated on local text" in text and "4 samples of 512 tokens" in text
+        assert "Weights: 1.0 MB before, " in text
+        assert "Fit of the original model on GPU 0" in text and "Fit of the quantized model on GPU 0" in text
+        assert 'backend = "pytorch"' in text
+        out = model.parent / "tiny-chat-awq-w4"
+        assert json.loads((out / "inputs_stats.pth").read_text())["first"] in TEXT
+        assert load_config().profiles["tiny-chat-awq-w4"].model_format == "awq"
+
+
+async def test_history_with_too_little_text_is_refused_in_a_sentence(model: Path) -> None:
+    with Store.open() as store:
+        conv = store.create_conversation()
+        store.add_message(conv, "user", "hello")
+        store.add_message(conv, "assistant", "hi there")
+    app, screen = form(model, probes=OFFLINE)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, screen)
+        await choose_calibration(pilot, screen, "history")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: "Your saved conversations has" in message_text(screen))
+        assert "but 128 were asked" in message_text(screen)
+        assert screen.job is None and screen.state == "idle"
+
+
+async def test_data_free_from_the_form_says_it_costs_quality(model: Path) -> None:
+    app, screen = form(model, probes=OFFLINE)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, screen)
+        await choose_calibration(pilot, screen, "none")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
+        assert screen.state == "done", message_text(screen)
+        assert "Quantized data-free (no calibration)" in message_text(screen)
+        assert not any("Loading calibrate dataset" in line for line in screen.lines)

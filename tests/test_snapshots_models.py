@@ -24,6 +24,7 @@ from textual.widgets import Input
 
 from tuichat.config import load_config
 from tuichat.gpu import FakeGpuReader, GpuInfo
+from tuichat.quantize import Probes
 from tuichat.ui.models_screen import ModelsScreen, ModelsTable
 from tuichat.ui.quantize_screen import QuantizeScreen
 
@@ -120,11 +121,23 @@ async def naming_ready(pilot: Pilot[Any]) -> None:
     await pilot.pause(0.1)
 
 
+ONLINE = Probes(
+    has_module=lambda python, name: True,
+    hub_reachable=lambda: True,
+    dataset_cached=lambda name: False,
+    gpu_snapshot=lambda: None,
+    disk_free=lambda path: 10**15,
+)
+
+
 def quantize_app(home: Path, model: str, *switches: str) -> Host:
     command = [sys.executable, str(FAKE), "--fake-seconds", "0.1", *switches]
+    gpu = FakeGpuReader([GpuInfo(0, "NVIDIA H200", "GPU-0", mem_used=2 * GB, mem_total=140 * GB)])
 
     def make() -> QuantizeScreen:
-        screen = QuantizeScreen(load_config(), str(home / "models" / model), command=command)
+        screen = QuantizeScreen(
+            load_config(), str(home / "models" / model), command=command, probes=ONLINE, gpu_reader=gpu
+        )
         screen.clock = lambda: 0.0  # elapsed time reads 00:00 however long the run took
         return screen
 

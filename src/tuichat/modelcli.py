@@ -2,7 +2,10 @@
 
 `quantize` prints one progress line per change (rewritten in place on a terminal), keeps lmdeploy's whole output
 in a log file, and on Ctrl+C stops every process of the job and removes the partial output before exiting 130.
-On success it prints the new profile's TOML and saves it into config.toml.
+Calibration comes from local text (--calib-file), the user's saved conversations (--calib-history), a set
+lmdeploy downloads (--calib-dataset) or nothing (--calib-samples 0). A job left behind by a tuichat that died is
+offered for clean-up first. On success it prints the weights' size before and after, the fit estimate of both,
+and the new profile's TOML, and saves the profile into config.toml.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, TextIO
 
 from tuichat import paths
 from tuichat.errors import TuichatError
-from tuichat.gpu import format_bytes
+from tuichat.gpu import GpuSnapshot, format_bytes
 from tuichat.models import (
     DiscoveryResult,
     ModelInfo,
@@ -29,11 +32,13 @@ from tuichat.models import (
     profile_notes,
 )
 from tuichat.quantize import (
+    CALIB_DATASETS,
     DEFAULT_CALIB_DATASET,
     JobStatus,
     QuantizeJob,
     QuantizeOptions,
     default_command,
+    find_orphan_jobs,
     format_elapsed,
 )
 
@@ -53,21 +58,43 @@ def add_subcommands(subparsers: Any) -> None:
         "quantize",
         help="W4A16 AWQ quantization with lmdeploy lite auto_awq",
         description="Quantize MODEL's weights to 4 bits with lmdeploy's AWQ (lmdeploy lite auto_awq) into DIR, "
-        "then add a launch profile for the result. Ctrl+C cancels and leaves nothing behind.",
+        "then add a launch profile for the result. Calibration data, best first: --calib-file (local text), "
+        "--calib-history (your saved conversations), --calib-dataset (downloaded from the Hugging Face hub), or "
+        "--calib-samples 0 (data-free, lower quality). The first two and data-free need no internet. "
+        "Ctrl+C cancels and leaves nothing behind.",
     )
     q.add_argument("model", help="a model folder, or a hub id such as internlm/internlm2-chat-1_8b")
     q.add_argument("--out", required=True, metavar="DIR", help="folder for the quantized model")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default 128)")
-    q.add_argument(
+    calib = q.add_mutually_exclusive_group()
+    calib.add_argument(
+        "--calib-file",
+        metavar="PATH",
+        help="calibrate on local text: a .txt, .md or .jsonl file, or a folder of them (offline)",
+    )
+    calib.add_argument(
+        "--calib-history",
+        action="store_true",
+        help="calibrate on your saved conversations (user and assistant turns; offline)",
+    )
+    calib.add_argument(
         "--calib-dataset",
-        default=DEFAULT_CALIB_DATASET,
-        help=f"calibration set, downloaded from the Hugging Face hub (default {DEFAULT_CALIB_DATASET})",
+        metavar="NAME",
+        help=f"calibration set downloaded from the Hugging Face hub: {', '.join(CALIB_DATASETS)} "
+        f"(default {DEFAULT_CALIB_DATASET} when no other source is given)",
     )
     q.add_argument("--calib-samples", type=int, default=128, help="calibration samples; 0: data-free (default 128)")
     q.add_argument("--calib-seqlen", type=int, default=1024, help="tokens per calibration sample (default 1024)")
     q.add_argument("--dtype", choices=["auto", "float16", "bfloat16"], help="float16 for GPUs without bfloat16")
-    q.add_argument("--yes", action="store_true", help="replace an existing output folder or profile without asking")
+    q.add_argument(
+        "--trust-remote-code", action="store_true", help="let the model's own code run (lmdeploy's flag of that name)"
+    )
+    q.add_argument(
+        "--yes",
+        action="store_true",
+        help="replace an existing output folder or profile, and clean up jobs a dead tuichat left, without asking",
+    )
     q.add_argument("--profile-name", metavar="NAME", help="name of the profile to add (default: from DIR)")
     q.add_argument("--no-profile", action="store_true", help="do not add a profile to config.toml")
     q.add_argument("--log", metavar="FILE", help="where to keep lmdeploy's output (default: under the state dir)")
@@ -150,17 +177,21 @@ def _confirm(question: str) -> bool:
 def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    _offer_orphan_cleanup(args.yes, out, err)
     command = shlex.split(args.lmdeploy) if args.lmdeploy else default_command()
     opts = QuantizeOptions(
         model=args.model,
         out=Path(args.out).expanduser(),
         w_bits=args.w_bits,
         group_size=args.group_size,
-        calib_dataset=args.calib_dataset,
+        calib_dataset=args.calib_dataset or DEFAULT_CALIB_DATASET,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
         command=command,
         dtype=args.dtype,
+        calib_file=Path(args.calib_file).expanduser() if args.calib_file else None,
+        calib_history=args.calib_history,
+        trust_remote_code=args.trust_remote_code,
     )
 
     # Settle the profile name before hours of work, so a clash cannot spoil the end.
@@ -193,6 +224,9 @@ def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextI
     log_path = Path(args.log).expanduser() if args.log else _default_log(target)
     job = QuantizeJob.start(opts, log_path, overwrite=overwrite)
     out.write(f"quantizing {opts.model} into {job.out} (pid {job.pid}); log: {job.log_path}\n")
+    out.write(f"calibration: {opts.calib_words}\n")
+    for note in job.notes:
+        out.write(f"note: {note}\n")
     out.write("Ctrl+C cancels and removes the partial output.\n")
     out.flush()
 
@@ -210,9 +244,28 @@ def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         return 1
 
     out.write(f"done in {format_elapsed(status.elapsed_s)}: {job.out}\n")
+    for line in job.summary(_gpu_snapshot()):
+        out.write(f"{line}\n")
     if profile_name is not None:
         _save_profile(job, profile_name, out, err)
     return 0
+
+
+def _gpu_snapshot() -> GpuSnapshot | None:
+    from tuichat import quantize
+
+    return quantize.DEFAULT_PROBES.gpu_snapshot()
+
+
+def _offer_orphan_cleanup(yes: bool, out: TextIO, err: TextIO) -> None:
+    """Jobs a tuichat left running or half-written when it died: clean up on yes, else say how."""
+    for orphan in find_orphan_jobs():
+        err.write(f"tuichat: {orphan.describe()}\n")
+        if yes or _confirm("Stop it (if it runs) and remove its partial output?"):
+            out.write(f"{orphan.clean_up()}\n")
+        else:
+            err.write("tuichat: left as it is; run `tuichat quantize` again with --yes to clean it up.\n")
+    out.flush()
 
 
 def _default_log(target: Path) -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuichat.errors import TuichatError
-from tuichat.gpu import format_bytes
+from tuichat.gpu import GpuInfo, GpuSnapshot, format_bytes
 
 # Weight files: what the GPU has to hold. Calibration statistics (lmdeploy's *_stats.pth) are not weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -345,6 +345,11 @@ def _text_config(config: Mapping[str, object]) -> Mapping[str, object]:
     return config
 
 
+def config_section(config: Mapping[str, object]) -> Mapping[str, object]:
+    """The language model's part of a config.json (VLMs nest it), where its shape numbers are."""
+    return _text_config(config)
+
+
 def _dtype(config: Mapping[str, object]) -> str | None:
     for cfg in (config, _text_config(config)):
         for key in ("torch_dtype", "dtype"):
@@ -496,6 +501,14 @@ def looks_like_hub_id(s: str) -> bool:
 
 
 # ---------------------------------------------------------------- fit
+
+
+def roomiest_gpu(snapshot: GpuSnapshot) -> GpuInfo | None:
+    """The GPU with the most free memory (a one-GPU server goes there), among those whose memory is known."""
+    known = [g for g in snapshot.gpus if g.mem_total is not None and g.mem_used is not None]
+    if not known:
+        return None
+    return max(known, key=lambda g: (g.mem_total or 0) - (g.mem_used or 0))
 
 
 def fit_estimate(

@@ -14,29 +14,54 @@ Progress comes from what lmdeploy 0.18 prints (read from its source and seen on 
     Writing model shards: 100%|...                           saving (tqdm, carriage returns)
 Lines are matched by their fixed words anywhere in a line, with any layer path (`language_model.model.layers.3`),
 so prefixes such as timestamps and other model families keep working.
+
+Calibration comes from local text (`calib_file`, or the user's saved conversations written to a private temp
+file), from a set lmdeploy downloads (`calib_dataset`), or from nothing (`calib_samples = 0`, data-free). Local
+text runs through tuichat's own entry (`python -m tuichat.calib_entry`, see that module) in the job's process
+group, so nothing needs the hub. `preflight` refuses before any GPU work what cannot work (an architecture
+lmdeploy cannot quantize, sizes the group size does not divide, a full disk or GPU, a named set on a machine
+without `datasets` or the hub, too little text).
+
+Each running job has a record (state dir, `quantize/jobs/`) naming its process group, its owner (this tuichat)
+and its staging folder. A tuichat that died mid-job leaves the record behind; `find_orphan_jobs` finds it on the
+next start and `OrphanJob.clean_up` stops the group if it still runs and removes the staging folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from typing import Literal
 
+from tuichat import calib_entry, paths
 from tuichat.errors import TuichatError
-from tuichat.models import inspect_model, looks_like_hub_id, profile_for
-from tuichat.procgroup import StopResult, group_pids, spawn_group, stop_group
+from tuichat.gpu import GpuSnapshot, format_bytes
+from tuichat.models import (
+    ModelInfo,
+    config_section,
+    fit_estimate,
+    hf_cache_dir,
+    inspect_model,
+    looks_like_hub_id,
+    profile_for,
+    roomiest_gpu,
+)
+from tuichat.procgroup import StopResult, group_pids, pid_alive, process_start_ticks, spawn_group, stop_group
 
 # lmdeploy 0.18 dropped 'ptb' (the tutorial's choice): `--calib-dataset ptb` exits 2 with "invalid choice".
 DEFAULT_CALIB_DATASET = "wikitext2"
@@ -51,6 +76,38 @@ _DATASET_REPOS = {
     "open-platypus": "garage-bAInd/Open-Platypus",
     "openwebtext": "Skylion007/openwebtext",
 }
+
+# lmdeploy 0.18's lite/apis/calibrate.py LAYER_TYPE_MAP: the model classes auto_awq knows how to walk
+QUANTIZABLE_ARCHITECTURES = (
+    "InternLM2ForCausalLM",
+    "InternLM3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Qwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration",
+    "LlamaForCausalLM",
+    "LlavaLlamaForCausalLM",
+    "MGMLlamaForCausalLM",
+    "InternS2PreviewForConditionalGeneration",
+    "Phi3ForCausalLM",
+    "ChatGLMForConditionalGeneration",
+    "MixtralForCausalLM",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "MistralForCausalLM",
+)
+CalibSource = Literal["file", "history", "dataset", "none"]
+CALIB_SOURCE_WORDS: dict[str, str] = {
+    "file": "local text",
+    "history": "your saved conversations",
+    "dataset": "a downloaded set",
+    "none": "no data (data-free, lower quality)",
+}
+_OFFLINE_ROUTES = (
+    "--calib-file PATH (a local .txt, .md or .jsonl file, or a folder of them), --calib-history (your saved "
+    "conversations), or --calib-samples 0 (data-free, at some cost in quality)"
+)
 
 JobState = Literal["running", "done", "failed", "cancelled"]
 PHASES = ("starting", "loading", "calibrating", "smoothing", "quantizing", "saving")
@@ -74,6 +131,42 @@ class QuantizeOptions:
     calib_seqlen: int = 1024
     command: list[str] = field(default_factory=default_command)
     dtype: str | None = None  # 'float16' for GPUs without bfloat16
+    calib_file: Path | None = None  # local text (a file or a folder): calibrated by tuichat's entry, offline
+    calib_history: bool = False  # the user's saved conversations, written to a private temp file
+    trust_remote_code: bool = False  # passed to lmdeploy and the tokenizer, as lmdeploy's own flag
+    python: str | None = None  # the Python that runs tuichat's entry; None: the one `command` uses
+
+    @property
+    def calib_source(self) -> CalibSource:
+        if self.calib_samples == 0:
+            return "none"
+        if self.calib_file is not None:
+            return "file"
+        if self.calib_history:
+            return "history"
+        return "dataset"
+
+    @property
+    def calib_words(self) -> str:
+        """Where the calibration data comes from, in words."""
+        source = self.calib_source
+        if source == "file" and self.calib_file is not None:
+            return f"local text ({self.calib_file})"
+        if source == "dataset":
+            return f"the {self.calib_dataset} set (downloaded from the Hugging Face hub)"
+        return CALIB_SOURCE_WORDS[source]
+
+
+def check_dataset_name(name: str) -> None:
+    """Refuse a set lmdeploy 0.18 does not offer, naming those it does."""
+    if name in CALIB_DATASETS:
+        return
+    valid = ", ".join(CALIB_DATASETS)
+    dropped = " (lmdeploy 0.18 dropped the tutorial's ptb)" if name.strip().lower() == "ptb" else ""
+    raise TuichatError(
+        f"'{name}' is not a calibration set lmdeploy offers{dropped}: use one of {valid}, or calibrate offline "
+        f"with {_OFFLINE_ROUTES}."
+    )
 
 
 def validate_options(opts: QuantizeOptions) -> None:
@@ -90,20 +183,372 @@ def validate_options(opts: QuantizeOptions) -> None:
         raise TuichatError(f"--calib-seqlen must be 1 or more (got {opts.calib_seqlen}).")
     if opts.dtype not in (None, "auto", "float16", "bfloat16"):
         raise TuichatError(f"--dtype must be auto, float16 or bfloat16 (got {opts.dtype}).")
-    if not opts.calib_dataset or any(ch.isspace() for ch in opts.calib_dataset):
-        raise TuichatError(f"--calib-dataset must be a name such as {DEFAULT_CALIB_DATASET}.")
+    if opts.calib_file is not None and opts.calib_history:
+        raise TuichatError("Give either --calib-file or --calib-history, not both: each is a whole calibration set.")
+    if opts.calib_samples == 0 and (opts.calib_file is not None or opts.calib_history):
+        raise TuichatError(
+            "--calib-samples 0 quantizes without calibration data, so the calibration text would go unused: "
+            "give a number of samples (e.g. 64), or drop --calib-file / --calib-history."
+        )
+    if opts.calib_source == "dataset":
+        check_dataset_name(opts.calib_dataset)
 
 
-def build_argv(opts: QuantizeOptions, work_dir: Path | None = None) -> list[str]:
-    """The argv of the run; lmdeploy writes into `work_dir` (the job's staging folder), by default `opts.out`."""
-    argv = [*opts.command, "lite", "auto_awq", opts.model]
-    argv += ["--calib-dataset", opts.calib_dataset]
+def job_python(opts: QuantizeOptions) -> str:
+    """The Python that has lmdeploy: `opts.python`, else the one `opts.command` runs, else this one."""
+    if opts.python:
+        return opts.python
+    command = opts.command
+    if len(command) >= 2 and (command[1] == "-m" or command[1].endswith(".py")):
+        return command[0]
+    if command:
+        exe = shutil.which(command[0]) or command[0]
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(exe, encoding="utf-8") as fh:
+                first = fh.readline().strip()
+            if first.startswith("#!") and "python" in first:
+                parts = first[2:].split()
+                # `#!/usr/bin/env python3` names the interpreter second
+                return parts[1] if Path(parts[0]).name == "env" and len(parts) > 1 else parts[0]
+    return sys.executable
+
+
+def _same_python(python: str) -> bool:
+    found = shutil.which(python) or python
+    with contextlib.suppress(OSError):
+        return os.path.samefile(found, sys.executable)
+    return False
+
+
+def entry_prefix(python: str) -> list[str]:
+    """How to run tuichat's calibration entry under `python`: as a module here, by its file elsewhere."""
+    if _same_python(python):
+        return [python, "-m", "tuichat.calib_entry"]
+    return [python, calib_entry.__file__]
+
+
+def build_argv(opts: QuantizeOptions, work_dir: Path | None = None, calib_path: Path | None = None) -> list[str]:
+    """The argv of the run; lmdeploy writes into `work_dir` (the job's staging folder), by default `opts.out`.
+
+    Local text (`calib_path`, by default `opts.calib_file`) runs tuichat's entry; a named set or data-free
+    quantization runs `lmdeploy lite auto_awq` itself.
+    """
+    source = opts.calib_source
+    local = calib_path if calib_path is not None else opts.calib_file
+    if source in ("file", "history"):
+        if local is None:
+            raise TuichatError("The calibration text has not been written yet: start the job with QuantizeJob.start.")
+        argv = [*entry_prefix(job_python(opts)), opts.model, "--calib-file", str(local)]
+    else:
+        argv = [*opts.command, "lite", "auto_awq", opts.model]
+        argv += ["--calib-dataset", opts.calib_dataset]
     argv += ["--calib-samples", str(opts.calib_samples), "--calib-seqlen", str(opts.calib_seqlen)]
     argv += ["--w-bits", str(opts.w_bits), "--w-group-size", str(opts.group_size)]
     argv += ["--work-dir", str(work_dir if work_dir is not None else opts.out)]
     if opts.dtype is not None:
         argv += ["--dtype", opts.dtype]
+    if opts.trust_remote_code:
+        argv += ["--trust-remote-code"]
     return argv
+
+
+# ---------------------------------------------------------------- calibration text
+
+
+def history_text(store_path: Path | None = None) -> str:
+    """The user and assistant turns of every saved conversation (oldest first), without control sequences."""
+    from tuichat import store as store_mod
+    from tuichat.sanitize import clean
+
+    path = store_mod.default_path() if store_path is None else Path(store_path)
+    if not path.is_file():
+        return ""
+    blocks: list[str] = []
+    with store_mod.Store.open(path) as db:
+        for conv in reversed(db.list_conversations()):
+            for msg in db.messages(conv.id):
+                if msg.role in ("user", "assistant"):
+                    text = clean(msg.content).strip()
+                    if text:
+                        blocks.append(text)
+    return "\n\n".join(blocks)
+
+
+def write_private_temp(text: str, folder: Path) -> Path:
+    """`text` in a new 0600 file under `folder` (0700): conversations are private."""
+    paths.ensure_private_dir(folder)
+    fd, name = tempfile.mkstemp(prefix="calib-history-", suffix=".txt", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def local_text(opts: QuantizeOptions, store_path: Path | None = None) -> str:
+    """The calibration text of a local source; a TuichatError sentence when there is none or too little."""
+    if opts.calib_source == "history":
+        text = history_text(store_path)
+        if not text.strip():
+            raise TuichatError(
+                "There are no saved conversations to calibrate on: chat a while first, or use " + _OFFLINE_ROUTES + "."
+            )
+        what = "Your saved conversations"
+    else:
+        assert opts.calib_file is not None
+        try:
+            text = calib_entry.read_text(opts.calib_file)
+        except calib_entry.CalibrationError as exc:
+            raise TuichatError(str(exc)) from None
+        what = "The calibration text"
+    # A token is at least one byte in byte-level BPE and SentencePiece alike: fewer bytes can never be enough.
+    size = len(text.encode("utf-8"))
+    if size < opts.calib_samples * opts.calib_seqlen:
+        raise TuichatError(
+            calib_entry.too_little_text(size, opts.calib_samples, opts.calib_seqlen, what).replace(
+                f"has {size} tokens", f"has {size} bytes, so at most {size} tokens"
+            )
+        )
+    return text
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def _has_module(python: str, name: str) -> bool:
+    if _same_python(python):
+        return importlib.util.find_spec(name) is not None
+    code = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 1)"
+    try:
+        return subprocess.run([python, "-c", code, name], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in (
+        "",
+        "0",
+    ):
+        return False
+    import httpx
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        return httpx.head(endpoint, timeout=4.0, follow_redirects=False).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def _dataset_cached(name: str) -> bool:
+    """True if the set's hub files are in the Hugging Face cache (datasets can then load them offline)."""
+    repo = _DATASET_REPOS.get(name, name)
+    hub = hf_cache_dir()
+    home = hub.parent
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+    candidates = [hub / f"datasets--{repo.replace('/', '--')}", datasets_cache / repo.replace("/", "___")]
+    return any(c.is_dir() for c in candidates)
+
+
+def _gpu_snapshot() -> GpuSnapshot | None:
+    from tuichat.gpu import NvmlReader
+
+    reader = NvmlReader()
+    try:
+        return reader.read()
+    except Exception:  # no NVML at all: nothing to check against
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()
+
+
+def _disk_free(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return shutil.disk_usage("/").free
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What preflight asks of the machine; tests give fakes (no hub, no GPU, no network)."""
+
+    has_module: Callable[[str, str], bool] = _has_module
+    hub_reachable: Callable[[], bool] = _hub_reachable
+    dataset_cached: Callable[[str], bool] = _dataset_cached
+    gpu_snapshot: Callable[[], GpuSnapshot | None] = _gpu_snapshot
+    disk_free: Callable[[Path], int] = _disk_free
+
+
+DEFAULT_PROBES = Probes()  # looked up at each preflight, so a test can swap it for the whole CLI
+
+
+def _model_config(model: str) -> dict[str, object] | None:
+    path = Path(model).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _architectures(config: Mapping[str, object]) -> list[str]:
+    names: list[str] = []
+    for cfg in (config, config_section(config)):
+        archs = cfg.get("architectures")
+        if isinstance(archs, list):
+            names += [a for a in archs if isinstance(a, str) and a not in names]
+    return names
+
+
+def _positive_int(cfg: Mapping[str, object], key: str) -> int | None:
+    value = cfg.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _largest_group(sizes: Sequence[int], limit: int) -> int:
+    group = limit
+    while group > 1 and any(size % group for size in sizes):
+        group //= 2
+    return group
+
+
+def check_architecture(model: str, config: Mapping[str, object], group_size: int) -> None:
+    """The architecture is one auto_awq can walk, and the group size divides the layers' widths."""
+    archs = _architectures(config)
+    if not any(a in QUANTIZABLE_ARCHITECTURES for a in archs):
+        named = ", ".join(archs) or str(config.get("model_type") or "an unnamed architecture")
+        raise TuichatError(
+            f"lmdeploy 0.18 cannot AWQ-quantize {model}: its architecture ({named}) is not one it knows "
+            f"({', '.join(QUANTIZABLE_ARCHITECTURES)}). Use a model of one of those families, or an AWQ model "
+            "someone has published."
+        )
+    text = config_section(config)
+    sizes = {
+        k: v for k in ("hidden_size", "intermediate_size", "moe_intermediate_size") if (v := _positive_int(text, k))
+    }
+    bad = {k: v for k, v in sizes.items() if v % group_size}
+    if bad:
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        fit = _largest_group(list(sizes.values()), group_size)
+        raise TuichatError(
+            f"The group size {group_size} does not divide the model's {what}, so its weights cannot be grouped: "
+            f"use --group-size {fit} (the largest power of two that divides them all)."
+        )
+
+
+def _layer_shapes(config: Mapping[str, object]) -> tuple[int, int, int, int, int] | None:
+    """(hidden, layers, vocab, linear params per layer, intermediate) from a config, or None."""
+    cfg = config_section(config)
+    hidden = _positive_int(cfg, "hidden_size")
+    layers = _positive_int(cfg, "num_hidden_layers")
+    vocab = _positive_int(cfg, "vocab_size")
+    if not hidden or not layers or not vocab:
+        return None
+    heads = _positive_int(cfg, "num_attention_heads") or max(1, hidden // 128)
+    kv_heads = _positive_int(cfg, "num_key_value_heads") or heads
+    head_dim = _positive_int(cfg, "head_dim") or hidden // heads
+    inter = _positive_int(cfg, "intermediate_size") or 4 * hidden
+    experts = _positive_int(cfg, "num_local_experts") or _positive_int(cfg, "num_experts") or 1
+    expert_inter = _positive_int(cfg, "moe_intermediate_size") or inter
+    attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp = 3 * hidden * (expert_inter * experts if experts > 1 else inter)
+    return hidden, layers, vocab, attn + mlp, inter
+
+
+def estimate_output_bytes(info: ModelInfo, config: Mapping[str, object], w_bits: int, group_size: int) -> int:
+    """About how big the AWQ model will be: packed linear layers, everything else in 16 bits, plus the rest."""
+    other_files = max(0, info.size_bytes - info.weights_bytes)
+    shapes = _layer_shapes(config)
+    if shapes is None or not info.params_estimate:
+        return info.weights_bytes + other_files
+    _, layers, _, linear_per_layer, _ = shapes
+    linear = min(layers * linear_per_layer, info.params_estimate)
+    rest = info.params_estimate - linear
+    packed = linear * w_bits // 8 + (linear // group_size) * 4  # fp16 scale + packed zero point per group
+    return rest * 2 + packed + other_files
+
+
+def estimate_gpu_bytes(config: Mapping[str, object], opts: QuantizeOptions) -> int | None:
+    """About the GPU memory auto_awq needs: embeddings, one layer at a time, every sample's activations."""
+    shapes = _layer_shapes(config)
+    if shapes is None:
+        return None
+    hidden, _, vocab, linear_per_layer, inter = shapes
+    weights = (vocab * hidden + linear_per_layer) * 2
+    samples = opts.calib_samples
+    # each sample's input and output of the layer being calibrated stay on the GPU, plus one batch's MLP
+    acts = samples * opts.calib_seqlen * hidden * 2 * 2 + opts.calib_seqlen * inter * 2 * 4 if samples else 0
+    return weights + acts + 1_000_000_000
+
+
+def preflight(
+    opts: QuantizeOptions,
+    out: Path,
+    probes: Probes | None = None,
+) -> list[str]:
+    """Refuse (TuichatError) what cannot work before any GPU work; returns notes for the user.
+
+    An output folder being replaced is freed only once the new model is complete, so it never counts as room.
+    """
+    probes = probes or DEFAULT_PROBES
+    notes: list[str] = []
+    config = _model_config(opts.model)
+    local = Path(opts.model).expanduser().is_dir()
+    info: ModelInfo | None = inspect_model(Path(opts.model).expanduser()) if local and config is not None else None
+    if config is not None:
+        check_architecture(opts.model, config, opts.group_size)
+    elif not local:
+        notes.append(f"{opts.model} is downloaded first, so its architecture is checked only then.")
+
+    if info is not None and config is not None:
+        need = int(estimate_output_bytes(info, config, opts.w_bits, opts.group_size) * 1.1) + 50_000_000
+        free = probes.disk_free(out.parent)
+        if free < need:
+            raise TuichatError(
+                f"The quantized model needs about {format_bytes(need)} of disk, but {out.parent} has "
+                f"{format_bytes(free)} free: free some space, or give --out on a disk with more room."
+            )
+        gpu_need = estimate_gpu_bytes(config, opts)
+        snapshot = probes.gpu_snapshot()
+        gpu = roomiest_gpu(snapshot) if snapshot is not None and snapshot.error is None else None
+        if gpu is not None and gpu.mem_total is not None and gpu.mem_used is not None and gpu_need is not None:
+            gpu_free = gpu.mem_total - gpu.mem_used
+            if gpu_free < gpu_need:
+                lower = " or lower --calib-samples / --calib-seqlen" if opts.calib_samples else ""
+                raise TuichatError(
+                    f"Quantizing needs about {format_bytes(gpu_need)} of GPU memory, but GPU {gpu.index} "
+                    f"({gpu.name}), the emptiest, has {format_bytes(gpu_free)} free: stop what holds it "
+                    f"(a running server?){lower}."
+                )
+        elif gpu_need is not None:
+            notes.append("GPU memory could not be read, so it was not checked.")
+
+    source = opts.calib_source
+    if source == "none":
+        notes.append(
+            "Data-free quantization (--calib-samples 0): the weights are rounded without calibration, "
+            "so the model loses more quality than with calibration text."
+        )
+    elif source == "dataset":
+        python = job_python(opts)
+        if not probes.has_module(python, "datasets"):
+            raise TuichatError(
+                f"lmdeploy loads the {opts.calib_dataset} set with the 'datasets' package, which {python} does "
+                f"not have: install it (pip install datasets) where the hub is reachable, or calibrate offline "
+                f"with {_OFFLINE_ROUTES}."
+            )
+        if not probes.hub_reachable():
+            if not probes.dataset_cached(opts.calib_dataset):
+                raise TuichatError(
+                    f"The {opts.calib_dataset} calibration set is downloaded from the Hugging Face hub, which this "
+                    f"machine cannot reach (and it is not in the cache): calibrate offline with {_OFFLINE_ROUTES}."
+                )
+            notes.append(f"The hub is unreachable; the cached copy of {opts.calib_dataset} is used.")
+    return notes
 
 
 # ---------------------------------------------------------------- progress
@@ -226,6 +671,10 @@ def diagnose(
 ) -> tuple[str, str | None]:
     """The failure as (message, hint) from the log's last lines and the exit code."""
     text = "\n".join(lines)
+    for line in reversed(lines):
+        # tuichat's own entry says what went wrong in a sentence that already says what to do
+        if line.startswith(calib_entry.ERROR_PREFIX):
+            return f"quantization failed: {line[len(calib_entry.ERROR_PREFIX) :].strip()}", None
     reason = _reason(lines)
     if reason is None:
         if returncode is not None and returncode < 0:
@@ -344,18 +793,27 @@ class QuantizeJob:
         proc: Popen[bytes],
         layers_hint: int | None,
         replace_existing: bool,
+        *,
+        notes: Sequence[str] = (),
+        calib_temp: Path | None = None,
+        record_path: Path | None = None,
+        source_weights: int = 0,
     ) -> None:
         self.options = opts
         self.out = out
         self.staging = staging
         self.log_path = log_path
         self.proc = proc
+        self.notes = list(notes)  # preflight's sentences (data-free quality, a cached set, an unread GPU)
+        self.source_weights = source_weights  # the original model's weight files, for the before/after
         self._created_parent = created_parent
         self._offset = log_offset
         self._pending = ""
         self._tail: deque[str] = deque(maxlen=400)
         self._progress = AwqProgress(layers_hint)
         self._replace_existing = replace_existing
+        self._calib_temp = calib_temp
+        self._record_path = record_path
         self._started = time.monotonic()
         self._final: JobStatus | None = None
         self._lock = threading.Lock()
@@ -370,12 +828,37 @@ class QuantizeJob:
         *,
         overwrite: bool = False,
         env: Mapping[str, str] | None = None,
+        probes: Probes | None = None,
+        store_path: Path | None = None,
+        record_dir: Path | None = None,
     ) -> QuantizeJob:
-        """Check the model and output folder, then start lmdeploy; raises a TuichatError sentence if it cannot."""
+        """Check everything that can be checked, then start the job; raises a TuichatError sentence if it cannot.
+
+        `store_path` is the conversation store `calib_history` reads (default: tuichat's own); `record_dir`
+        where the job's record goes (default: the state dir's `quantize/jobs`).
+        """
         validate_options(opts)
         layers_hint = _check_model(opts.model)
         out = Path(opts.out).expanduser().absolute()
         _check_out(out, opts.model, overwrite)
+        source = opts.calib_source
+        text = local_text(opts, store_path) if source in ("file", "history") else None
+        notes = preflight(opts, out, probes)
+        local_model = Path(opts.model).expanduser()
+        source_weights = inspect_model(local_model).weights_bytes if local_model.is_dir() else 0
+
+        calib_temp: Path | None = None
+        calib_path: Path | None = None
+        if source == "file" and opts.calib_file is not None:
+            calib_path = Path(opts.calib_file).expanduser().absolute()
+        elif source == "history" and text is not None:
+            try:
+                calib_temp = calib_path = write_private_temp(text, paths.state_dir() / "quantize")
+            except OSError as exc:
+                raise TuichatError(
+                    f"Cannot write the conversations for calibration: {exc.strerror or exc}. "
+                    "Check that tuichat's state folder is writable."
+                ) from None
 
         created_parent = _first_missing(out.parent)
         try:
@@ -383,26 +866,48 @@ class QuantizeJob:
             staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o755)
         except OSError as exc:
+            _remove_file(calib_temp)
             raise TuichatError(f"Cannot create the output folder {out}: {exc.strerror}.") from None
 
-        argv = build_argv(opts, staging)
+        argv = build_argv(opts, staging, calib_path)
         log_path = Path(log_path)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with log_path.open("a", encoding="utf-8") as fh:
                 fh.write(f"=== tuichat quantize {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n")
                 fh.write(f"=== output {out} (written to {staging.name} until it is complete)\n")
+                fh.write(f"=== calibration: {opts.calib_words}\n")
             offset = log_path.stat().st_size  # parse only this run's output, not earlier runs in the same log
             proc = spawn_group(argv, log_path, env=env)
         except OSError as exc:
             _remove_tree(staging)
             _remove_empty_parents(created_parent, out.parent)
+            _remove_file(calib_temp)
             what = exc.strerror or str(exc)
             raise TuichatError(
-                f"Cannot start {opts.command[0]}: {what}. Check the lmdeploy command (it is run as "
-                f"'{' '.join(opts.command)} lite auto_awq ...')."
+                f"Cannot start {argv[0]}: {what}. Check the lmdeploy command (it is run as '{' '.join(argv[:3])} ...')."
             ) from None
-        return cls(opts, out, staging, created_parent, log_path, offset, proc, layers_hint, overwrite)
+        record = _write_record(
+            record_dir or default_record_dir(),
+            proc.pid,
+            {"staging": str(staging), "out": str(out), "log": str(log_path), "model": opts.model},
+            calib_temp,
+        )
+        return cls(
+            opts,
+            out,
+            staging,
+            created_parent,
+            log_path,
+            offset,
+            proc,
+            layers_hint,
+            overwrite,
+            notes=notes,
+            calib_temp=calib_temp,
+            record_path=record,
+            source_weights=source_weights,
+        )
 
     @property
     def pid(self) -> int:
@@ -433,7 +938,12 @@ class QuantizeJob:
         if p.phase in _LAYER_PHASES:
             message = f"{p.phase}: {p.layers_done} of {total or '?'} layers"
             if p.phase == "calibrating" and not p.layers_done and self.options.calib_samples:
-                message = f"calibrating: loading the {self.options.calib_dataset} calibration data"
+                message = {
+                    "file": "calibrating: feeding the local text's samples",
+                    "history": "calibrating: feeding your conversations' samples",
+                }.get(
+                    self.options.calib_source, f"calibrating: loading the {self.options.calib_dataset} calibration data"
+                )
         else:
             message = {
                 "starting": "starting lmdeploy",
@@ -464,6 +974,7 @@ class QuantizeJob:
                 stop_group(self.proc.pid, timeout=5.0, proc=self.proc)
             self._read_log(final=True)
             self._final = self._finish(rc)
+            self._forget()
             return self._final
 
     def _finish(self, rc: int) -> JobStatus:
@@ -534,6 +1045,11 @@ class QuantizeJob:
         _remove_tree(self.staging)
         _remove_empty_parents(self._created_parent, self.out.parent)
 
+    def _forget(self) -> None:
+        """The job is over: its private calibration text and its record go."""
+        _remove_file(self._calib_temp)
+        _remove_file(self._record_path)
+
     # ------------------------------------------------------------ control
 
     def cancel(self, timeout: float = 10.0) -> StopResult:
@@ -544,6 +1060,7 @@ class QuantizeJob:
             result = stop_group(self.proc.pid, timeout=timeout, proc=self.proc)
             self._read_log(final=True)
             self._clean_up()
+            self._forget()
             p = self._progress
             if result.clean:
                 message = "cancelled: every lmdeploy process has stopped and the partial output is removed"
@@ -583,6 +1100,170 @@ class QuantizeJob:
         table["model_format"] = "awq"
         table["cache_max_entry_count"] = 0.4
         return profile_name, table
+
+    def summary(self, snapshot: GpuSnapshot | None, cache_share: float = 0.4) -> list[str]:
+        """Sentences for a finished job: calibration, weights before and after, the fit of both, how to serve."""
+        status = self.poll()
+        if status.state != "done":
+            return []
+        opts = self.options
+        after = inspect_model(self.out)
+        lines: list[str] = []
+        if opts.calib_source == "none":
+            lines.append("Quantized data-free (no calibration): expect lower quality than with calibration text.")
+        else:
+            lines.append(
+                f"Calibrated on {opts.calib_words}: {opts.calib_samples} samples of {opts.calib_seqlen} tokens."
+            )
+        before = self.source_weights
+        if before > 0:
+            lines.append(
+                f"Weights: {format_bytes(before)} before, {format_bytes(after.weights_bytes)} after "
+                f"({after.weights_bytes * 100 // before}% of the original)."
+            )
+        else:
+            lines.append(f"Weights after quantization: {format_bytes(after.weights_bytes)}.")
+        lines += fit_lines(before, after.weights_bytes, snapshot, cache_share)
+        lines.append(
+            'Serve it with model_format = "awq" (the profile has it). TurboMind needs its CUDA 12 build; where it '
+            'cannot load, set backend = "pytorch" in the profile: the PyTorch backend serves AWQ weights too.'
+        )
+        return lines
+
+
+def fit_lines(before: int, after: int, snapshot: GpuSnapshot | None, cache_share: float) -> list[str]:
+    """The fit estimate of the original and of the quantized weights on the emptiest GPU, at one KV share."""
+    gpu = roomiest_gpu(snapshot) if snapshot is not None and snapshot.error is None else None
+    if gpu is None or gpu.mem_total is None or gpu.mem_used is None:
+        return ["Fit: no estimate, GPU memory cannot be read here."]
+    free = gpu.mem_total - gpu.mem_used
+    lines = []
+    for label, size in (("original", before), ("quantized", after)):
+        if size > 0:
+            lines.append(
+                f"Fit of the {label} model on GPU {gpu.index}: "
+                + fit_estimate(size, free, gpu.mem_total, cache_share).sentence
+            )
+    return lines
+
+
+# ---------------------------------------------------------------- job records and orphans
+
+
+def default_record_dir() -> Path:
+    return paths.state_dir() / "quantize" / "jobs"
+
+
+def _write_record(folder: Path, pid: int, fields: Mapping[str, str], calib_temp: Path | None) -> Path | None:
+    """A record of a started job, so that a tuichat that dies mid-job leaves a trace the next start finds."""
+    record = {
+        "pid": pid,
+        "start_ticks": process_start_ticks(pid),
+        "owner_pid": os.getpid(),
+        "owner_ticks": process_start_ticks(os.getpid()),
+        "started": time.time(),
+        "calib_temp": str(calib_temp) if calib_temp is not None else None,
+        **fields,
+    }
+    path = folder / f"job-{pid}-{secrets.token_hex(3)}.json"
+    try:
+        paths.write_private(path, json.dumps(record, indent=2) + "\n")
+    except OSError:
+        return None  # the job still runs; only a crash of this tuichat would go unnoticed
+    return path
+
+
+def _same_process(pid: object, ticks: object) -> bool:
+    """True if `pid` is alive and is the process that had `ticks` as its start time (not a reused pid)."""
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    now = process_start_ticks(pid)
+    return ticks is None or now is None or now == ticks
+
+
+@dataclass(frozen=True)
+class OrphanJob:
+    """A quantize job whose tuichat ended without finishing it: maybe still running, maybe a staging folder."""
+
+    record: Path
+    pid: int
+    start_ticks: int | None
+    staging: Path
+    out: Path
+    model: str
+    started: float
+    log: Path | None = None
+    calib_temp: Path | None = None
+
+    @property
+    def running(self) -> bool:
+        if pid_alive(self.pid):
+            return _same_process(self.pid, self.start_ticks)
+        # the leader is gone but its workers may not be; the kernel never reuses a pid still naming a group
+        return bool(group_pids(self.pid))
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started))
+        state = f"is still running (process group {self.pid})" if self.running else "has stopped"
+        left = f", and its partial output {self.staging} is still there" if self.staging.exists() else ""
+        return (
+            f"A quantize job of {self.model} into {self.out}, started {when} by a tuichat that has ended, "
+            f"{state}{left}."
+        )
+
+    def clean_up(self, timeout: float = 10.0) -> str:
+        """Stop the job's group if it runs, remove the staging folder and the record; one sentence on how it went."""
+        survivors: frozenset[int] = frozenset()
+        stopped = ""
+        if self.running:
+            result = stop_group(self.pid, timeout=timeout)
+            survivors = result.survivors
+            stopped = f"stopped the job ({result.signal_used}); "
+        _remove_tree(self.staging)
+        _remove_file(self.calib_temp)
+        if survivors:
+            pids = ", ".join(str(p) for p in sorted(survivors))
+            return (
+                f"The old job's processes {pids} would not stop: end them with `kill -9 {pids}`; they may hold "
+                "GPU memory. Its partial output is removed."
+            )
+        _remove_file(self.record)
+        return f"Cleaned up: {stopped}removed {self.staging.name}."
+
+
+def find_orphan_jobs(record_dir: Path | None = None) -> list[OrphanJob]:
+    """Jobs whose tuichat has ended while they ran. Records with nothing left to clean are dropped quietly."""
+    folder = record_dir or default_record_dir()
+    found: list[OrphanJob] = []
+    try:
+        records = sorted(folder.glob("job-*.json"))
+    except OSError:
+        return found
+    for path in records:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            orphan = OrphanJob(
+                record=path,
+                pid=int(data["pid"]),
+                start_ticks=data.get("start_ticks"),
+                staging=Path(data["staging"]),
+                out=Path(data["out"]),
+                model=str(data.get("model", "?")),
+                started=float(data.get("started", 0.0)),
+                log=Path(data["log"]) if data.get("log") else None,
+                calib_temp=Path(data["calib_temp"]) if data.get("calib_temp") else None,
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            _remove_file(path)  # not ours to understand: a broken record cannot be acted on
+            continue
+        if _same_process(data.get("owner_pid"), data.get("owner_ticks")):
+            continue  # a live tuichat follows it
+        if not orphan.running and not orphan.staging.exists():
+            _remove_file(orphan.calib_temp)
+            _remove_file(path)
+            continue
+        found.append(orphan)
+    return found
 
 
 # ---------------------------------------------------------------- checks and tidying
@@ -658,6 +1339,12 @@ def _remove_empty_parents(created: Path | None, folder: Path) -> None:
         if current == created:
             return
         current = current.parent
+
+
+def _remove_file(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _remove_tree(path: Path) -> None:

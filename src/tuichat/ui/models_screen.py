@@ -9,7 +9,8 @@ of the profile that choosing it would create, against the free memory of the emp
 thread). Without a GPU it says so, and profiles can still be made. Making a profile uses `models.profile_for`
 (model_format "awq" for AWQ folders, a longer session for vision models), shows `models.profile_notes`, asks
 for the name and saves with `config.add_profile`; the screen then dismisses with a `ModelsResult`.
-`q` opens the quantize form (`QuantizeScreen`) for the highlighted model.
+`q` opens the quantize form (`QuantizeScreen`) for the highlighted model. On opening, a quantize job that a
+tuichat left behind when it died (still running, or its staging folder) is offered for clean-up.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from tuichat.config import Config, add_profile, load_config
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuInfo, GpuReader, GpuSnapshot, NvmlReader, describe_no_gpu, format_bytes
+from tuichat.gpu import GpuReader, GpuSnapshot, NvmlReader, describe_no_gpu, format_bytes
 from tuichat.models import (
     DiscoveryResult,
     ModelInfo,
@@ -44,8 +45,10 @@ from tuichat.models import (
     modelscope_cache_dir,
     profile_for,
     profile_notes,
+    roomiest_gpu,
 )
 from tuichat.profiles import BUILTIN_PROFILES, validate_name
+from tuichat.quantize import OrphanJob, Probes, find_orphan_jobs
 from tuichat.ui.quantize_screen import QuantizeScreen, tilde, tilde_text
 from tuichat.ui.screens import ConfirmScreen
 
@@ -104,14 +107,6 @@ def _fit(value: str, width: int) -> Text:
     text = Text(value, no_wrap=True, overflow="ellipsis")
     text.truncate(width, overflow="ellipsis")
     return text
-
-
-def roomiest_gpu(snapshot: GpuSnapshot) -> GpuInfo | None:
-    """The GPU with the most free memory (a one-GPU server goes there), among those whose memory is known."""
-    known = [g for g in snapshot.gpus if g.mem_total is not None and g.mem_used is not None]
-    if not known:
-        return None
-    return max(known, key=lambda g: (g.mem_total or 0) - (g.mem_used or 0))
 
 
 def fit_sentence(weights_bytes: int, table: Mapping[str, object], snapshot: GpuSnapshot | None) -> Text:
@@ -224,11 +219,18 @@ class ModelsScreen(Screen[ModelsResult | None]):
     ]
 
     def __init__(
-        self, config: Config, gpu_reader: GpuReader | None = None, *, quantize_command: list[str] | None = None
+        self,
+        config: Config,
+        gpu_reader: GpuReader | None = None,
+        *,
+        quantize_command: list[str] | None = None,
+        quantize_probes: Probes | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.quantize_command = quantize_command  # None: this Python's lmdeploy (tests give the stand-in)
+        self.quantize_probes = quantize_probes  # None: the real machine's checks (tests: no hub, no GPU)
+        self.orphans: list[OrphanJob] | None = None  # jobs a dead tuichat left, once looked for
         self._reader = gpu_reader
         self._own_reader = gpu_reader is None
         self.scanning = False
@@ -266,6 +268,45 @@ class ModelsScreen(Screen[ModelsResult | None]):
         self.query_one(ModelsTable).focus()
         self.rescan()
         self._read_gpu()
+        self._look_for_orphans()
+
+    # -- jobs a dead tuichat left -----------------------------------------------------------------------------
+
+    @work(thread=True, group="models-orphans", exit_on_error=False)
+    def _look_for_orphans(self) -> None:
+        try:
+            found = find_orphan_jobs()
+        except Exception:  # looking is a courtesy: never in the way of picking a model
+            found = []
+        self._post(self._orphans_found, found)
+
+    def _orphans_found(self, found: list[OrphanJob]) -> None:
+        self.orphans = found
+        if found and self.is_attached:
+            self._offer_clean_up(found[0])
+
+    def _offer_clean_up(self, orphan: OrphanJob) -> None:
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.say("info", "Cleaning up the old quantize job…")
+                self._clean_up_orphan(orphan)
+            else:
+                self.say("info", "The old quantize job is left as it is; it is offered again next time.")
+
+        question = f"{orphan.describe()} Stop it (if it runs) and remove its partial output?"
+        self.app.push_screen(ConfirmScreen(question), answer)
+
+    @work(thread=True, group="models-orphans", exit_on_error=False)
+    def _clean_up_orphan(self, orphan: OrphanJob) -> None:
+        try:
+            sentence = orphan.clean_up()
+        except Exception as exc:  # a sentence, never a traceback
+            sentence = f"Cleaning up failed: {exc}."
+        self._post(self._cleaned_up, sentence)
+
+    def _cleaned_up(self, sentence: str) -> None:
+        if self.is_attached:
+            self.say("ok" if sentence.startswith("Cleaned up") else "error", sentence)
 
     def on_unmount(self) -> None:
         if self._own_reader and self._reader is not None:
@@ -590,7 +631,14 @@ class ModelsScreen(Screen[ModelsResult | None]):
             self.say("error", f"{model.name} is already quantized ({model.quant_text}): pick a full-precision model.")
             return
         self.app.push_screen(
-            QuantizeScreen(self.config, str(model.path), command=self.quantize_command), self._quantized
+            QuantizeScreen(
+                self.config,
+                str(model.path),
+                command=self.quantize_command,
+                probes=self.quantize_probes,
+                gpu_reader=self._reader,
+            ),
+            self._quantized,
         )
 
     def _quantized(self, profile_name: str | None) -> None:

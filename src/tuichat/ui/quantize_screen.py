@@ -8,6 +8,11 @@ Cancelling stops the whole process group and shows how that went (`StopResult`),
 lmdeploy process is left holding the GPU. A finished model gets a profile (saved with `config.add_profile`);
 the screen dismisses with that profile's name, or None.
 
+Calibration comes from local text (a file or folder typed in the form), the user's saved conversations, a set
+lmdeploy downloads, or nothing (data-free); `QuantizeJob.start` checks the choice (and the model, disk and GPU)
+before anything runs, and a refusal comes back as the sentence under the form. A finished run shows the weights'
+size before and after and the fit estimate of both.
+
 Paths under the home folder are shown as `~/…` (and typed that way too): they are shorter, and read the same
 on every machine.
 """
@@ -33,6 +38,7 @@ from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, 
 from tuichat import paths
 from tuichat.config import Config, add_profile
 from tuichat.errors import TuichatError
+from tuichat.gpu import GpuReader, GpuSnapshot, NvmlReader
 from tuichat.launcher import LogFollower, collapse_cr
 from tuichat.models import free_profile_name, hf_cache_dir, modelscope_cache_dir, profile_name_for
 from tuichat.procgroup import StopResult
@@ -41,6 +47,7 @@ from tuichat.quantize import (
     CALIB_DATASETS,
     DEFAULT_CALIB_DATASET,
     JobStatus,
+    Probes,
     QuantizeJob,
     QuantizeOptions,
     default_command,
@@ -63,6 +70,13 @@ MARKS: dict[str, tuple[str, str]] = {
     "cancelled": ("■", "yellow"),
 }
 _LAYER_PHASES = ("calibrating", "smoothing", "quantizing")
+# best first: the offline sources, the downloaded sets, then none at all
+CALIB_CHOICES: list[tuple[str, str]] = [
+    ("local text (file or folder)", "file"),
+    ("my saved conversations", "history"),
+    *((f"{name} (download)", name) for name in CALIB_DATASETS),
+    ("none: data-free, lower quality", "none"),
+]
 
 
 # ---------------------------------------------------------------- paths
@@ -188,7 +202,7 @@ class QuantizeScreen(Screen[str | None]):
     }
     QuantizeScreen #qz-message {
         height: auto;
-        max-height: 6;
+        max-height: 12;
         display: none;
     }
     QuantizeScreen #qz-log {
@@ -211,11 +225,21 @@ class QuantizeScreen(Screen[str | None]):
         Binding("escape", "back", "Back", id="quantize_back"),
     ]
 
-    def __init__(self, config: Config, model: str, command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        model: str,
+        command: list[str] | None = None,
+        *,
+        probes: Probes | None = None,
+        gpu_reader: GpuReader | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.model = model
         self.command = list(command) if command else default_command()
+        self.probes = probes  # None: the real machine (tests give fakes: no hub, no GPU)
+        self.gpu_reader = gpu_reader  # for the fit estimate of the result; None: NVML, read once at the end
         self.clock: Callable[[], float] = time.monotonic  # elapsed time on screen; tests freeze it
         self.cancel_timeout = CANCEL_TIMEOUT
         self.state = "idle"  # idle, starting, running, cancelling, done, failed, cancelled
@@ -253,12 +277,17 @@ class QuantizeScreen(Screen[str | None]):
                 yield Label("group size", classes="qz-key2")
                 yield Input("128", type="integer", id="qz-group", classes="qz-num", compact=True)
             with Horizontal(classes="qz-row"):
-                yield Label("calib dataset", classes="qz-key")
+                yield Label("calibration", classes="qz-key")
                 yield Select(
-                    [(name, name) for name in CALIB_DATASETS],
+                    CALIB_CHOICES,
                     allow_blank=False,
                     value=DEFAULT_CALIB_DATASET,
                     id="qz-calib",
+                    compact=True,
+                )
+                yield Input(
+                    placeholder="a .txt, .md or .jsonl file, or a folder of them",
+                    id="qz-calib-file",
                     compact=True,
                 )
             with Horizontal(classes="qz-row"):
@@ -271,7 +300,7 @@ class QuantizeScreen(Screen[str | None]):
                 yield Input(self._auto_name, placeholder="blank = no profile", id="qz-profile", compact=True)
             with Horizontal(classes="qz-row"):
                 yield Button("Start", id="qz-start", variant="primary", compact=True)
-                yield Label("Ctrl+S starts · samples 0 = no calibration download", id="qz-hint")
+                yield Label("Ctrl+S starts · offline: local text, chats or data-free", id="qz-hint")
         with Vertical(id="qz-state-box"):
             yield Static("", id="qz-state")
             yield ProgressBar(total=1.0, show_eta=False, id="qz-progress")
@@ -365,6 +394,8 @@ class QuantizeScreen(Screen[str | None]):
         locked = self.running or self.state == "done"
         for widget in (*self.query(Input).results(), self.query_one(Select), self.query_one("#qz-start", Button)):
             widget.disabled = locked
+        calib_file = self.query_one("#qz-calib-file", Input)
+        calib_file.display = self.query_one("#qz-calib", Select).value == "file"
         self.refresh_bindings()
 
     def say(self, *messages: tuple[str, str]) -> None:
@@ -402,16 +433,28 @@ class QuantizeScreen(Screen[str | None]):
         if not out_text:
             raise TuichatError("Give an output folder for the quantized model.")
         local = Path(model).expanduser()
-        calib = self.query_one("#qz-calib", Select).value
+        value = self.query_one("#qz-calib", Select).value
+        calib = str(value) if isinstance(value, str) else DEFAULT_CALIB_DATASET
+        calib_file: Path | None = None
+        if calib == "file":
+            typed = self._value("qz-calib-file")
+            if not typed:
+                raise TuichatError(
+                    "Give the calibration text beside 'local text': a .txt, .md or .jsonl file, or a folder of them."
+                )
+            calib_file = Path(typed).expanduser().absolute()
+        samples = 0 if calib == "none" else self._int("qz-samples", "samples")
         opts = QuantizeOptions(
             model=str(local.absolute()) if local.exists() else model,
             out=Path(out_text).expanduser().absolute(),
             w_bits=self._int("qz-bits", "w-bits"),
             group_size=self._int("qz-group", "group size"),
-            calib_dataset=str(calib) if isinstance(calib, str) else DEFAULT_CALIB_DATASET,
-            calib_samples=self._int("qz-samples", "samples"),
+            calib_dataset=calib if calib in CALIB_DATASETS else DEFAULT_CALIB_DATASET,
+            calib_samples=samples,
             calib_seqlen=self._int("qz-seqlen", "seqlen"),
             command=list(self.command),
+            calib_file=calib_file,
+            calib_history=calib == "history",
         )
         validate_options(opts)
         name = self._value("qz-profile") or None
@@ -446,6 +489,12 @@ class QuantizeScreen(Screen[str | None]):
         if profile.value == self._auto_name:
             self._auto_name = self._free_name(Path(self._auto_out).name)
             profile.value = self._auto_name
+
+    @on(Select.Changed, "#qz-calib")
+    def _calib_changed(self, event: Select.Changed) -> None:
+        self._draw()
+        if event.value == "file" and self.is_attached:
+            self.query_one("#qz-calib-file", Input).focus()
 
     @on(Button.Pressed, "#qz-start")
     def _start_pressed(self, event: Button.Pressed) -> None:
@@ -511,7 +560,7 @@ class QuantizeScreen(Screen[str | None]):
     def _run_job(self, opts: QuantizeOptions, log_path: Path, overwrite: bool, name: str | None) -> None:
         follower = LogFollower(log_path, start_at_end=0)  # this run only: the log keeps earlier runs
         try:
-            job = QuantizeJob.start(opts, log_path, overwrite=overwrite)
+            job = QuantizeJob.start(opts, log_path, overwrite=overwrite, probes=self.probes)
         except TuichatError as exc:
             self._post(self._refused, str(exc))
             return
@@ -528,7 +577,8 @@ class QuantizeScreen(Screen[str | None]):
             lines = self._read(follower, status.finished)
             if status.finished:
                 saved, error = self._save_profile(job, status, name)
-                self._post(self._job_finished, job, status, lines, saved, error)
+                summary = job.summary(self._gpu_snapshot()) if status.state == "done" else []
+                self._post(self._job_finished, job, status, lines, saved, error, summary)
                 return
             self._post(self._job_progress, job, status, lines)
             self._wake.wait(TICK)
@@ -546,6 +596,20 @@ class QuantizeScreen(Screen[str | None]):
             if text and not text.startswith("=== "):
                 shown.append(text)
         return shown
+
+    def _gpu_snapshot(self) -> GpuSnapshot | None:
+        """One GPU reading for the fit estimate (worker thread); None when there is no NVML."""
+        reader = self.gpu_reader
+        own = reader is None
+        try:
+            reader = reader or NvmlReader()
+            return reader.read()
+        except Exception:  # a fit estimate is a nicety; its absence is said in words
+            return None
+        finally:
+            if own and reader is not None:
+                with contextlib.suppress(Exception):
+                    reader.close()
 
     def _save_profile(self, job: QuantizeJob, status: JobStatus, name: str | None) -> tuple[str | None, str | None]:
         if status.state != "done" or name is None:
@@ -570,6 +634,8 @@ class QuantizeScreen(Screen[str | None]):
     def _job_started(self, job: QuantizeJob) -> None:
         if self.state == "starting":
             self.state = "running"
+        self.messages = [("info", f"Calibration: {job.options.calib_words}.")]
+        self.messages += [("warning", tilde_text(note)) for note in job.notes]
         self._draw()
 
     def _show_lines(self, lines: list[str]) -> None:
@@ -589,7 +655,13 @@ class QuantizeScreen(Screen[str | None]):
         self._draw()
 
     def _job_finished(
-        self, job: QuantizeJob, status: JobStatus, lines: list[str], saved: str | None, error: str | None
+        self,
+        job: QuantizeJob,
+        status: JobStatus,
+        lines: list[str],
+        saved: str | None,
+        error: str | None,
+        summary: Sequence[str] = (),
     ) -> None:
         if job is not self.job:
             return
@@ -608,6 +680,7 @@ class QuantizeScreen(Screen[str | None]):
                 found.append(("error", tilde_text(error)))
             else:
                 found.append(("info", "No profile name was given, so no profile was made. Enter goes back."))
+            found += [("info", tilde_text(line)) for line in summary]
         elif status.state == "cancelled":
             found.append(("info", tilde_text(status.message) + "."))
             if status.hint:
