@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
-from standin.harness import STANDIN_COMMAND, free_port, wait_for
+from standin.harness import FAKE_PATH, STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
 from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess
 from tuichat.launcher import (
@@ -30,7 +31,7 @@ from tuichat.launcher import (
     read_log_tail,
 )
 from tuichat.procgroup import group_pids, pid_alive
-from tuichat.profiles import Profile
+from tuichat.profiles import BUILTIN_PROFILES, Profile
 
 GIB = 1 << 30
 
@@ -144,6 +145,21 @@ def test_preflight_finds_missing_model_command_and_lmdeploy(manager: ServerManag
     assert any('pip install "tuichat[lmdeploy]"' in c.message for c in default_cmd)  # not in the test venv
 
 
+def test_w4_builtin_asks_for_the_quantize_that_makes_its_model(
+    manager: ServerManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    w4 = replace(BUILTIN_PROFILES["internlm2-w4"], port=free_port())
+    errors = [c.message for c in manager.preflight(w4) if c.level == "error"]
+    assert any("tuichat quantize internlm/internlm2-chat-1_8b --out ~/models/" in m for m in errors), errors
+    with pytest.raises(LaunchError, match="tuichat quantize"):
+        manager.start("w4", w4)
+    made = tmp_path / "models" / "internlm2-chat-1_8b-w4a16"
+    made.mkdir(parents=True)
+    (made / "config.json").write_text("{}")
+    assert not any("quantize" in c.message for c in manager.preflight(w4))
+
+
 def test_no_gpu_and_public_address_are_warnings_only(home: Path) -> None:
     mgr = ServerManager(gpu_reader=FakeGpuReader(error="no NVIDIA GPU visible: driver not loaded"))
     checks = mgr.preflight(standin(server_name="0.0.0.0"))
@@ -171,6 +187,51 @@ def test_slow_start_shows_progress_then_ready(manager: ServerManager, home: Path
     assert key not in manager.record_path("slow").read_text()
     assert all(key not in line for line in server.log_tail())
     assert key not in repr(server)
+
+
+def _group_processes_showing(server: ManagedServer, key: str) -> dict[str, list[int]]:
+    members = session_pids(server.pgid)
+    assert {server.pid} < members, "the server and its engine child"
+    return {name: [pid for pid in members if key.encode() in proc_file(pid, name)] for name in ("cmdline", "environ")}
+
+
+def _auth_works(server: ManagedServer, key: str) -> None:
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        assert http.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert http.get(f"{server.url}/v1/models").status_code == 401
+        assert http.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+# ids: the test's name is in the environment (PYTEST_CURRENT_TEST), so it must not hold the key
+@pytest.mark.parametrize("fixed_key", [None, "my-own-profile-key-1234"], ids=["generated", "from-profile"])
+def test_no_process_of_the_group_shows_the_key(manager: ServerManager, fixed_key: str | None) -> None:
+    server = manager.start("private", standin(api_key=fixed_key))
+    _ready(server)
+    key = server.api_key
+    assert key and (fixed_key is None or key == fixed_key)
+    # every local user can read /proc/PID/cmdline; environ is the owner's only, but shows the start-up
+    # environment for the process's whole life, so the key must not pass through it either
+    assert _group_processes_showing(server, key) == {"cmdline": [], "environ": []}
+    _auth_works(server, key)
+    assert key not in manager.record_path("private").read_text()
+    assert key not in server.log_path.read_text()
+
+
+def test_a_command_that_cannot_hide_the_key_warns_and_still_launches(manager: ServerManager, tmp_path: Path) -> None:
+    wrapper = tmp_path / "lmdeploy-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_PATH}" "$@"\n')
+    wrapper.chmod(0o755)
+    profile = standin(command=(str(wrapper),))
+    warnings = [c.message for c in manager.preflight(profile) if c.level == "warning"]
+    assert any("`ps`" in m and "command" in m for m in warnings), warnings
+    server = manager.start("shell", profile)
+    _ready(server)
+    key = server.api_key
+    assert key
+    assert _group_processes_showing(server, key)["cmdline"]  # as the warning said
+    _auth_works(server, key)
+    assert key not in manager.record_path("shell").read_text()
+    assert all(key not in line for line in server.log_tail())
 
 
 def test_crash_while_loading_reports_exit_code_tail_and_oom_hint(manager: ServerManager) -> None:

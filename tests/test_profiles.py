@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -12,8 +13,12 @@ from tuichat.errors import ConfigError
 from tuichat.profiles import (
     BUILTIN_PROFILES,
     DEFAULT_PROFILE_NAME,
+    SERVE_ENTRY,
     Profile,
     build_argv,
+    build_hidden_key_argv,
+    entry_prefix,
+    make_model_hint,
     parse_profile,
     profile_to_table,
     validate_name,
@@ -28,12 +33,21 @@ def _error(table: dict[str, object], name: str = "mine") -> ConfigError:
     return info.value
 
 
-def test_builtins_mirror_the_tutorial() -> None:
-    assert DEFAULT_PROFILE_NAME in BUILTIN_PROFILES
-    w4 = BUILTIN_PROFILES[DEFAULT_PROFILE_NAME]
-    assert (w4.model, w4.model_format, w4.cache_max_entry_count) == ("internlm/internlm2-chat-1_8b-4bit", "awq", 0.4)
+def test_builtins_mirror_the_tutorial_and_name_only_models_that_exist() -> None:
+    # the default is the plain tutorial model, and the first profile (where the server screen starts)
+    assert next(iter(BUILTIN_PROFILES)) == DEFAULT_PROFILE_NAME
+    default = BUILTIN_PROFILES[DEFAULT_PROFILE_NAME]
+    assert default.model == "internlm/internlm2-chat-1_8b"
     backends = {p.backend for p in BUILTIN_PROFILES.values() if p.model == "internlm/internlm2-chat-1_8b"}
     assert backends == {"turbomind", "pytorch"}
+    # no hub publishes a 4-bit InternLM2-chat-1.8B: the W4 profile serves what the user's own quantize makes
+    w4 = BUILTIN_PROFILES["internlm2-w4"]
+    assert (w4.model_format, w4.cache_max_entry_count) == ("awq", 0.4)
+    assert w4.model.startswith("~/")
+    make = make_model_hint(w4.model)
+    assert make is not None and make.startswith("tuichat quantize internlm/internlm2-chat-1_8b ")
+    assert f"--out {w4.model}" in make
+    assert make_model_hint("internlm/internlm2-chat-1_8b") is None
 
 
 def test_full_profile_parses_into_typed_values() -> None:
@@ -148,3 +162,79 @@ def test_custom_command_and_opted_out_server_name() -> None:
     assert argv[:3] == ["/opt/bin/lmdeploy", "serve", "api_server"]
     assert argv[argv.index("--server-name") + 1] == "0.0.0.0"
     assert argv[argv.index("--tp") + 1] == "2"
+
+
+def test_home_relative_model_is_expanded_for_lmdeploy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    p = Profile(model="~/models/m")
+    argv = build_argv(p, port=1, api_key="k")
+    assert argv[argv.index("api_server") + 1] == str(tmp_path / "models" / "m")  # no shell expands it for us
+    assert p.served_model_name() == str(tmp_path / "models" / "m")  # lmdeploy lists the path it was given
+
+
+def test_api_key_has_a_length_limit() -> None:
+    assert _error({"model": "a/b", "api_key": "k" * 1001}).key == "profiles.mine.api_key"
+    assert parse_profile("p", {"model": "a/b", "api_key": "k" * 1000}, FILE).api_key == "k" * 1000
+
+
+# ---------------------------------------------------------------- the key kept off the command line
+
+
+def test_default_command_runs_lmdeploy_through_the_entry_without_the_key() -> None:
+    argv = build_hidden_key_argv(Profile(model="a/b", backend="pytorch"), port=23334)
+    assert argv is not None
+    head = [sys.executable, str(SERVE_ENTRY), "--key-fd", "0", "--module", "lmdeploy", "--"]
+    assert argv[: len(head)] == head
+    assert argv[len(head) : len(head) + 3] == ["serve", "api_server", "a/b"]
+    assert "--api-keys" not in argv and argv[argv.index("--backend") + 1] == "pytorch"
+
+
+def _script(path: Path, first_line: str) -> str:
+    path.write_text(f"{first_line}\nimport sys\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["/opt/env/bin/python3.12", "-m", "lmdeploy"], ["/opt/env/bin/python3.12", "ENTRY", "--module", "lmdeploy"]),
+        (
+            ["python3", "-u", "-X", "dev", "-m", "lmdeploy"],
+            ["python3", "-u", "-X", "dev", "ENTRY", "--module", "lmdeploy"],
+        ),
+        (["python3", "/opt/fake_lmdeploy.py", "-x"], ["python3", "ENTRY", "--script", "/opt/fake_lmdeploy.py", "-x"]),
+        (["python", "-c", "code"], None),
+        (["conda", "run", "-n", "x", "lmdeploy"], None),
+    ],
+)
+def test_python_commands_are_wrapped_others_are_not(command: list[str], expected: list[str] | None) -> None:
+    wrapped = entry_prefix(command)
+    if expected is None:
+        assert wrapped is None
+        return
+    at = expected.index("ENTRY")
+    # the key's fd comes first, then what to run; the program's own arguments follow `--`
+    full = [*expected[:at], str(SERVE_ENTRY), "--key-fd", "0", *expected[at + 1 : at + 3], "--", *expected[at + 3 :]]
+    assert wrapped == full
+
+
+def test_console_scripts_are_wrapped_through_their_python(tmp_path: Path) -> None:
+    direct = _script(tmp_path / "lmdeploy", "#!/opt/env/bin/python3.12")
+    assert entry_prefix([direct]) == [
+        "/opt/env/bin/python3.12",
+        str(SERVE_ENTRY),
+        "--key-fd",
+        "0",
+        "--script",
+        direct,
+        "--",
+    ]
+    through_env = _script(tmp_path / "lmdeploy2", "#!/usr/bin/env python3")
+    wrapped = entry_prefix([through_env, "--extra"])
+    assert wrapped is not None and wrapped[:3] == ["/usr/bin/env", "python3", str(SERVE_ENTRY)]
+    assert wrapped[-3:] == [through_env, "--", "--extra"]
+    shell = _script(tmp_path / "wrapper.sh", "#!/bin/sh")
+    assert entry_prefix([shell]) is None
+    assert build_hidden_key_argv(Profile(model="a/b", command=(shell,)), port=1) is None
+    assert entry_prefix([str(tmp_path / "missing")]) is None

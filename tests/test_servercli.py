@@ -142,7 +142,10 @@ def _tuichat(*argv: str) -> subprocess.Popen[str]:
     )
 
 
-def test_foreground_serve_stops_its_server_on_ctrl_c(home: Path) -> None:
+# Ctrl+C, and a plain `kill`: both must stop the server a foreground serve owns. The test passes whether or not
+# pytest itself runs with SIGINT ignored (a shell's background job, whose children inherit that).
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_foreground_serve_stops_its_server_on_ctrl_c(home: Path, sig: signal.Signals) -> None:
     serve = _tuichat("serve", "fast")
     try:
         assert serve.stdout is not None
@@ -150,7 +153,7 @@ def test_foreground_serve_stops_its_server_on_ctrl_c(home: Path) -> None:
         server = ServerManager().find("fast")
         assert server is not None
         members = server.pids()
-        serve.send_signal(signal.SIGINT)
+        serve.send_signal(sig)
         assert serve.wait(timeout=15) == 0
         assert serve.stderr is not None and "fast stopped after SIGINT" in serve.stderr.read()
     finally:
@@ -159,6 +162,24 @@ def test_foreground_serve_stops_its_server_on_ctrl_c(home: Path) -> None:
             serve.wait()
     assert not any(pid_alive(p) for p in members)
     assert ServerManager().running() == []
+
+
+def test_doctor_and_serve_agree_on_the_default_profile(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(home))  # where ~/models/... is looked for
+    (home / "config.toml").write_text("")  # no default_profile: the built-in default applies
+    cli("doctor")
+    out = capsys.readouterr().out
+    assert "default   profile internlm2-turbomind" in out
+    # the W4 built-in's model is the user's own quantize: doctor says how to make it
+    assert "internlm2-w4: its model ~/models/internlm2-chat-1_8b-w4a16 is not made yet" in out
+    assert "run `tuichat quantize internlm/internlm2-chat-1_8b --out ~/models/" in out
+    assert cli("serve", "--detach") == 1  # no lmdeploy in the test venv: refused before anything starts
+    err = capsys.readouterr().err
+    assert "Cannot start internlm2-turbomind: lmdeploy is not installed" in err
+    assert cli("profiles") == 0
+    assert "* internlm2-turbomind" in capsys.readouterr().out
 
 
 def test_logs_follow_shows_new_lines_until_the_server_stops(home: Path) -> None:

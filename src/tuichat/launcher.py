@@ -8,7 +8,9 @@ arrives `\\r`-separated), probes `/health` once with a short timeout and, when t
 in a sentence with a hint for the usual causes. Stopping signals the whole process group, because the engine
 process that holds the GPU memory outlives a server killed alone.
 
-The API key of a launched server lives only in a 0600 file; it is masked in every log line handed out.
+The API key of a launched server lives only in a 0600 file and in the server's memory: it reaches the server
+through a pipe (see `serve_entry.py`), never its command line or environment, wherever the profile's command is
+a Python program; otherwise the preflight warns that `ps` will show it. It is masked in every log line handed out.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ from tuichat.procgroup import (
 from tuichat.profiles import (
     Profile,
     build_argv,
+    build_hidden_key_argv,
+    entry_prefix,
     looks_like_hub_id,
+    make_model_hint,
     parse_profile,
     profile_to_table,
     validate_name,
@@ -703,6 +708,7 @@ class ServerManager:
         checks += self._check_port(profile, port)
         checks += _check_model(profile)
         checks += _check_lmdeploy(profile)
+        checks += _check_key_privacy(profile)
         checks += self._check_gpu()
         if not profile.binds_loopback_only:
             checks.append(
@@ -822,11 +828,17 @@ class ServerManager:
             paths.ensure_private_dir(log.parent)
             if log.exists():  # keep the previous run's log for `tuichat logs` comparisons
                 os.replace(log, log.with_name(log.name + ".1"))
-            argv = build_argv(profile, port=port, api_key=key)
-            version = lmdeploy_version(None) if profile.uses_default_command else installed_version_near(argv[0])
+            hidden = build_hidden_key_argv(profile, port=port, key_fd=0)
+            argv = hidden if hidden is not None else build_argv(profile, port=port, api_key=key)
+            version = (
+                lmdeploy_version(None)
+                if profile.uses_default_command
+                else installed_version_near(profile.argv_prefix[0])
+            )
             env = dict(os.environ)
             try:
-                proc = spawn_group(argv, log, env=env)
+                # through the entry, the key is the server's stdin: a pipe holding it, then EOF
+                proc = spawn_group(argv, log, env=env, stdin_data=(key + "\n").encode() if hidden else None)
             except OSError as exc:
                 key_file.unlink(missing_ok=True)
                 raise LaunchError(
@@ -835,7 +847,8 @@ class ServerManager:
                 ) from None
             record = ServerRecord(
                 name=name,
-                profile=profile_to_table(profile),
+                # the key is in key_file only (a profile's own api_key too): records are read by more code paths
+                profile={k: v for k, v in profile_to_table(profile).items() if k != "api_key"},
                 pid=proc.pid,
                 pgid=proc.pid,  # start_new_session makes the server its group's leader
                 host=profile.server_name,
@@ -977,6 +990,15 @@ class ServerManager:
 def _check_model(profile: Profile) -> list[Check]:
     model = profile.model
     path = Path(model).expanduser()
+    make = make_model_hint(model)
+    if make is not None and not path.is_dir():
+        return [
+            Check(
+                "error",
+                f"The model {model} does not exist yet: it is the W4A16 (4-bit AWQ) model you make yourself, "
+                f"no hub publishes it. Run `{make}` first (it needs a GPU), or pick another profile.",
+            )
+        ]
     if path.is_dir():
         if not (path / "config.json").exists():
             return [Check("warning", f"{model} has no config.json; is it a model folder?")]
@@ -1014,3 +1036,18 @@ def _check_lmdeploy(profile: Profile) -> list[Check]:
             )
         ]
     return []
+
+
+def _check_key_privacy(profile: Profile) -> list[Check]:
+    if entry_prefix(profile.argv_prefix) is not None:
+        return []
+    shown = " ".join(profile.argv_prefix)
+    return [
+        Check(
+            "warning",
+            f"The profile's command ({shown}) is not a Python program tuichat can start itself, so the server's "
+            "API key goes on its command line, where every user of this machine can read it with `ps`. To keep "
+            'it private, set command to the Python that has lmdeploy, e.g. ["/path/to/env/bin/python", "-m", '
+            '"lmdeploy"], or to its lmdeploy script.',
+        )
+    ]

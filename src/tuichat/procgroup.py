@@ -18,17 +18,30 @@ from pathlib import Path
 
 
 def spawn_group(
-    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    argv: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin_data: bytes | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` as the leader of a new session; stdout and stderr go to `log_path` (appended, 0600)."""
+    """Start `argv` as the leader of a new session; stdout and stderr go to `log_path` (appended, 0600).
+
+    `stdin_data` (a secret, say) is the program's whole stdin: a pipe that holds it, then end of file. Nothing
+    of it shows in the program's command line or environment.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONUNBUFFERED"] = "1"  # lmdeploy's HINT lines are buffered stdout otherwise
+    stdin: int = subprocess.DEVNULL
+    if stdin_data is not None:
+        if len(stdin_data) > _STDIN_MAX:
+            raise ValueError(f"stdin_data is {len(stdin_data)} bytes; at most {_STDIN_MAX} fit the pipe")
+        stdin = _pipe_holding(stdin_data)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=fd,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -38,6 +51,27 @@ def spawn_group(
         )
     finally:
         os.close(fd)
+        if stdin != subprocess.DEVNULL:
+            os.close(stdin)
+
+
+# Written whole before the program starts, so it must fit a pipe's buffer: 4096 bytes is the smallest Linux has.
+_STDIN_MAX = 4096
+
+
+def _pipe_holding(data: bytes) -> int:
+    """The read end of a pipe that holds `data` and whose write end is already closed."""
+    read_end, write_end = os.pipe()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_end, view) :]
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
 
 
 def pid_alive(pid: int) -> bool:

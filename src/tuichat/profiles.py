@@ -3,15 +3,24 @@
 A profile is one `[profiles.NAME]` table of config.toml. This module validates such a table strictly (unknown
 keys and bad values name the file, the profile and the key, and say what is allowed), turns a profile back
 into the smallest table that round-trips, holds the built-in profiles a fresh install offers (the tutorial's
-InternLM2-chat-1.8B on TurboMind and PyTorch, and its W4A16 variant), and builds the argv that launches one.
+InternLM2-chat-1.8B on TurboMind and PyTorch, and its W4A16 variant, which the user makes with `tuichat
+quantize`), and builds the argv that launches one.
+
+The API key never goes on the command line where it can be helped: a command that is a Python program (the
+default `python -m lmdeploy`, `python SCRIPT`, or a console script such as `.../bin/lmdeploy`) is run through
+`serve_entry.py`, which gets the key through a pipe. Only other commands (a shell wrapper, `conda run`, ...)
+get `--api-keys KEY` in their argv, and the launcher warns about it.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import shlex
+import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -27,6 +36,9 @@ MODEL_FORMATS = ("hf", "awq", "gptq", "compressed-tensors", "fp8", "mxfp4")
 QUANT_POLICIES = (0, 4, 8)
 DTYPES = ("auto", "float16", "bfloat16")
 LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
+
+# the key travels to the server through a pipe written before the server starts: it must fit the pipe's buffer
+MAX_API_KEY_LENGTH = 1000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -70,9 +82,14 @@ class Profile:
     def binds_loopback_only(self) -> bool:
         return self.server_name in ("127.0.0.1", "localhost", "::1")
 
+    @property
+    def model_arg(self) -> str:
+        """The model as lmdeploy gets it: a leading `~` expanded (no shell does it for us)."""
+        return os.path.expanduser(self.model) if self.model.startswith("~") else self.model
+
     def served_model_name(self) -> str:
-        """The id lmdeploy will list under /v1/models: --model-name, or the model as typed."""
-        return self.model_name or self.model
+        """The id lmdeploy will list under /v1/models: --model-name, or the model as passed."""
+        return self.model_name or self.model_arg
 
 
 def default_command() -> list[str]:
@@ -252,6 +269,8 @@ def _parse_value(c: _Checker, key: str, raw: object) -> object:
             text = c.string(key, raw)
             if any(ch.isspace() for ch in text) or text.startswith("-"):
                 raise c.fail(key, "must not contain spaces or start with '-' (lmdeploy would read it as a flag)")
+            if len(text) > MAX_API_KEY_LENGTH:
+                raise c.fail(key, f"must be at most {MAX_API_KEY_LENGTH} characters (got {len(text)})")
             return text
         case "chat_template" | "model_name":
             return c.string(key, raw)
@@ -283,9 +302,9 @@ def profile_to_table(p: Profile) -> dict[str, object]:
 # ---------------------------------------------------------------- launching
 
 
-def build_argv(p: Profile, *, port: int, api_key: str) -> list[str]:
-    """The full argv for `lmdeploy serve api_server`; `api_key` is the key the server must require."""
-    argv = [*p.argv_prefix, "serve", "api_server", p.model]
+def server_args(p: Profile, *, port: int) -> list[str]:
+    """`serve api_server MODEL --flag value ...`: what follows the command, without the API key."""
+    argv = ["serve", "api_server", p.model_arg]
     argv += ["--server-name", p.server_name, "--server-port", str(port)]
     if p.backend is not None:
         argv += ["--backend", p.backend]
@@ -314,9 +333,91 @@ def build_argv(p: Profile, *, port: int, api_key: str) -> list[str]:
     if p.dtype is not None:
         argv += ["--dtype", p.dtype]
     argv += list(p.extra_args)
-    # last, so that a log of the argv can be cut before it; --api-keys takes nargs="+"
-    argv += ["--api-keys", api_key]
     return argv
+
+
+def build_argv(p: Profile, *, port: int, api_key: str) -> list[str]:
+    """The plain argv for `lmdeploy serve api_server`, with `--api-keys KEY` on it (visible in `ps`): only for
+    a command that `build_hidden_key_argv` cannot run."""
+    # last, so that a log of the argv can be cut before it; --api-keys takes nargs="+"
+    return [*p.argv_prefix, *server_args(p, port=port), "--api-keys", api_key]
+
+
+def build_hidden_key_argv(p: Profile, *, port: int, key_fd: int = 0) -> list[str] | None:
+    """The argv that runs the profile's command through `serve_entry.py`, which reads the key from `key_fd`;
+    None when the command is not a Python program that can be run that way."""
+    entry = entry_prefix(p.argv_prefix, key_fd=key_fd)
+    return None if entry is None else [*entry, *server_args(p, port=port)]
+
+
+SERVE_ENTRY = Path(__file__).resolve().with_name("serve_entry.py")
+_PYTHON_RE = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+
+def _is_python(program: str) -> bool:
+    return program == sys.executable or bool(_PYTHON_RE.match(Path(program).name))
+
+
+def entry_prefix(command: Sequence[str], *, key_fd: int = 0) -> list[str] | None:
+    """`command` (a profile's argv prefix) rewritten to run through `serve_entry.py`, up to and including `--`;
+    None when it is not `PYTHON -m MODULE ...`, `PYTHON SCRIPT ...` or a script with a Python `#!` line."""
+    if not command:
+        return None
+    head = [str(SERVE_ENTRY), "--key-fd", str(key_fd)]
+    program, rest = command[0], list(command[1:])
+    if _is_python(program):
+        options = _interpreter_options(rest)
+        rest = rest[len(options) :]
+        if len(rest) >= 2 and rest[0] == "-m":
+            return [program, *options, *head, "--module", rest[1], "--", *rest[2:]]
+        if rest and not rest[0].startswith("-"):
+            return [program, *options, *head, "--script", rest[0], "--", *rest[1:]]
+        return None
+    script = _resolve(program)
+    interpreter = _shebang_python(script) if script is not None else None
+    if script is None or interpreter is None:
+        return None
+    return [*interpreter, *head, "--script", script, "--", *rest]
+
+
+def _interpreter_options(args: list[str]) -> list[str]:
+    """The leading options of a python command line that belong to the interpreter (-u, -O, -X dev, ...)."""
+    taken: list[str] = []
+    while len(taken) < len(args):
+        token = args[len(taken)]
+        if not token.startswith("-") or token in ("-", "-m", "-c") or token.startswith(("-m", "-c", "--")):
+            break
+        taken.append(token)
+        if token in ("-X", "-W") and len(taken) < len(args):
+            taken.append(args[len(taken)])
+    return taken
+
+
+def _resolve(program: str) -> str | None:
+    if os.sep in program:
+        path = Path(program).expanduser()
+        return str(path) if path.is_file() else None
+    return shutil.which(program)
+
+
+def _shebang_python(script: str) -> list[str] | None:
+    """The interpreter of a `#!` line naming Python directly or through `env` (as pip writes console scripts)."""
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    try:
+        words = shlex.split(first[2:].decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if words and _is_python(words[0]):
+        return words
+    if len(words) == 2 and Path(words[0]).name == "env" and _is_python(words[1]):
+        return words
+    return None
 
 
 def _number(value: float) -> str:
@@ -331,19 +432,35 @@ def with_overrides(p: Profile, **changes: object) -> Profile:
 # ---------------------------------------------------------------- built-ins
 
 _TUTORIAL_MODEL = "internlm/internlm2-chat-1_8b"
+# No hub publishes a 4-bit InternLM2-chat-1.8B: the W4A16 profile serves what `tuichat quantize` makes here.
+# A `~` path, not one under the data dir: it reads the same on every machine and in every TUICHAT_HOME.
+W4_MODEL_DIR = "~/models/internlm2-chat-1_8b-w4a16"
+W4_MODEL_NAME = "internlm2-chat-1_8b-w4a16"
 
 BUILTIN_PROFILES: dict[str, Profile] = {
+    # first: the default, and where a screen that picks "the first profile" starts
     "internlm2-turbomind": Profile(model=_TUTORIAL_MODEL, backend="turbomind"),
     "internlm2-pytorch": Profile(model=_TUTORIAL_MODEL, backend="pytorch"),
     "internlm2-w4": Profile(
-        model="internlm/internlm2-chat-1_8b-4bit",
+        model=W4_MODEL_DIR,
         backend="turbomind",
         model_format="awq",
         cache_max_entry_count=0.4,
+        model_name=W4_MODEL_NAME,
     ),
 }
 
-DEFAULT_PROFILE_NAME = "internlm2-w4"
+DEFAULT_PROFILE_NAME = "internlm2-turbomind"
+
+# Models that built-in profiles expect the user to make, and the command that makes each.
+_MADE_BY_QUANTIZE = {
+    W4_MODEL_DIR: f"tuichat quantize {_TUTORIAL_MODEL} --out {W4_MODEL_DIR} --no-profile",
+}
+
+
+def make_model_hint(model: str) -> str | None:
+    """For a model that a built-in profile expects `tuichat quantize` to make: the command that makes it."""
+    return _MADE_BY_QUANTIZE.get(model)
 
 
 def looks_like_hub_id(model: str) -> bool:

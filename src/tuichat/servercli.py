@@ -8,9 +8,14 @@ its 0600 key file is instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tuichat import paths
@@ -28,7 +33,7 @@ from tuichat.launcher import (
     read_log_tail,
 )
 from tuichat.procgroup import StopResult
-from tuichat.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE_NAME, Profile
+from tuichat.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE_NAME, Profile, make_model_hint
 from tuichat.sanitize import clean
 
 COMMANDS = ("serve", "ps", "stop", "logs", "profiles", "doctor")
@@ -171,11 +176,39 @@ def _stop_now(manager: ServerManager, server: ManagedServer) -> StopResult:
         return manager.stop(server, timeout=0.0)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM both mean "stop the server, then exit", like Ctrl+C.
+
+    Set even where SIGINT was ignored at start (a shell's background job), as uvicorn does for lmdeploy:
+    `kill -INT` must stop a foreground serve the same way everywhere, and a plain `kill` must not end tuichat
+    and leave the server it owns running.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _serve(args: argparse.Namespace, manager: ServerManager) -> int:
     name, profile = _pick_profile(args.profile)
     for check in manager.preflight(profile):
         if check.level == "warning":
             _err(f"Warning: {check.message}")
+    with _stop_signals():
+        return _serve_started(args, manager, name, profile)
+
+
+def _serve_started(args: argparse.Namespace, manager: ServerManager, name: str, profile: Profile) -> int:
     server = manager.start(name, profile)
     ready = False
     # one handler around everything after the launch: a Ctrl+C at any moment must not leave the server behind
@@ -379,6 +412,9 @@ def _doctor(args: argparse.Namespace, manager: ServerManager) -> int:
         state = "" if paths.config_file().exists() else " (not created yet; built-in profiles in use)"
         _out(f"config    {paths.config_file()}{state}")
     for name, profile in sorted(profiles.items()):
+        make = make_model_hint(profile.model)
+        if make is not None and not Path(profile.model).expanduser().is_dir():
+            _out(f"profile   {name}: its model {profile.model} is not made yet; run `{make}` first")
         if not profile.uses_default_command:
             found = lmdeploy_version(profile.argv_prefix, timeout=10.0)
             shown = " ".join(profile.argv_prefix)

@@ -53,6 +53,30 @@ def group_pids(pgid: int) -> set[int]:
     return found
 
 
+def session_pids(leader: int) -> set[int]:
+    """Live processes whose process group or session is `leader`'s: all a launch started, even a process that
+    moved to a group of its own."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and fields[0] != "Z" and leader in (int(fields[2]), int(fields[3])):
+            found.add(int(entry.name))
+    return found
+
+
+def proc_file(pid: int, name: str) -> bytes:
+    """`/proc/PID/NAME` (cmdline, environ, ...) as bytes; empty if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 def pid_alive(pid: int) -> bool:
     """True if `pid` exists and is not a zombie."""
     try:
