@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
+import pytest
 from apphelpers import ScriptedServer, app_for, conversation_text, screen_text, wait_for
 from standin.harness import run_standin
 
@@ -34,18 +36,22 @@ async def test_a_failed_send_comes_back_ahead_of_what_was_typed_since() -> None:
     server = ScriptedServer()
     server.status, server.error_body = 500, {"message": "boom"}
     handle = server.handle
+    arrived, answer = asyncio.Event(), asyncio.Event()
 
-    async def slow(request: httpx.Request) -> httpx.Response:
+    async def held(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/chat/completions":
-            await asyncio.sleep(0.3)
+            arrived.set()
+            await answer.wait()  # the failure comes only once the test has typed (a sleep raced it under load)
         return await handle(request)
 
-    server.handle = slow  # type: ignore[method-assign]
+    server.handle = held  # type: ignore[method-assign]
     app = app_for(server)
     async with app.run_test() as pilot:
         await type_and_send(pilot, "my long important question")
-        await wait_for(pilot, lambda: app.streaming)
+        await wait_for(pilot, arrived.is_set)
+        assert app.streaming
         app.query_one(PromptArea).text = "next thought"  # the user keeps typing during the wait
+        answer.set()
         await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
         assert app.query_one(PromptArea).text == "my long important question\n\nnext thought"
         assert "check its log" in app.chat.turns[-1].content.lower()
@@ -201,9 +207,172 @@ def test_a_port_out_of_range_is_a_clear_error() -> None:
         resolve_target(load_config(), {}, url="http://127.0.0.1:99999")
 
 
-async def test_an_unknown_key_id_in_the_keymap_is_reported(hermetic_home: Path) -> None:
+def test_an_unknown_key_id_in_the_keymap_is_refused_with_file_key_and_fix(
+    hermetic_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # [keys] is validated like every other table: tuichat says what is wrong before any screen opens.
+    from tuichat import cli
+
     hermetic_home.mkdir(parents=True, exist_ok=True)
     (hermetic_home / "config.toml").write_text('[keys]\nretyr = "f12"\n')
-    app = app_for(ScriptedServer(), config=load_config())
+    assert cli.main(["--url", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "config.toml: keys.retyr: no action has this id; did you mean 'retry'?" in err
+    assert "Traceback" not in err
+
+
+# --- keys (issue 16: undo in tmux, fast keys, the key map) ---------------------------------------------------
+
+
+async def test_alt_u_as_tmux_delivers_it_undoes_and_types_nothing() -> None:
+    from textual import events
+
+    server = ScriptedServer("reply")
+    app = app_for(server)
     async with app.run_test() as pilot:
-        await wait_for(pilot, lambda: any("keys.retyr" in n.message for n in app._notifications))
+        await type_and_send(pilot, "first")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        prompt = app.query_one(PromptArea)
+        prompt.text = "draft"
+        prompt.move_cursor(prompt.document.end)
+        app.post_message(events.Key("alt+u", "u"))  # Textual reports ESC u with the character "u"
+        await wait_for(pilot, lambda: len(app.chat) == 0)
+        assert prompt.text == "first\n\ndraft"  # the message came back ahead of the draft, no "u" typed
+        app.post_message(events.Key("ctrl+x", "x"))  # no ctrl or alt key types its letter either
+        await pilot.pause(0.1)
+        assert "x" not in prompt.text
+
+
+async def test_keys_during_a_reply_are_refused_out_loud_and_never_typed() -> None:
+    server = ScriptedServer("one two three four five six")
+    server.delay, server.pieces = 0.3, 6
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "question")
+        await wait_for(pilot, lambda: app.streaming)
+        await pilot.press("ctrl+r", "f6", "alt+u", "ctrl+l", "ctrl+n", "enter")
+        await wait_for(pilot, lambda: any("still streaming" in n.message for n in app._notifications))
+        assert app.streaming and len(server.requests) == 1
+        assert app.query_one(PromptArea).text == ""
+        refusals = [n.message for n in app._notifications if "still streaming" in n.message]
+        assert refusals[0] == "A reply is still streaming: Esc stops it, then retry."
+        assert len(refusals) == len(set(refusals))  # each sentence once, not once per key press
+        app.query_one(PromptArea).text = "next"
+        await pilot.press("enter")  # Enter with text: refused too, the text stays
+        await pilot.pause(0.05)
+        assert app.query_one(PromptArea).text == "next" and len(server.requests) == 1
+
+
+async def test_escape_then_retry_at_once_stops_and_regenerates() -> None:
+    server = ScriptedServer("one two three four five six")
+    server.delay, server.pieces = 0.2, 6
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        await type_and_send(pilot, "question")
+        await wait_for(pilot, lambda: app.streaming and any(t.content for t in app.chat.turns[1:]))
+        from textual import events
+
+        app.post_message(events.Key("escape", "\x1b"))  # queued back to back, as ESC ^R arrive from tmux:
+        app.post_message(events.Key("ctrl+r", "\x12"))  # the retry must not be lost behind the stop
+        await wait_for(pilot, lambda: len(server.requests) == 2)
+        server.delay = 0
+        await wait_for(pilot, lambda: not app.streaming)
+        assert conversation_text(app) == "user:done:question\nassistant:done:one two three four five six"
+
+
+async def test_keys_typed_right_after_enter_or_ctrl_j_stay_in_order() -> None:
+    from textual import events
+
+    server = ScriptedServer("ok")
+    app = app_for(server)
+    async with app.run_test() as pilot:
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        for key, char in (("a", "a"), ("ctrl+j", "\n"), ("b", "b")):
+            app.post_message(events.Key(key, char))  # queued at once, as a fast typist's keys arrive
+        await wait_for(pilot, lambda: prompt.text == "a\nb")
+        for key, char in (("enter", "\r"), ("c", "c")):
+            app.post_message(events.Key(key, char))
+        await wait_for(pilot, lambda: len(server.requests) == 1)
+        await wait_for(pilot, lambda: not app.streaming)
+        assert server.requests[0]["messages"][-1]["content"] == "a\nb"
+        assert prompt.text == "c"  # typed after Enter: kept, not wiped with the sent text
+
+
+async def test_a_bad_keymap_is_reported_and_the_default_keys_stay(hermetic_home: Path) -> None:
+    from dataclasses import replace
+
+    config = replace(load_config(), keys={"retry": "ctrl+q"})  # as a Config built without load_config's check
+    app = app_for(ScriptedServer(), config=config)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: any("keys.retry" in n.message for n in app._notifications))
+        message = next(n.message for n in app._notifications if "keys.retry" in n.message)
+        assert "quit" in message and "default keys" in message
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: app._exit)
+
+
+# --- the status line and the token figure --------------------------------------------------------------------
+
+
+async def test_the_status_line_drops_waiting_for_first_token_once_a_reply_failed() -> None:
+    server = ScriptedServer()
+    good = json.dumps({"choices": [{"index": 0, "delta": {"content": "partial "}}], "usage": None})
+    server.raw_events = [good, json.dumps({"error": {"message": "engine exploded"}}), "[DONE]"]
+    app = app_for(server)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
+        line = app.query_one("#statusline")
+        assert "waiting for first token" not in line.last  # type: ignore[attr-defined]
+        assert line.last.startswith("cut off")  # type: ignore[attr-defined]
+        assert "waiting for first token" not in screen_text(app)
+
+
+def chunks_only(server: ScriptedServer, words: int) -> None:
+    """Stream `words` words three to a chunk, with no usage chunk (as a server without include_usage does)."""
+    text = [f"w{i} " for i in range(words)]
+    pieces = ["".join(text[i : i + 3]) for i in range(0, words, 3)]
+    events = [json.dumps({"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}) for p in pieces]
+    events.append(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    server.raw_events = [*events, "[DONE]"]
+
+
+async def test_without_a_usage_chunk_the_figure_says_chunks_not_tokens() -> None:
+    server = ScriptedServer()
+    chunks_only(server, 117)  # /v1/encode answers 404 here: no count to be had
+    app = app_for(server)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        await wait_for(pilot, lambda: "39 chunks" in screen_text(app))
+        assert "~39 tokens" not in screen_text(app) and "39 tokens" not in screen_text(app)
+
+
+async def test_without_a_usage_chunk_v1_encode_gives_the_token_count() -> None:
+    server = ScriptedServer()
+    chunks_only(server, 117)
+    handle = server.handle
+    encoded: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/encode":
+            text = json.loads(request.content)["input"]
+            encoded.append(text)
+            return httpx.Response(200, json={"input_ids": list(range(len(text.split()) * 2)), "length": 234})
+        return await handle(request)
+
+    server.handle = handler  # type: ignore[method-assign]
+    app = app_for(server)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await type_and_send(pilot, "hi")
+        await wait_for(pilot, lambda: "234 tokens" in screen_text(app))
+        assert encoded[-1] == app.chat.turns[1].content
+        assert "234 tokens" in app.query_one("#statusline").last  # type: ignore[attr-defined]
+    assert any(s == "assistant" for s, _, _ in saved())
+    store = Store.open(default_path())
+    conv = store.last_conversation()
+    assert conv is not None
+    stats = store.messages(conv.id)[-1].stats
+    store.close()
+    assert stats is not None and stats["completion_tokens"] == 234 and stats["counted"]

@@ -221,3 +221,54 @@ async def test_f9_lists_local_models_and_a_chosen_one_becomes_a_profile(
         name = app.profile_name
     profile = load_config().profiles[name]
     assert profile.model_format == "awq" and profile.model == str(model)
+
+
+async def test_no_request_goes_out_without_the_profiles_key_and_the_pane_shows_kv_at_once(
+    hermetic_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    add_profile(
+        "keyed",
+        {
+            "model": "org/tiny-chat",
+            "command": STANDIN_COMMAND,
+            "backend": "pytorch",  # the stand-in then serves /distserve/engine_info, as lmdeploy's PyTorch engine
+            "api_key": "profile-key-0123456789",
+            "extra_args": ["--fake-load-seconds", "0.3"],
+            "stop_timeout": 3,
+            "port": free_port(),
+        },
+    )
+    sent: list[tuple[str, str | None]] = []
+    original = httpx.AsyncClient.send
+
+    async def recording(self: httpx.AsyncClient, request: httpx.Request, **kwargs: object) -> httpx.Response:
+        sent.append((str(request.url), request.headers.get("authorization")))
+        return await original(self, request, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", recording)
+    reader = FakeGpuReader([GpuInfo(0, "Fake H200", "u", mem_used=GB, mem_total=140 * GB)])
+    manager = ServerManager(gpu_reader=reader)
+    app = make_app(
+        AppOptions(profile="keyed", config=load_config(), manager=manager, env={}, gpu_reader=reader, poll_interval=0.2)
+    )
+    try:
+        async with app.run_test(size=(200, 50)) as pilot:
+            await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+            server = app.server
+            assert server is not None
+            # the KV bar and its capacity well within one poll or two, not after a 30 s back-off
+            await wait_for(pilot, lambda: "KV tokens" in (t := screen_text(app)) and "%" in t, timeout=5)
+            assert "metrics unavailable" not in screen_text(app)
+            await pilot.press("ctrl+q")
+            await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
+            await pilot.press("s")
+    finally:
+        for running in manager.running():
+            manager.stop(running, timeout=1.0)
+        manager.close()
+    assert sent
+    for url, auth in sent:
+        assert url.startswith(server.url), url  # nothing to an address guessed before the server was up
+        assert auth == "Bearer profile-key-0123456789", (url, auth)

@@ -14,9 +14,12 @@ from tuichat.metrics import (
     compute_reply_stats,
     estimate_tokens,
     format_reply_stats,
+    kv_capacity_tokens,
     parse_context_length,
     parse_metrics,
+    reply_stats_from_dict,
     summarize_for_status,
+    with_token_count,
 )
 
 # Shaped like prometheus_client's exposition from LMDeploy 0.18 with two engines (DP ranks), plus the
@@ -234,11 +237,61 @@ def test_reply_stats_from_usage() -> None:
     assert format_reply_stats(stats) == "TTFT 0.25s · 80.0 tok/s · 401 tokens · 1,024 cached · 5.25s"
 
 
-def test_reply_stats_without_usage_fall_back_to_chunks() -> None:
+def test_reply_stats_without_usage_say_chunks_not_tokens() -> None:
+    # 117 words in 39 chunks: calling them "~39 tokens" was wrong by a factor of three or more.
     stats = compute_reply_stats(0.0, 0.5, 2.5, None, None, None, chunk_count=21)
-    assert stats.estimated and stats.completion_tokens == 21
-    assert stats.decode_tokens_per_s == pytest.approx(10.0)
-    assert format_reply_stats(stats) == "TTFT 0.50s · ~10.0 tok/s · ~21 tokens · 2.50s"
+    assert stats.estimated and stats.completion_tokens is None and stats.chunks == 21
+    assert stats.decode_tokens_per_s is None and stats.decode_chunks_per_s == pytest.approx(10.0)
+    line = format_reply_stats(stats)
+    assert line == "TTFT 0.50s · 10.0 chunks/s · 21 chunks · 2.50s"
+    assert "token" not in line
+
+
+def test_a_count_from_v1_encode_turns_chunk_figures_into_tokens() -> None:
+    stats = with_token_count(compute_reply_stats(0.0, 0.5, 2.5, None, None, None, chunk_count=21), 61)
+    assert stats.completion_tokens == 61 and stats.counted and not stats.estimated
+    assert stats.decode_tokens_per_s == pytest.approx(30.0)  # 60 tokens after the first in 2 s
+    assert format_reply_stats(stats) == "TTFT 0.50s · 30.0 tok/s · 61 tokens · 2.50s"
+
+
+def test_saved_stats_read_back_including_rows_that_called_chunks_tokens() -> None:
+    old_row = {
+        "ttft_s": 0.5,
+        "decode_tokens_per_s": 10.0,
+        "total_s": 2.5,
+        "completion_tokens": 21,
+        "estimated": True,
+        "chunks": 21,
+    }
+    stats = reply_stats_from_dict(old_row)
+    assert stats is not None
+    assert format_reply_stats(stats) == "TTFT 0.50s · 10.0 chunks/s · 21 chunks · 2.50s"
+    new_row = {
+        "ttft_s": 0.5,
+        "decode_tokens_per_s": 30.0,
+        "total_s": 2.5,
+        "completion_tokens": 61,
+        "estimated": False,
+        "counted": True,
+        "chunks": 21,
+    }
+    counted = reply_stats_from_dict(new_row)
+    assert counted is not None and format_reply_stats(counted) == "TTFT 0.50s · 30.0 tok/s · 61 tokens · 2.50s"
+    assert reply_stats_from_dict({"ttft_s": 0.5}) is None
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ({"block_size": 64, "num_gpu_blocks": 1024}, 65536),
+        ({"block_size": 64}, None),
+        ({"block_size": 64, "num_gpu_blocks": 0}, None),
+        ({"block_size": True, "num_gpu_blocks": 8}, None),
+        (None, None),
+    ],
+)
+def test_kv_capacity_in_tokens(info: dict[str, object] | None, expected: int | None) -> None:
+    assert kv_capacity_tokens(info) == expected
 
 
 @pytest.mark.parametrize(("tokens", "first", "end"), [(1, 1.0, 1.0), (0, None, 3.0), (5, 2.0, 2.0)])

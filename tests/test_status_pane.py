@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import httpx
 from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, screen_text, wait_for
 
 from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess
@@ -112,3 +114,78 @@ async def test_reply_stats_and_context_meter_learn_from_usage_and_errors() -> No
         await pilot.press("enter")
         await wait_for(pilot, lambda: meter.session_len == 40)
         await wait_for(pilot, lambda: "context" in (t := screen_text(app)) and "16/40" in t)
+
+
+def flaky_metrics(server: ScriptedServer, answers: list[int]) -> list[tuple[str, str | None]]:
+    """Make /metrics answer the statuses in `answers` first (401, 503, ...; the list may be filled later), then
+    the real text. Call before the app is made. Returns (address, Authorization header) of each /metrics request."""
+    handle = server.handle
+    seen: list[tuple[str, str | None]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            seen.append((f"{request.url.host}:{request.url.port}", request.headers.get("authorization")))
+            if answers:
+                status = answers.pop(0)
+                return httpx.Response(status, json={"error": "Unauthorized" if status == 401 else "down"})
+        return await handle(request)
+
+    server.handle = handler  # type: ignore[method-assign]
+    return seen
+
+
+async def test_one_failed_metrics_read_does_not_hide_the_figures_for_30_s() -> None:
+    server = ScriptedServer()
+    server.metrics = lmdeploy_metrics(kv=0.42)
+    flaky_metrics(server, [503])
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1)
+    async with app.run_test(size=(180, 45)) as pilot:
+        await wait_for(pilot, lambda: "42%" in screen_text(app), timeout=3)  # the next poll, not 30 s later
+        assert app.status_view.metrics_error is None
+
+
+async def test_a_401_right_after_attaching_is_retried_quietly() -> None:
+    server = ScriptedServer()
+    server.metrics = lmdeploy_metrics(kv=0.37)
+    answers: list[int] = []
+    requests = flaky_metrics(server, answers)
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1)
+    async with app.run_test(size=(180, 45)) as pilot:
+        await wait_for(pilot, lambda: "37%" in screen_text(app))
+        answers += [401, 401]
+        app.retarget("http://127.0.0.1:23334", "new-key", "tiny-chat")  # what attaching to a launched server does
+        seen: list[str] = []
+
+        def figures_again() -> bool:
+            seen.append(screen_text(app))
+            return not answers and app.status_view.metrics is not None and "37%" in seen[-1]
+
+        await wait_for(pilot, figures_again, timeout=3)
+        assert not any("Unauthorized" in text or "API key" in text for text in seen)
+        to_new = [auth for where, auth in requests if where == "127.0.0.1:23334"]
+        assert len(to_new) >= 3 and all(auth == "Bearer new-key" for auth in to_new)  # always with its key
+
+
+async def test_a_lasting_401_is_shown_with_what_to_do() -> None:
+    server = ScriptedServer()
+    flaky_metrics(server, [401] * 1000)
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1)
+    async with app.run_test(size=(180, 45)) as pilot:
+        await wait_for(pilot, lambda: "metrics unavailable" in (t := screen_text(app)) and "API key" in t)
+
+
+async def test_kv_capacity_in_tokens_from_engine_info() -> None:
+    server = ScriptedServer()
+    server.metrics = lmdeploy_metrics(kv=0.25)
+    handle = server.handle
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/distserve/engine_info":
+            return httpx.Response(200, json=json.dumps({"block_size": 64, "num_gpu_blocks": 1024}))
+        return await handle(request)
+
+    server.handle = handler  # type: ignore[method-assign]
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1)
+    async with app.run_test(size=(180, 45)) as pilot:
+        await app._learn_engine()
+        await wait_for(pilot, lambda: "~16,384 of 65,536" in screen_text(app))

@@ -3,6 +3,7 @@ launched survives an SSH drop and is re-attached, and the screen works in 16 col
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,6 +35,15 @@ def term_env(home: Path, term: str = "xterm-256color") -> dict[str, str]:
     }
 
 
+def saved_words(db: Path) -> int:
+    """Words of the newest saved reply, read the way a second process would (the app keeps writing)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        row = conn.execute("SELECT content FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1").fetchone()
+    return len(row[0].split()) if row else 0
+
+
 @pytest.fixture
 def pty_apps() -> Iterator[list[PtyApp]]:
     apps: list[PtyApp] = []
@@ -57,6 +67,9 @@ def test_kill_9_mid_reply_keeps_every_finished_turn_and_the_partial_reply(
         server.configure(words=400)
         app.type("second question\r")
         app.wait_for("w20")
+        db = Path(env["TUICHAT_HOME"]) / "data" / "history.sqlite3"
+        # Kill only once the partial reply is on disk (saves come every SAVE_EVERY): the screen runs ahead.
+        wait_for(lambda: saved_words(db) >= 10, 10, message="ten words of the reply saved")
         app.signal(signal.SIGKILL)
         app.wait_exit()
     store = Store.open(Path(env["TUICHAT_HOME"]) / "data" / "history.sqlite3")

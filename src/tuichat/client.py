@@ -236,7 +236,7 @@ class ChatClient:
             return ChatError(
                 "too_long",
                 f"the conversation is too long for the model{said} Shorten the message, undo earlier "
-                "exchanges (alt+u), start a new chat (ctrl+n), or launch with a larger session_len.",
+                "exchanges (F6), start a new chat (ctrl+n), or launch with a larger session_len.",
                 status=status,
                 detail=detail,
             )

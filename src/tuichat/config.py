@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuichat import paths
 from tuichat.errors import ConfigError
+from tuichat.keymap import check_keys
 from tuichat.sampling import Sampling, SamplingError, sampling_from_table
 
 if TYPE_CHECKING:
@@ -174,8 +175,7 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
 
     keys: dict[str, str] = {}
     if "keys" in raw:
-        for key, value in _table(file, "keys", raw["keys"]).items():
-            keys[key] = _str(file, f"keys.{key}", value)
+        keys = check_keys(_table(file, "keys", raw["keys"]), file)
 
     roots: tuple[str, ...] = ()
     if "models" in raw:

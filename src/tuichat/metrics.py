@@ -12,8 +12,9 @@ import itertools
 import math
 import re
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from tuichat.errors import TuichatError
 
@@ -209,8 +210,12 @@ class History:
 
 @dataclass(frozen=True)
 class ReplyStats:
-    """Timing of one streamed reply. `estimated` is True when the server sent no usage and chunks were
-    counted instead of tokens (a chunk often carries several tokens, so the counts are then low)."""
+    """Timing of one streamed reply.
+
+    `completion_tokens` is the usage chunk's count, or the server's `/v1/encode` count of the reply text
+    (`counted`); without either only `chunks` is known, and a chunk often carries several tokens, so the figures
+    are then chunk figures and say so (`estimated`), never passed off as tokens.
+    """
 
     ttft_s: float | None
     decode_tokens_per_s: float | None
@@ -219,6 +224,17 @@ class ReplyStats:
     completion_tokens: int | None
     cached_tokens: int | None
     estimated: bool = False
+    chunks: int | None = None
+    decode_chunks_per_s: float | None = None
+    counted: bool = False
+
+
+def _decode_rate(count: int, first_token_at: float | None, end_at: float) -> float | None:
+    """Items after the first over the time after the first (prefill time does not drag it down)."""
+    if first_token_at is None or count < 2:
+        return None
+    decode_s = end_at - first_token_at
+    return (count - 1) / decode_s if decode_s > 0 else None
 
 
 def compute_reply_stats(
@@ -233,41 +249,100 @@ def compute_reply_stats(
     """Stats from monotonic timestamps and the usage chunk (None where the server sent none).
 
     Decode speed counts the tokens after the first one over the time after the first one, so prefill time
-    does not drag it down; with fewer than two tokens there is no speed to report.
+    does not drag it down; with fewer than two tokens there is no speed to report. Without a usage chunk the
+    speed is in chunks per second and the token count is left unknown.
     """
-    estimated = completion_tokens is None
-    tokens = chunk_count if completion_tokens is None else completion_tokens
     ttft = None if first_token_at is None else max(first_token_at - request_start, 0.0)
-    speed = None
-    if first_token_at is not None and tokens >= 2:
-        decode_s = end_at - first_token_at
-        if decode_s > 0:
-            speed = (tokens - 1) / decode_s
+    estimated = completion_tokens is None
     return ReplyStats(
         ttft_s=ttft,
-        decode_tokens_per_s=speed,
+        decode_tokens_per_s=None if estimated else _decode_rate(completion_tokens or 0, first_token_at, end_at),
         total_s=max(end_at - request_start, 0.0),
         prompt_tokens=prompt_tokens,
-        completion_tokens=tokens,
+        completion_tokens=completion_tokens,
         cached_tokens=cached_tokens,
         estimated=estimated,
+        chunks=chunk_count,
+        decode_chunks_per_s=_decode_rate(chunk_count, first_token_at, end_at) if estimated else None,
+    )
+
+
+def with_token_count(stats: ReplyStats, completion_tokens: int) -> ReplyStats:
+    """The stats of a reply that came without usage, once `/v1/encode` counted its text's tokens."""
+    speed = None
+    if stats.ttft_s is not None and completion_tokens >= 2:
+        decode_s = stats.total_s - stats.ttft_s
+        speed = (completion_tokens - 1) / decode_s if decode_s > 0 else None
+    return replace(
+        stats,
+        completion_tokens=completion_tokens,
+        decode_tokens_per_s=speed,
+        estimated=False,
+        decode_chunks_per_s=None,
+        counted=True,
     )
 
 
 def format_reply_stats(stats: ReplyStats) -> str:
-    """One line under a reply, e.g. `TTFT 0.21s · 85.3 tok/s · 412 tokens · 5.1s` (`~` marks estimates)."""
-    approx = "~" if stats.estimated else ""
+    """One line under a reply, e.g. `TTFT 0.21s · 85.3 tok/s · 412 tokens · 5.1s`; without a token count it
+    says chunks (`TTFT 0.21s · 31.0 chunks/s · 39 chunks · 1.4s`)."""
     parts = []
     if stats.ttft_s is not None:
         parts.append(f"TTFT {_seconds(stats.ttft_s)}")
-    if stats.decode_tokens_per_s is not None:
-        parts.append(f"{approx}{_rate(stats.decode_tokens_per_s)} tok/s")
     if stats.completion_tokens is not None:
-        parts.append(f"{approx}{stats.completion_tokens:,} tokens")
+        if stats.decode_tokens_per_s is not None:
+            parts.append(f"{_rate(stats.decode_tokens_per_s)} tok/s")
+        parts.append(f"{stats.completion_tokens:,} tokens")
+    elif stats.chunks is not None:
+        if stats.decode_chunks_per_s is not None:
+            parts.append(f"{_rate(stats.decode_chunks_per_s)} chunks/s")
+        parts.append(f"{stats.chunks:,} chunk" + ("" if stats.chunks == 1 else "s"))
     if stats.cached_tokens:
         parts.append(f"{stats.cached_tokens:,} cached")
     parts.append(_seconds(stats.total_s))
     return " · ".join(parts)
+
+
+def reply_stats_from_dict(stats: Mapping[str, Any]) -> ReplyStats | None:
+    """The saved stats dict of a reply back as ReplyStats (older rows lack keys, and counted chunks as tokens)."""
+    if stats.get("total_s") is None:
+        return None
+    estimated = bool(stats.get("estimated"))
+    counted = bool(stats.get("counted"))
+    tokens = stats.get("completion_tokens")
+    chunks = stats.get("chunks")
+    chunk_rate = stats.get("decode_chunks_per_s")
+    token_rate = stats.get("decode_tokens_per_s")
+    if estimated and not counted:
+        # Rows written before chunks were told apart stored the chunk count and rate as tokens.
+        chunks = chunks if chunks is not None else tokens
+        chunk_rate = chunk_rate if chunk_rate is not None else token_rate
+        tokens, token_rate = None, None
+    return ReplyStats(
+        ttft_s=stats.get("ttft_s"),
+        decode_tokens_per_s=token_rate,
+        total_s=stats["total_s"],
+        prompt_tokens=stats.get("prompt_tokens"),
+        completion_tokens=tokens,
+        cached_tokens=stats.get("cached_tokens"),
+        estimated=estimated and not counted,
+        chunks=chunks,
+        decode_chunks_per_s=chunk_rate,
+        counted=counted,
+    )
+
+
+def kv_capacity_tokens(engine_info: Mapping[str, Any] | None) -> int | None:
+    """How many tokens the server's KV cache holds: `num_gpu_blocks` x `block_size` from
+    `/distserve/engine_info` (PyTorch backend); None where either is missing."""
+    if not engine_info:
+        return None
+    blocks, size = engine_info.get("num_gpu_blocks"), engine_info.get("block_size")
+    if isinstance(blocks, bool) or isinstance(size, bool) or not isinstance(blocks, int) or not isinstance(size, int):
+        return None
+    if blocks <= 0 or size <= 0:
+        return None
+    return blocks * size
 
 
 _CONTEXT_RE = re.compile(
@@ -410,3 +485,45 @@ def summarize_for_status(
             break
         line = candidate
     return line or "no server metrics yet"
+
+
+METRICS_OFF_BACKOFF = 30.0  # seconds between /metrics tries once the server said it has none
+AUTH_GRACE = 15.0  # seconds after attaching in which a 401 counts as the server not having the key yet
+TRANSIENT_CAP = 8.0  # the longest wait after a failure a retry would fix
+SHOW_AFTER = 2  # transient failures in a row before the pane shows the error instead of the last figures
+
+
+class MetricsSchedule:
+    """When to read `/metrics` next, and whether a failure is worth showing.
+
+    Only what a retry cannot fix waits long: a server without `/metrics` (404) or whose answer is not
+    Prometheus text. A 401 in the first seconds after attaching is the server still taking the key in (or a
+    request that crossed the switch to it) and is retried at the poll interval without a word; a lasting 401
+    is shown and retried. Anything else (refused connection, timeout, 5xx) is retried soon, with a short
+    doubling wait, and shown only when it happens twice in a row, so one blip never hides real figures.
+    """
+
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self.failures = 0
+        self.attached_at: float | None = None
+
+    def attached(self, now: float) -> None:
+        """A new target (address and key) is in use: start afresh."""
+        self.attached_at = now
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, kind: str, now: float) -> tuple[float, bool]:
+        """(seconds until the next try, whether to show the error) after a failure of `kind`
+        (a ChatError kind, or "not_metrics" for an answer that is not Prometheus text)."""
+        if kind in ("not_found", "not_metrics"):
+            return METRICS_OFF_BACKOFF, True
+        if kind == "unauthorized":
+            fresh = self.attached_at is not None and now - self.attached_at < AUTH_GRACE
+            return self.poll_s, not fresh
+        self.failures += 1
+        delay = min(self.poll_s * 2 ** (self.failures - 1), max(TRANSIENT_CAP, self.poll_s))
+        return delay, self.failures >= SHOW_AFTER

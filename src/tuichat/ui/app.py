@@ -22,16 +22,31 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.driver import Driver
 from textual.widgets import Footer, Static
 
 from tuichat import __version__
 from tuichat.chat import Attachment, ChatSession, Turn
 from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
 from tuichat.config import Config, load_config, save_config
-from tuichat.metrics import ContextMeter, History, RateTracker, ServerMetrics, parse_metrics, summarize_for_status
+from tuichat.errors import ConfigError
+from tuichat.keymap import BINDINGS as BINDINGS_SPECS
+from tuichat.keymap import check_keys, display_key, keys_for
+from tuichat.metrics import (
+    ContextMeter,
+    History,
+    MetricsError,
+    MetricsSchedule,
+    RateTracker,
+    ServerMetrics,
+    kv_capacity_tokens,
+    parse_metrics,
+    summarize_for_status,
+)
 from tuichat.sampling import Sampling
 from tuichat.sanitize import clean
 from tuichat.target import Target, resolve_target
+from tuichat.ui.keyids import binding, install_key_parser, mouse_holds_escape
 from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen, QuitScreen
 from tuichat.ui.status_pane import StatusPane, StatusView
 from tuichat.ui.widgets import (
@@ -51,7 +66,6 @@ if TYPE_CHECKING:
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
 WIDER = 170  # and from this one the status pane too
-METRICS_BACKOFF = 30.0  # seconds between /metrics tries once the server said it has none
 RESTORE_LIMIT = 20  # turns mounted when a conversation opens (about a screenful); ctrl+t loads more
 FLUSH_EVERY = 0.033  # seconds between writes into the live Markdown stream (about 30 a second)
 SAVE_EVERY = 0.3  # seconds between saves of a streaming reply
@@ -86,26 +100,27 @@ class TuichatApp(App[None]):
     TITLE = "tuichat"
     ENABLE_COMMAND_PALETTE = True
 
+    # Keys, labels and help texts come from tuichat.keymap (the defaults reach tmux, screen and a bare xterm).
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f1", "help", "Help", id="help"),
-        Binding("escape", "stop", "Stop", id="stop"),
-        Binding("ctrl+r", "retry", "Retry", id="retry"),
-        Binding("alt+u,ctrl+b", "undo", "Undo", id="undo"),  # ctrl+b alone is the tmux prefix
-        Binding("ctrl+l", "clear", "Clear", id="clear"),
-        Binding("ctrl+n", "new_chat", "New", id="new_chat"),
-        Binding("ctrl+o", "copy_reply", "Copy", id="copy_reply"),
-        Binding("ctrl+g", "copy_code", "Copy code", id="copy_code", show=False),
-        Binding("f2", "toggle_sampling", "Sampling", id="toggle_sampling", show=False),
-        Binding("f3", "toggle_status", "Status", id="toggle_status", show=False),
-        Binding("ctrl+t", "load_earlier", "Earlier messages", id="load_earlier", show=False),  # ctrl+e: the prompt
-        Binding("f4", "history", "Chats", id="history", show=False),
-        Binding("f5", "server", "Server", id="server", show=False),
-        Binding("f9", "models", "Models", id="models", show=False),  # f6/f7 belong to the prompt
-        Binding("f8", "attach_image", "Image", id="attach_image", show=False),
-        Binding("shift+f8", "clear_attachments", "Drop images", id="clear_attachments", show=False),
-        Binding("ctrl+up,alt+up", "select_previous", "Select earlier", id="select_previous", show=False),
-        Binding("ctrl+down,alt+down", "select_next", "Select later", id="select_next", show=False),
-        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        binding("help"),
+        binding("stop"),
+        binding("retry"),
+        binding("undo"),
+        binding("clear"),
+        binding("new_chat"),
+        binding("copy_reply"),
+        binding("copy_code", show=False),
+        binding("toggle_sampling", show=False),
+        binding("toggle_status", show=False),
+        binding("load_earlier", show=False),
+        binding("history", show=False),
+        binding("server", show=False),
+        binding("models", show=False),
+        binding("attach_image", show=False),
+        binding("clear_attachments", show=False),
+        binding("select_previous", show=False),
+        binding("select_next", show=False),
+        binding("quit"),
     ]
 
     def __init__(self, options: AppOptions, config: Config, target: Target) -> None:
@@ -139,12 +154,19 @@ class TuichatApp(App[None]):
         self._gpu_sampler: GpuSampler | None = None
         self._next_metrics_at = 0.0
         self._metrics_busy = False
+        self._metrics_schedule = MetricsSchedule(options.poll_interval)
+        # A profile's server brings its own address and key once it is up: until then nothing is asked of it.
+        self._target_known = not (options.managed and options.profile)
+        self._client_generation = 0  # bumped with every new client, so a late answer of the old one is dropped
         self._hung_up = False
         self._replacing: list[Turn] = []
         self.manager: ServerManager | None = options.manager
         self.server: ManagedServer | None = None
         self.profile_name: str | None = options.profile
         self.server_state: ServerStatus | None = None
+        self.user_keys: dict[str, str] = {}  # the checked [keys] table
+        self._keymap_error: str | None = None
+        self._refused: tuple[str, float] = ("", 0.0)
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -160,9 +182,38 @@ class TuichatApp(App[None]):
         yield StatusLine(id="statusline")
         yield Footer()
 
+    def run(self, *, mouse: bool | None = None, **kwargs: Any) -> Any:
+        """Run; the mouse is off by default under GNU screen, which holds back a lone Esc for as long as mouse
+        reporting is on (waiting for a mouse report that never comes), so Esc would act only with the next key."""
+        if mouse is None:
+            mouse = not mouse_holds_escape(self.options.env if self.options.env is not None else os.environ)
+        return super().run(mouse=mouse, **kwargs)
+
+    def get_driver_class(self) -> type[Driver]:
+        install_key_parser()  # Esc + key and Alt + key read as pressed (see ui.keyids)
+        return super().get_driver_class()
+
+    def _apply_keymap(self) -> None:
+        """The [keys] table, checked again here (a Config may come from elsewhere than load_config): a bad one
+        is reported with its file and key, and the default keys stay."""
+        if not self.config.keys:
+            return
+        try:
+            self.user_keys = check_keys(self.config.keys, self.config.path)
+        except ConfigError as exc:
+            self.user_keys = {}
+            self._keymap_error = f"{exc}. The default keys are in use."
+            return
+        self.set_keymap(self.user_keys)
+        self.query_one(PromptArea).newline_keys = frozenset(keys_for("newline", self.user_keys))
+
+    def key_name(self, binding_id: str) -> str:
+        """The first key of an action as people write it (Ctrl+R, F6), under the user's keymap."""
+        keys = keys_for(binding_id, self.user_keys)
+        return display_key(keys[0]) if keys else binding_id
+
     def on_mount(self) -> None:
-        if self.config.keys:
-            self.set_keymap(dict(self.config.keys))
+        self._apply_keymap()
         if not self.options.cursor_blink:
             from textual.widgets import Input, TextArea
 
@@ -189,21 +240,9 @@ class TuichatApp(App[None]):
         else:
             self.check_server()
 
-    def _check_keymap(self) -> None:
-        """A typo in [keys] would silently do nothing: name the file and key instead."""
-        from tuichat.ui.keyids import known_binding_ids
-
-        unknown = sorted(set(self.config.keys) - known_binding_ids())
-        if unknown:
-            self.notify(
-                f"{self.config.path}: keys.{unknown[0]}: no action has this id (F1 lists the ids)",
-                severity="error",
-                timeout=15,
-            )
-
     def on_ready(self) -> None:
-        if self.config.keys:
-            self.call_after_refresh(self._check_keymap)
+        if self._keymap_error:
+            self.notify(self._keymap_error, severity="error", timeout=15)
         self.first_frame_s = time.perf_counter() - START_TIME
         self.log.info(f"first frame after {self.first_frame_s:.3f} s")
 
@@ -272,7 +311,8 @@ class TuichatApp(App[None]):
             meter.reset()
             meter.estimate_from(t.content for t in self.chat.turns if t.role in ("user", "assistant"))
             self._redraw_status()
-            self.run_worker(self._count_context(), group="encode", exclusive=True, exit_on_error=False)
+            if self._target_known:  # else the count is asked for once the launched server is up
+                self.run_worker(self._count_context(), group="encode", exclusive=True, exit_on_error=False)
 
     async def _count_context(self) -> None:
         """Exact token count of a restored chat from the server's own tokenizer (/v1/encode), when it has one."""
@@ -284,10 +324,12 @@ class TuichatApp(App[None]):
             self._redraw_status()
 
     def _earlier_marker(self) -> Static:
-        return Static(Text(f"⋯ {self.hidden_turns} earlier messages: ctrl+t shows them", style="dim"), id="earlier")
+        text = f"⋯ {self.hidden_turns} earlier messages: {self.key_name('load_earlier')} shows them"
+        return Static(Text(text, style="dim"), id="earlier")
 
     async def action_load_earlier(self) -> None:
         if not self.hidden_turns:
+            self.notify("Every message of this chat is shown.")
             return
         container = self.query_one(Conversation)
         marker = self.query("#earlier")
@@ -299,6 +341,11 @@ class TuichatApp(App[None]):
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets, before=0 if container.children else None)
+        if batch:
+            # Show what was asked for: the view goes to the first of the messages just loaded.
+            container.release_anchor()
+            first = widgets[1] if self.hidden_turns else widgets[0]
+            self.call_after_refresh(container.scroll_to_widget, first, animate=False, top=True)
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
@@ -469,6 +516,9 @@ class TuichatApp(App[None]):
             for key in ("block_size", "num_gpu_blocks"):
                 if key in info:
                     self.status_view.launch[key.replace("_", " ")] = info[key]
+            capacity = kv_capacity_tokens(info)
+            if capacity is not None:
+                self.status_view.kv_capacity = capacity
             self._redraw_status()
 
     def retarget(self, url: str, api_key: str | None, model: str | None) -> None:
@@ -488,10 +538,19 @@ class TuichatApp(App[None]):
         self.target = Target(url, api_key, model, "profile")
         self.model = model
         self._gen_rate.reset()
+        self._client_generation += 1
+        self._target_known = True
+        self._metrics_busy = False
+        self._metrics_schedule.attached(time.monotonic())
         self._next_metrics_at = 0.0
+        self.status_view.metrics = None
+        self.status_view.metrics_error = None
         self.query_one(StatusLine).set(url=url, model=model or "", state="connecting")
         self.run_worker(old.aclose(), exit_on_error=False)
         self.check_server()
+        self.call_after_refresh(self._poll_status)  # the pane need not wait a whole interval for real figures
+        if self.conversation_id is not None:
+            self.run_worker(self._count_context(), group="encode", exclusive=True, exit_on_error=False)
 
     def _watch_hangup(self) -> None:
         """SSH dropped: leave at once, keeping the server (its record lets the next tuichat re-attach)."""
@@ -533,8 +592,7 @@ class TuichatApp(App[None]):
             return False
         if not stripped and not self.pending_attachments:
             return False
-        if self.streaming:
-            self.notify("A reply is still streaming: press Esc to stop it first.", severity="warning")
+        if self._refuse_while_streaming("send") or self._refuse_before_ready():
             return False
         error = self.query_one(SamplingPane).first_error()
         if error:
@@ -548,7 +606,8 @@ class TuichatApp(App[None]):
             if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
                 self.notify(
                     f"This message may not fit: the chat uses ~{meter.used:,} of {meter.session_len:,} tokens. "
-                    "Undo earlier exchanges (alt+u) or start a new chat (ctrl+n) if the server refuses it.",
+                    f"Undo earlier exchanges ({self.key_name('undo')}) or start a new chat "
+                    f"({self.key_name('new_chat')}) if the server refuses it.",
                     severity="warning",
                 )
         turn = Turn("user", text, attachments=list(self.pending_attachments))
@@ -563,8 +622,11 @@ class TuichatApp(App[None]):
                 sampling=self.sampling.to_table() or None,
                 images=[a.name for a in turn.attachments],
             )
-        self.query_one(Conversation).mount(message_widget(turn))
-        prompt.text = ""
+        conversation = self.query_one(Conversation)
+        conversation.mount(message_widget(turn))
+        conversation.anchor()  # a message sent from up in the history: the view follows it and its reply again
+        # Keys typed right after Enter may already be in the prompt: keep them, take out only what was sent.
+        prompt.text = prompt.text[len(text) :] if prompt.text.startswith(text) else ""
         self.pending_attachments = []
         self._show_attachments()
         self.start_reply()
@@ -647,6 +709,7 @@ class TuichatApp(App[None]):
                     if first_at is None:
                         first_at = time.monotonic()
                         await widget.write(event.text)  # the first words go out at once
+                        status.set(last="receiving")
                         reply.content += event.text
                         chunks += 1
                         self._drop_replaced()  # new text is here: the reply it replaces can go for good
@@ -727,17 +790,49 @@ class TuichatApp(App[None]):
             self._save("finish_reply", reply.msg_id, reply.content, state, stats=reply.stats)
         from tuichat.ui.widgets import stats_text
 
+        line = stats_text(reply.stats)
         if error is not None:
             self.add_note("error", error.message)
-            status.set(state="ready" if error.kind in ("stall", "in_band") else error.kind)
+            mark = "cut off" if state == "interrupted" else "failed"
+            state_word = "ready" if error.kind in ("stall", "in_band") else error.kind
+            status.set(state=state_word, last=" · ".join(p for p in (mark, line) if p))
         elif state == "stopped":
-            status.set(state="ready", last="stopped · " + stats_text(reply.stats))
+            status.set(state="ready", last=" · ".join(p for p in ("stopped", line) if p))
         else:
-            status.set(state="ready", last=stats_text(reply.stats))
+            status.set(state="ready", last=line)
         if finish == "length":
             self.notify("The reply hit max_tokens (or the session length) and was cut.", severity="warning")
         if widget is not None:
             self.call_later(widget.finish)
+        if usage is None and reply.stats.get("completion_tokens") is None:
+            self.run_worker(self._count_reply(reply, widget), group="count", exit_on_error=False)
+
+    async def _count_reply(self, reply: Turn, widget: ReplyMessage | None) -> None:
+        """No usage chunk came: ask the server's tokenizer (/v1/encode) how many tokens the reply has, so the
+        figures under it are tokens, not chunks. Where the server cannot count, the chunk figures stay."""
+        from tuichat.metrics import reply_stats_from_dict, with_token_count
+
+        count = await self.client.count_tokens(reply.content)
+        stats = reply_stats_from_dict(reply.stats or {})
+        if count is None or stats is None or reply not in self.chat.turns:
+            return
+        from dataclasses import asdict
+
+        from tuichat.ui.widgets import stats_text
+
+        before = stats_text(reply.stats)
+        counted = asdict(with_token_count(stats, count))
+        reply.stats = {**(reply.stats or {}), **{k: _rounded(v) for k, v in counted.items()}}
+        if reply is self.chat.last_reply():
+            self.status_view.last_reply = reply.stats
+            self._redraw_status()
+            status = self.query_one(StatusLine)
+            if not self.streaming and before and status.last.endswith(before):
+                status.set(last=status.last[: -len(before)] + stats_text(reply.stats))
+        if reply.msg_id is not None:
+            self._save("finish_reply", reply.msg_id, reply.content, reply.state, stats=reply.stats)
+        if widget is not None:
+            await widget.show_stats()
 
     def _request_failed(self, error: ChatError, restore_prompt: bool = True) -> None:
         """The request failed before any reply text. A fresh message goes back to the prompt (joined with
@@ -781,68 +876,58 @@ class TuichatApp(App[None]):
 
     # -- actions ----------------------------------------------------------------------------------------------
 
-    CHAT_ACTIONS = frozenset(
-        {
-            "stop",
-            "retry",
-            "undo",
-            "clear",
-            "new_chat",
-            "copy_reply",
-            "copy_code",
-            "toggle_sampling",
-            "toggle_status",
-            "load_earlier",
-            "history",
-            "server",
-            "attach_image",
-            "help",
-        }
-    )
+    # Every app binding but quit belongs to the chat screen: with another screen on top, its own keys apply.
+    CHAT_ACTIONS = frozenset(b.id for b in BINDINGS_SPECS if b.scope == "chat" and b.id != "newline")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.CHAT_ACTIONS and len(self.screen_stack) > 1:
             return False  # another screen is on top: its own keys apply, the chat's are hidden
         if action == "stop":
             return True if self.streaming or self._selected_turn() is not None else None
-        if action in ("retry", "undo", "clear", "new_chat") and self.streaming:
-            return None
         return True
 
-    HELP_TEXT: ClassVar[dict[str, str]] = {
-        "help": "This help",
-        "stop": "Stop the reply; its partial text is kept, marked",
-        "retry": "Regenerate the last reply with the current sampling",
-        "undo": "Remove the last exchange; your message returns to the prompt",
-        "clear": "Clear this chat (asks first)",
-        "new_chat": "New chat; the current one stays in the history",
-        "copy_reply": "Copy the last reply (OSC 52, works over SSH)",
-        "copy_code": "Copy a code block of the last reply; again for the next",
-        "toggle_sampling": "Show or hide the sampling pane",
-        "toggle_status": "Show or hide the GPU / KV-cache / speed pane",
-        "load_earlier": "Show earlier messages of a long chat",
-        "history": "Saved chats: open, rename, delete, search",
-        "server": "Server panel: start, stop, restart, profiles, log",
-        "models": "Local models: fit estimate, make a profile, W4A16 quantize",
-        "attach_image": "Attach an image (or type /image PATH)",
-        "clear_attachments": "Remove the attached images (or /image clear)",
-        "select_previous": "Select an earlier message (then ctrl+o copies it; Esc unselects)",
-        "select_next": "Select a later message",
-        "quit": "Quit (asks about a server tuichat started)",
-    }
+    def _refuse_while_streaming(self, what: str) -> bool:
+        """True (after saying so) when a reply is streaming: the key is refused out loud, never typed or lost.
+        The same sentence is not repeated while it is still on screen."""
+        if not self.streaming:
+            return False
+        text = f"A reply is still streaming: {self.key_name('stop')} stops it, then {what}."
+        now = time.monotonic()
+        if self._refused[0] != text or now - self._refused[1] > 3.0:
+            self.notify(text, severity="warning", timeout=3)
+            self._refused = (text, now)
+        return True
+
+    def _refuse_before_ready(self) -> bool:
+        """True (after saying so) while the launched server is not up: its address and key are not known yet,
+        and nothing goes out without them."""
+        if self._target_known:
+            return False
+        name = self.profile_name or "the server"
+        panel = self.key_name("server")
+        state = self.server_state.state if self.server_state is not None else "starting"
+        if state in ("failed", "stopped"):
+            text = f"{name} is not running: start it from the server panel ({panel})."
+        else:
+            text = f"{name} is still starting ({panel} shows its progress): send once the status line says ready."
+        self.notify(text, severity="warning")
+        return True
+
+    HELP_TEXT: ClassVar[dict[str, str]] = {b.id: b.help for b in BINDINGS_SPECS if b.help}
 
     def action_help(self) -> None:
         rows: list[tuple[str, str, str]] = []
-        keymap = dict(self.config.keys)
-        for binding in self._bindings_for_help():
-            key = keymap.get(binding.id or "", binding.key)
-            text = self.HELP_TEXT.get(binding.id or "", binding.description or binding.action)
-            rows.append((key, text, binding.id or ""))
+        for item in self._bindings_for_help():
+            binding_id = item.id or ""
+            keys = ", ".join(display_key(k) for k in keys_for(binding_id, self.user_keys))
+            text = self.HELP_TEXT.get(binding_id, item.description or item.action)
+            rows.append((keys, text, binding_id))
+        newline = ", ".join(display_key(k) for k in keys_for("newline", self.user_keys))
         rows += [
-            ("enter", "Send the prompt", "(prompt)"),
-            ("ctrl+j, shift+enter", "New line in the prompt", "newline"),
-            ("ctrl+p", "Command palette: every action", "(textual)"),
-            ("tab, shift+tab", "Move focus between prompt, chat and panes", "(textual)"),
+            ("Enter", "Send the prompt", "(prompt)"),
+            (newline, self.HELP_TEXT["newline"], "newline"),
+            ("Ctrl+P", "Command palette: every action", "(textual)"),
+            ("Tab, Shift+Tab", "Move focus between prompt, chat and panes", "(textual)"),
         ]
         self.push_screen(HelpScreen(rows))
 
@@ -855,13 +940,11 @@ class TuichatApp(App[None]):
 
         from textual.app import SystemCommand
 
-        keymap = dict(self.config.keys)
-        for binding in self._bindings_for_help():
-            if binding.id in ("quit", "help") or binding.id is None:
+        for item in self._bindings_for_help():
+            if item.id in ("quit", "help") or item.id is None:
                 continue
-            key = keymap.get(binding.id, binding.key)
-            title = self.HELP_TEXT.get(binding.id, binding.description)
-            yield SystemCommand(title, f"{key} · {binding.id}", partial(self.run_action, binding.action))
+            title = self.HELP_TEXT.get(item.id, item.description)
+            yield SystemCommand(title, f"{self.key_name(item.id)} · {item.id}", partial(self.run_action, item.action))
 
     def _bindings_for_help(self) -> list[Binding]:
         return [b for b in self.BINDINGS if isinstance(b, Binding)]
@@ -870,11 +953,15 @@ class TuichatApp(App[None]):
         worker = getattr(self, "_reply_worker", None)
         if self.streaming and worker is not None:
             worker.cancel()
+            # Wait for the reply to end (it saves and redraws at once), so that a key pressed right after Esc,
+            # e.g. the retry key, finds the chat ready instead of being refused.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker.wait(), timeout=2.0)
         elif self._selected_turn() is not None:
             self.action_clear_selection()
 
     async def action_retry(self) -> None:
-        if self.streaming:
+        if self._refuse_while_streaming("retry") or self._refuse_before_ready():
             return
         if self.chat.last_index("user") is None:
             self.notify("Nothing to retry yet.")
@@ -887,7 +974,7 @@ class TuichatApp(App[None]):
         self.start_reply(replacing=removed)
 
     async def action_undo(self) -> None:
-        if self.streaming:
+        if self._refuse_while_streaming("undo"):
             return
         removed = self.chat.undo()
         if not removed:
@@ -909,7 +996,7 @@ class TuichatApp(App[None]):
                 self._save("delete_message", turn.msg_id)
 
     def action_clear(self) -> None:
-        if self.streaming:
+        if self._refuse_while_streaming("clear the chat"):
             return
         count = sum(1 for t in self.chat.turns if t.role in ("user", "assistant"))
         if not count:
@@ -934,7 +1021,7 @@ class TuichatApp(App[None]):
         self.hidden_turns = 0
 
     async def action_new_chat(self) -> None:
-        if self.streaming:
+        if self._refuse_while_streaming("start a new chat"):
             return
         self.chat = ChatSession()
         self.conversation_id = None
@@ -1050,6 +1137,8 @@ class TuichatApp(App[None]):
 
     def _poll_status(self) -> None:
         self._read_gpu()
+        if not self._target_known:
+            return  # the launched server's address and key come with its ready state: ask nothing before
         now = time.monotonic()
         if not self._metrics_busy and now >= self._next_metrics_at:
             self._metrics_busy = True
@@ -1075,17 +1164,33 @@ class TuichatApp(App[None]):
         self._redraw_status()
 
     async def _read_metrics(self) -> None:
+        client, generation = self.client, self._client_generation
         try:
-            text = await self.client.metrics_text()
+            text = await client.metrics_text()
             metrics = parse_metrics(text)
-        except Exception as exc:  # ChatError or MetricsError: say so in the pane, try again later
-            self.status_view.metrics = None
-            self.status_view.metrics_error = f"server metrics unavailable: {getattr(exc, 'message', exc)}"
-            self._next_metrics_at = time.monotonic() + METRICS_BACKOFF
+        except Exception as exc:  # ChatError or MetricsError: the schedule says when to try again, and if to say so
+            failure: tuple[str, str] | None = (
+                "not_metrics" if isinstance(exc, MetricsError) else getattr(exc, "kind", "protocol"),
+                getattr(exc, "message", None) or str(exc),
+            )
         else:
-            self._metrics_arrived(metrics)
+            failure = None
         finally:
             self._metrics_busy = False
+        if generation != self._client_generation:
+            return  # asked of the server before the switch: its answer, good or bad, says nothing now
+        now = time.monotonic()
+        if failure is None:
+            self._metrics_schedule.succeeded()
+            self._next_metrics_at = now
+            self._metrics_arrived(metrics)
+        else:
+            kind, message = failure
+            delay, show = self._metrics_schedule.failed(kind, now)
+            self._next_metrics_at = now + delay
+            if show:
+                self.status_view.metrics = None
+                self.status_view.metrics_error = f"server metrics unavailable: {message}"
         self._redraw_status()
 
     def _metrics_arrived(self, metrics: ServerMetrics) -> None:
@@ -1332,9 +1437,13 @@ def _reply_stats(
         usage.cached_tokens if usage else None,
         chunks,
     )
-    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(stats).items()}
+    out = {k: _rounded(v) for k, v in asdict(stats).items()}
     out.update(finish_reason=finish, chunks=chunks)
     return out
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def make_app(options: AppOptions | None = None) -> TuichatApp:

@@ -38,7 +38,7 @@ class HelpScreen(ModalScreen[None]):
                 yield Static(table)
                 yield Static(
                     Text(
-                        "Prompt: Enter sends, Ctrl+J or Shift+Enter adds a line, pasting never sends. "
+                        "Prompt: Enter sends, Ctrl+J adds a line, pasting never sends. "
                         "/image PATH attaches an image. Ctrl+P opens the command palette with every action. "
                         'Rebind keys in config.toml, e.g. [keys] retry = "f12".'
                     ),

@@ -18,7 +18,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
 from tuichat.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
-from tuichat.metrics import ContextMeter, ServerMetrics
+from tuichat.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
 
 BAR_WIDTH = 20
 
@@ -35,6 +35,7 @@ class StatusView:
     kv_history: list[float] = field(default_factory=list)
     rate_history: list[float] = field(default_factory=list)
     launch: dict[str, Any] = field(default_factory=dict)  # backend, cache share, quant policy, session_len, ...
+    kv_capacity: int | None = None  # tokens the KV cache holds (num_gpu_blocks x block_size), when known
     last_reply: dict[str, Any] | None = None
     context: ContextMeter | None = None
 
@@ -104,6 +105,9 @@ def server_renderable(view: StatusView) -> RenderableType:
     kv.append_text(bar(m.kv_cache_usage, BAR_WIDTH - 6))
     kv.append(f" {m.kv_cache_usage * 100:.0f}%" if m.kv_cache_usage is not None else " ?")
     table.add_row("KV", kv)
+    if view.kv_capacity is not None:
+        used = f"~{round(m.kv_cache_usage * view.kv_capacity):,} of " if m.kv_cache_usage is not None else ""
+        table.add_row("KV tokens", f"{used}{view.kv_capacity:,}")
     table.add_row(
         "requests",
         f"{m.running if m.running is not None else '?'} running · "
@@ -135,15 +139,23 @@ def chat_renderable(view: StatusView) -> RenderableType:
     parts: list[RenderableType] = []
     stats = view.last_reply
     if stats:
+        parsed = reply_stats_from_dict(stats)
         line = Text()
-        if stats.get("ttft_s") is not None:
-            line.append(f"TTFT {stats['ttft_s']:.2f}s  ")
-        if stats.get("decode_tokens_per_s") is not None:
-            line.append(f"{stats['decode_tokens_per_s']:.1f} tok/s")
+        if parsed is not None and parsed.ttft_s is not None:
+            line.append(f"TTFT {parsed.ttft_s:.2f}s  ")
+        if parsed is not None and parsed.decode_tokens_per_s is not None:
+            line.append(f"{parsed.decode_tokens_per_s:.1f} tok/s")
+        elif parsed is not None and parsed.decode_chunks_per_s is not None:
+            line.append(f"{parsed.decode_chunks_per_s:.1f} chunks/s")
         parts.append(line)
+        if parsed is not None and parsed.completion_tokens is None and parsed.chunks is not None:
+            completion = f"{parsed.chunks} chunks (no token count)"
+        else:
+            completion = str(parsed.completion_tokens if parsed is not None else "?")
+        prompt = stats.get("prompt_tokens")
         tokens = Text(style="dim")
         tokens.append(
-            f"prompt {stats.get('prompt_tokens', '?')} · completion {stats.get('completion_tokens', '?')}"
+            f"prompt {'?' if prompt is None else prompt} · completion {completion}"
             f" · cached {stats.get('cached_tokens') or 0}"
         )
         parts.append(tokens)
@@ -206,7 +218,7 @@ class StatusPane(VerticalScroll):
         if self._changed("gpu", gpu_key):
             self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
         rate = round(view.gen_rate) if view.gen_rate is not None else None
-        if self._changed("server", (view.metrics, view.metrics_error, rate)):
+        if self._changed("server", (view.metrics, view.metrics_error, rate, view.kv_capacity)):
             self.query_one("#server-view", Static).update(server_renderable(view))
         for name, data in (("kv", view.kv_history), ("rate", view.rate_history)):
             if not self._changed(name, (len(data), data[-1] if data else None)):

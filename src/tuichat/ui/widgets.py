@@ -15,7 +15,7 @@ from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widget import Widget
@@ -23,7 +23,9 @@ from textual.widgets import Input, Label, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
 from tuichat.chat import Turn
+from tuichat.keymap import keys_for
 from tuichat.sampling import FIELDS, Sampling, SamplingError, display_value, parse_value
+from tuichat.ui.keyids import binding
 
 STATE_MARKS = {
     "stopped": "■ stopped by you: partial reply",
@@ -43,21 +45,10 @@ def reply_renderable(text: str, state: str) -> RenderableType:
 
 def stats_text(stats: dict[str, Any] | None) -> str:
     """The line under a reply, from the stats dict saved with it (older rows may lack some keys)."""
-    if not stats or stats.get("total_s") is None:
-        return ""
-    from tuichat.metrics import ReplyStats, format_reply_stats
+    from tuichat.metrics import format_reply_stats, reply_stats_from_dict
 
-    return format_reply_stats(
-        ReplyStats(
-            ttft_s=stats.get("ttft_s"),
-            decode_tokens_per_s=stats.get("decode_tokens_per_s"),
-            total_s=stats["total_s"],
-            prompt_tokens=stats.get("prompt_tokens"),
-            completion_tokens=stats.get("completion_tokens"),
-            cached_tokens=stats.get("cached_tokens"),
-            estimated=bool(stats.get("estimated")),
-        )
-    )
+    parsed = reply_stats_from_dict(stats) if stats else None
+    return format_reply_stats(parsed) if parsed is not None else ""
 
 
 class UserMessage(Static):
@@ -89,6 +80,7 @@ class ReplyMessage(Vertical):
         self.live = live
         self._markdown: Markdown | None = None
         self._stream: MarkdownStream | None = None
+        self._finishing = False
 
     def compose(self) -> ComposeResult:
         if self.live:
@@ -109,17 +101,41 @@ class ReplyMessage(Vertical):
 
     async def finish(self) -> None:
         """Swap the live Markdown for the cheap finished form (also fixes any fence left open mid-stream)."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
-        self.live = False
-        await self.remove_children()
-        self._markdown = None
-        widgets: list[Widget] = [Static(reply_renderable(self.turn.content, self.turn.state), classes="body")]
-        stats = stats_text(self.turn.stats)
-        if stats:
-            widgets.append(Static(Text(stats), classes="stats"))
-        await self.mount_all(widgets)
+        self._finishing = True
+        try:
+            if self._stream is not None:
+                await self._stream.stop()
+                self._stream = None
+            self.live = False
+            await self.remove_children()
+            self._markdown = None
+            widgets: list[Widget] = [Static(reply_renderable(self.turn.content, self.turn.state), classes="body")]
+            stats = stats_text(self.turn.stats)
+            if stats:
+                widgets.append(Static(Text(stats), classes="stats"))
+            await self.mount_all(widgets)
+        finally:
+            self._finishing = False
+        if stats_text(self.turn.stats) != stats:
+            await self.show_stats()  # the stats changed while this ran (a token count came in)
+
+    async def show_stats(self) -> None:
+        """Redraw the stats line from `turn.stats` (a /v1/encode count arrived after the reply ended)."""
+        if self.live or self._finishing:
+            return  # finish() draws the line from the stats as they are by then
+        text = stats_text(self.turn.stats)
+        lines = self.query(".stats")
+        if lines:
+            line = lines.first()
+            if isinstance(line, Static):
+                line.update(Text(text))
+        elif text:
+            await self.mount(Static(Text(text), classes="stats"))
+
+
+def _has_command_modifier(key: str) -> bool:
+    *modifiers, _base = key.split("+")
+    return bool(set(modifiers) & {"ctrl", "alt", "meta", "super", "hyper"})
 
 
 def message_widget(turn: Turn) -> Widget:
@@ -140,11 +156,20 @@ class Conversation(VerticalScroll):
 
 
 class PromptArea(TextArea):
-    """Multi-line prompt: Enter sends; Ctrl+J or Shift+Enter inserts a newline; pastes never send."""
+    """Multi-line prompt: Enter sends; Ctrl+J or Shift+Enter inserts a newline; pastes never send.
 
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+j,shift+enter", "newline", "Newline", show=False, id="newline"),
-    ]
+    A key with Ctrl or Alt never types: Textual reports some of them with a printable character (Alt+U as "u"),
+    and the TextArea would insert it instead of letting the app's binding act.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [binding("newline", show=False)]
+
+    # TextArea's own F6 ("select line") would shadow the app's undo key; the prompt gives it up.
+    GIVEN_UP: ClassVar[frozenset[str]] = frozenset({"select_line"})
+
+    # The newline keys act here, at once: a binding runs only after the key bubbled up to the app, and
+    # characters typed right after it would land before the new line. The app sets these from the keymap.
+    newline_keys: frozenset[str] = frozenset(keys_for("newline"))
 
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -161,7 +186,20 @@ class PromptArea(TextArea):
             event.prevent_default()
             self.post_message(self.Submitted(self.text))
             return
+        if event.key in self.newline_keys:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+            return
+        if _has_command_modifier(event.key):
+            # Typed nowhere, and still on its way to the bindings (prevent_default would stop those too).
+            event.character = None
         await super()._on_key(event)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.GIVEN_UP:
+            return False  # the key goes on to the app's bindings
+        return super().check_action(action, parameters)
 
     def action_newline(self) -> None:
         self.insert("\n")
