@@ -61,7 +61,7 @@ from tuichat.ui.widgets import (
 if TYPE_CHECKING:
     from tuichat.gpu import GpuReader, GpuSampler
     from tuichat.launcher import ManagedServer, ServerManager, ServerStatus
-    from tuichat.store import Store
+    from tuichat.store import Claim, HeldBy, Store
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
@@ -133,6 +133,9 @@ class TuichatApp(App[None]):
         self.chat = ChatSession()
         self.conversation_id: int | None = None
         self.store: Store | None = None
+        self.claim: Claim | None = None  # we hold conversation_id: no other tuichat may add to it
+        self.read_only: HeldBy | None = None  # the chat shown is held by another tuichat: readable, not continued
+        self._title = ""  # the open chat's title, which sub_title shows with the read-only mark
         self.client = ChatClient(
             target.url,
             target.api_key,
@@ -271,12 +274,35 @@ class TuichatApp(App[None]):
         if recovered:
             self.notify(f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted.")
 
-    async def open_conversation(self, conv_id: int, message_id: int | None = None) -> None:
+    async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
+        """Show a saved chat to continue it. One that another tuichat holds is shown read-only when the user
+        chose that in F4; otherwise (--continue, --conversation) the chat stays new and a notice says why."""
+        from tuichat.store import HeldBy
+
         assert self.store is not None
         conv = self.store.get_conversation(conv_id)
         if conv is None:
             self.notify(f"No conversation {conv_id} in the history.", severity="error")
             return
+        got = self._hold(conv_id)
+        if got is None:
+            return  # _save has said what is wrong with the history
+        if isinstance(got, HeldBy) and not read_only:
+            self.notify(
+                f"{got.sentence()} This is a new chat; F4 can show that one read-only.", severity="warning", timeout=15
+            )
+            return
+        if self.claim is not None and self.claim is not got:
+            self._let_go()
+        self.claim = None if isinstance(got, HeldBy) else got
+        self._title = conv.title
+        self._mark_read_only(got if isinstance(got, HeldBy) else None)
+        if self.read_only is not None:
+            self.notify(
+                f"{self.read_only.sentence()} It is shown read-only here: nothing you do here changes it.",
+                severity="warning",
+                timeout=10,
+            )
         turns = []
         for msg in self.store.messages(conv_id):
             if msg.role == "system":
@@ -293,7 +319,6 @@ class TuichatApp(App[None]):
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets)
-        self.sub_title = conv.title
         target = None
         if message_id is not None:
             while self.hidden_turns and not any(t.msg_id == message_id for t in self.chat.turns[self.hidden_turns :]):
@@ -347,6 +372,23 @@ class TuichatApp(App[None]):
             first = widgets[1] if self.hidden_turns else widgets[0]
             self.call_after_refresh(container.scroll_to_widget, first, animate=False, top=True)
 
+    def _hold(self, conv_id: int) -> Claim | HeldBy | None:
+        """Claim `conv_id` for this tuichat, or who holds it; None when the history could not be asked."""
+        if self.claim is not None and self.claim.conversation_id == conv_id:
+            return self.claim
+        result: Claim | HeldBy | None = self._save("claim", conv_id)
+        return result
+
+    def _let_go(self) -> None:
+        """Leave the chat we hold, so another tuichat may continue it."""
+        claim, self.claim = self.claim, None
+        self._mark_read_only(None)
+        if claim is not None:
+            try:
+                claim.release()
+            except Exception as exc:
+                self.notify(f"could not save to the history: {exc}", severity="error")
+
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
             return None
@@ -359,6 +401,10 @@ class TuichatApp(App[None]):
                 lmdeploy_version=server.record.lmdeploy_version if server is not None else None,
                 system_prompt=self.sampling.system_prompt or None,
             )
+            from tuichat.store import Claim
+
+            got = self._hold(self.conversation_id)
+            self.claim = got if isinstance(got, Claim) else None
         return self.conversation_id
 
     def _save(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -594,6 +640,8 @@ class TuichatApp(App[None]):
             return False
         if self._refuse_while_streaming("send") or self._refuse_before_ready():
             return False
+        if self.read_only is not None and not self._continue_read_only():
+            return False  # another tuichat holds this chat: only it may add to it
         error = self.query_one(SamplingPane).first_error()
         if error:
             self.notify(f"Fix the sampling pane first: {error}", severity="error")
@@ -873,11 +921,40 @@ class TuichatApp(App[None]):
         if not self._save("messages", self.conversation_id):
             self._save("delete", self.conversation_id)
             self.conversation_id = None
+            self._title = ""
+            self._let_go()  # its claim went with it
 
     # -- actions ----------------------------------------------------------------------------------------------
 
     # Every app binding but quit belongs to the chat screen: with another screen on top, its own keys apply.
     CHAT_ACTIONS = frozenset(b.id for b in BINDINGS_SPECS if b.scope == "chat" and b.id != "newline")
+
+    def _mark_read_only(self, held: HeldBy | None) -> None:
+        """Say where the user looks (title and the empty prompt) that the chat shown belongs to another tuichat."""
+        self.read_only = held
+        self.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
+        prompt = self.query_one(PromptArea)
+        prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
+
+    def _continue_read_only(self) -> bool:
+        """A read-only chat may be continued once its holder has let go; else say why not (False)."""
+        from tuichat.store import Claim
+
+        held = self.read_only
+        assert held is not None and self.conversation_id is not None
+        got = self._hold(self.conversation_id)
+        if isinstance(got, Claim):
+            self.claim = got
+            self._mark_read_only(None)
+            self.notify("The other tuichat has let go of this chat: it continues here.")
+            return True
+        self.notify(
+            f"{(got or held).sentence()} It is read-only here: start a new chat ({self.key_name('new_chat')}), "
+            "or quit that tuichat first.",
+            severity="warning",
+            timeout=10,
+        )
+        return False
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.CHAT_ACTIONS and len(self.screen_stack) > 1:
@@ -963,6 +1040,8 @@ class TuichatApp(App[None]):
     async def action_retry(self) -> None:
         if self._refuse_while_streaming("retry") or self._refuse_before_ready():
             return
+        if self.read_only is not None and not self._continue_read_only():
+            return  # another tuichat holds this chat: only it may change it
         if self.chat.last_index("user") is None:
             self.notify("Nothing to retry yet.")
             return
@@ -976,6 +1055,8 @@ class TuichatApp(App[None]):
     async def action_undo(self) -> None:
         if self._refuse_while_streaming("undo"):
             return
+        if self.read_only is not None and not self._continue_read_only():
+            return  # another tuichat holds this chat: only it may change it
         removed = self.chat.undo()
         if not removed:
             self.notify("Nothing to undo.")
@@ -998,6 +1079,8 @@ class TuichatApp(App[None]):
     def action_clear(self) -> None:
         if self._refuse_while_streaming("clear the chat"):
             return
+        if self.read_only is not None and not self._continue_read_only():
+            return  # another tuichat holds this chat: only it may change it
         count = sum(1 for t in self.chat.turns if t.role in ("user", "assistant"))
         if not count:
             self.run_worker(self._clear_now())
@@ -1025,8 +1108,9 @@ class TuichatApp(App[None]):
             return
         self.chat = ChatSession()
         self.conversation_id = None
+        self._title = ""
+        self._let_go()
         self.hidden_turns = 0
-        self.sub_title = ""
         await self.query_one(Conversation).remove_children()
         self.query_one(PromptArea).focus()
         self.notify("New chat: the previous one stays in the history.")
@@ -1240,7 +1324,10 @@ class TuichatApp(App[None]):
             if self.streaming:
                 self.notify("A reply is still streaming: stop it (Esc) before switching chats.", severity="warning")
                 return
-            self.run_worker(self.open_conversation(choice.conversation_id, choice.message_id), exit_on_error=False)
+            self.run_worker(
+                self.open_conversation(choice.conversation_id, choice.message_id, read_only=choice.read_only),
+                exit_on_error=False,
+            )
 
         self.push_screen(ConversationsScreen(self.store), chosen)
 
@@ -1250,6 +1337,8 @@ class TuichatApp(App[None]):
             return
         if self._save("get_conversation", self.conversation_id) is None:
             self.conversation_id = None
+            self._title = ""
+            self._let_go()  # its claim went with it
             self.chat = ChatSession()
             self.hidden_turns = 0
             self.query_one(Conversation).remove_children()
