@@ -12,7 +12,9 @@ from tuichat.errors import TuichatError
 from tuichat.models import (
     discover,
     fit_estimate,
+    image_fit_note,
     inspect_model,
+    local_model_folder,
     looks_like_hub_id,
     profile_for,
     profile_notes,
@@ -336,3 +338,58 @@ def test_fit_estimate_with_tensor_parallel_counts_per_gpu() -> None:
 def test_fit_estimate_refuses_a_share_outside_zero_to_one() -> None:
     with pytest.raises(TuichatError, match="at most 1"):
         fit_estimate(1, 2, 3, 1.5)
+
+
+QWEN2_VL = {
+    **QWEN_SMALL,
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "vision_config": {"patch_size": 14, "spatial_merge_size": 2, "depth": 2, "embed_dim": 128},
+}
+
+
+def make_qwen2_vl(folder: Path, max_pixels: int) -> Path:
+    make_model(folder, QWEN2_VL)
+    pre = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": max_pixels}
+    (folder / "preprocessor_config.json").write_text(json.dumps({**pre, "patch_size": 14, "merge_size": 2}))
+    return folder
+
+
+def test_a_qwen2_vl_profile_says_which_image_size_fits_its_session(tmp_path: Path, env: dict[str, str]) -> None:
+    model = inspect_model(make_qwen2_vl(tmp_path / "tiny-vl", 448 * 448))
+    _, table = profile_for(model)
+    notes = profile_notes(model)
+
+    assert model.is_vlm
+    assert table["session_len"] == 16384
+    assert any(
+        "Images up to 448x448 (~258 tokens each) fit a 16,384-token session" in note and "about 62" in note
+        for note in notes
+    )
+    assert image_fit_note(model.path, 4096) == (
+        "Images up to 448x448 (~258 tokens each) fit a 4,096-token session; the processor shrinks larger ones to "
+        "that size, so about 14 fit in one chat."
+    )
+
+
+def test_a_short_session_names_the_largest_image_and_text_models_get_no_image_note(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    big = make_qwen2_vl(tmp_path / "tiny-vl-big", 1344 * 1344)
+    make_model(tmp_path / "text-only", QWEN_SMALL)
+
+    assert image_fit_note(big, 1024) == (
+        "Images up to 756x756 (~731 tokens each) fit a 1,024-token session; tuichat shrinks larger ones before sending."
+    )
+    assert image_fit_note(tmp_path / "text-only", 1024) is None
+    assert image_fit_note("org/not-downloaded", 1024) is None
+
+
+def test_a_hub_id_finds_its_downloaded_snapshot(tmp_path: Path, env: dict[str, str]) -> None:
+    snap = Path(env["HF_HOME"]) / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / "r1"
+    make_qwen2_vl(snap, 28 * 28 * 1280)
+
+    assert local_model_folder("Qwen/Qwen2-VL-2B-Instruct") == snap
+    assert local_model_folder(str(snap)) == snap
+    assert local_model_folder("Qwen/Qwen2-VL-7B-Instruct") is None
+    assert image_fit_note("Qwen/Qwen2-VL-2B-Instruct", 16384) is not None

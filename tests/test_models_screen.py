@@ -391,3 +391,17 @@ async def test_declining_the_clean_up_leaves_the_job_for_next_time(tmp_path: Pat
     finally:
         for orphan in find_orphan_jobs():
             orphan.clean_up(timeout=2.0)
+
+
+async def test_a_vision_model_says_which_image_size_fits_its_profile_session(root: Path) -> None:
+    pre = {"min_pixels": 56 * 56, "max_pixels": 448 * 448, "patch_size": 14, "merge_size": 2}
+    (root / "tiny-vl" / "preprocessor_config.json").write_text(json.dumps(pre))
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-vl")
+        text = " ".join(detail(screen).split())
+        assert "session_len = 16384" in text
+        assert "Images up to 448x448 (~258 tokens each) fit a 16,384-token session" in text
+        await highlight(pilot, screen, "tiny-chat")
+        assert "Images up to" not in detail(screen)

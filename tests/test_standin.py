@@ -317,6 +317,49 @@ def test_images_need_a_vision_model() -> None:
     assert vlm.json()["usage"]["prompt_tokens"] == 3 + 4 + 256
 
 
+def image_part(width: int, height: int, fmt: str = "PNG") -> dict[str, Any]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 90)).save(out, format=fmt)
+    url = f"data:image/{fmt.lower()};base64,{base64.b64encode(out.getvalue()).decode()}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_image_sizes_are_read_from_every_format_tuichat_sends(fmt: str) -> None:
+    import base64
+
+    from standin.fake_lmdeploy import image_dimensions
+
+    url = image_part(1344, 672, fmt)["image_url"]["url"]
+    assert image_dimensions(base64.b64decode(url.split(",", 1)[1])) == (1344, 672)
+
+
+def test_a_qwen2_vl_standin_counts_image_tokens_by_size_like_lmdeploy() -> None:
+    def ask(s: Any, *images: dict[str, Any]) -> httpx.Response:
+        content = [{"type": "text", "text": "what is it"}, *images]
+        payload = {"model": "tiny-chat", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+        return httpx.post(f"{s.url}/v1/chat/completions", headers=s.headers, json=payload)
+
+    with run_standin(*FAST, "--fake-vlm-max-pixels", str(1344 * 1344), "--session-len", "1024") as s:
+        text = ask(s).json()["usage"]["prompt_tokens"]
+        small = ask(s, image_part(448, 448)).json()["usage"]["prompt_tokens"]
+        two = ask(s, image_part(112, 112), image_part(448, 448)).json()["usage"]["prompt_tokens"]
+        big = ask(s, image_part(896, 896))
+        broken = ask(s, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
+    assert small - text == 16 * 16 + 2  # as lmdeploy 0.18 counted it on the H200 (277 with a 19-token text)
+    assert two - text == (4 * 4 + 2) + (16 * 16 + 2)
+    assert big.status_code == 400
+    assert big.json()["message"] == (
+        f"Input length ({text + 1026}) must be smaller than the model context length (1024)."
+    )
+    assert broken.status_code == 400 and "Failed to load an image" in broken.json()["message"]
+
+
 def test_encode_counts_like_the_chat_prompt() -> None:
     with run_standin(*FAST, "--fake-rate", "2000") as s:
         one = httpx.post(f"{s.url}/v1/encode", headers=s.headers, json={"input": "how many tokens here"}).json()

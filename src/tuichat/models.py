@@ -302,7 +302,7 @@ def inspect_model(path: Path, *, hub_id: str | None = None) -> ModelInfo:
         quantization=quant,
         w_bits=bits,
         size_bytes=sum(size for _, size in files),
-        is_vlm=_is_vlm(config, architecture),
+        is_vlm=looks_like_vlm(config, architecture),
         hub_id=hub_id,
         weights_bytes=sum(size for _, size in weights),
     )
@@ -472,10 +472,32 @@ def _params_from_config(config: Mapping[str, object]) -> int | None:
     return total
 
 
-def _is_vlm(config: Mapping[str, object], architecture: str) -> bool:
+def looks_like_vlm(config: Mapping[str, object], architecture: str) -> bool:
+    """True for a config.json of a model that takes images (a vision block, or a known VLM architecture)."""
     if any(key in config for key in _VISION_KEYS):
         return True
     return bool(_VLM_ARCH.search(architecture))
+
+
+def local_model_folder(model: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The local folder behind a profile's or server's model: the path itself, or a hub id's snapshot in the
+    Hugging Face cache. None when there is no such folder here (a remote server, a model not downloaded)."""
+    if model is None:
+        return None
+    text = os.fspath(model).strip()
+    if not text:
+        return None
+    try:
+        local = Path(text).expanduser()
+        if (local / "config.json").is_file():
+            return local
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if looks_like_hub_id(text):
+        entry = hf_cache_dir(env) / ("models--" + text.replace("/", "--"))
+        for path, _ in _hf_entry(entry):
+            return path
+    return None
 
 
 def format_params(n: int | None) -> str:
@@ -624,12 +646,18 @@ def profile_notes(model: ModelInfo) -> list[str]:
     elif model.model_format == "gptq":
         notes.append("GPTQ weights: served with --model-format gptq.")
     if model.is_vlm:
-        notes.append(
-            "Vision-language model: images count towards session_len (set to "
-            f"{VLM_SESSION_LEN}); very large images can still exceed it and give empty replies, "
-            "so shrink them or raise session_len."
-        )
+        note = f"Vision-language model: images count towards session_len (set to {VLM_SESSION_LEN:,})."
+        fits = image_fit_note(model.path, VLM_SESSION_LEN)
+        notes.append(f"{note} {fits}" if fits else note)
     return notes
+
+
+def image_fit_note(model: str | os.PathLike[str] | None, session_len: int | None) -> str | None:
+    """Which image size fits a session of `session_len` for the model (a folder or a downloaded hub id); None for
+    a text-only model or one whose folder is not here."""
+    from tuichat.vision import read_spec, session_sentence  # vision reads configs through this module
+
+    return session_sentence(read_spec(local_model_folder(model)), session_len)
 
 
 def free_profile_name(base: str, taken: set[str] | Sequence[str]) -> str:

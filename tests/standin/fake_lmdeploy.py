@@ -11,8 +11,11 @@ and /work/shared/notes/lmdeploy-api.md; where the two differ, the source won.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import gc
+import http.client
 import json
 import math
 import os
@@ -71,7 +74,7 @@ REJECTED_FLAGS = {"--fake-reject-flag", "--enable-metrics"}
 INT_FLAGS = {
     "--server-port", "--session-len", "--fake-session-len", "--fake-words", "--fake-tokens-per-chunk",
     "--fake-die-after", "--fake-stall-after", "--fake-inband-error-after", "--fake-malformed-after",
-    "--max-batch-size", "--cache-block-seq-len", "--tp",
+    "--max-batch-size", "--cache-block-seq-len", "--tp", "--fake-vlm-max-pixels",
 }  # fmt: skip
 FLOAT_FLAGS = {"--fake-load-seconds", "--fake-rate", "--fake-stats-interval", "--cache-max-entry-count"}
 
@@ -94,7 +97,11 @@ REPLY_RE = re.compile(r"\[\[reply:(.*?)\]\]", re.DOTALL)
 # The pieces concatenate back to the text, and long words split mid-way as real tokens do.
 TOKEN_RE = re.compile(r"\n+|[^\S\n]*\S{1,4}|[^\S\n]+")
 TOKENS_PER_MESSAGE = 4  # role markers of a chat template, per message
-TOKENS_PER_IMAGE = 256
+TOKENS_PER_IMAGE = 256  # --fake-vlm alone: a flat count per image, whatever its size
+# Qwen2-VL's image rule (transformers' Qwen2VLImageProcessor defaults); see qwen_vl_tokens.
+QWEN_VL_ARCHS = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
+QWEN_VL_TYPES = {"qwen2_vl", "qwen2_5_vl"}
+QWEN_PATCH, QWEN_MERGE, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 14, 2, 56 * 56, 28 * 28 * 1280
 KEEP_ALIVE_S = 5.0  # uvicorn's timeout_keep_alive as lmdeploy sets it
 AUTH_FREE_PREFIXES = ("/health", "/docs", "/redoc", "/nodes", "/standin")
 BAR_CHARS = " ▏▎▍▌▋▊▉█"
@@ -152,6 +159,8 @@ class Options:
     malformed_after: int | None = None
     ignore_signals: bool = False
     vlm: bool = False
+    # (factor, min_pixels, max_pixels) when images are counted as Qwen2-VL does; None: TOKENS_PER_IMAGE each
+    image_rule: tuple[int, int, int] | None = None
     stats_interval: float = 10.0
 
 
@@ -253,6 +262,12 @@ def parse_args(argv: list[str]) -> Options:
     o.malformed_after = values.get("--fake-malformed-after")
     o.ignore_signals = bool(values.get("--fake-ignore-signals"))
     o.vlm = bool(values.get("--fake-vlm"))
+    o.image_rule = qwen_vl_rule(o.model)
+    if "--fake-vlm-max-pixels" in values:
+        rule = o.image_rule or (QWEN_PATCH * QWEN_MERGE, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+        o.image_rule = (rule[0], rule[1], max(1, values["--fake-vlm-max-pixels"]))
+    if o.image_rule is not None:
+        o.vlm = True
     o.stats_interval = max(0.01, values.get("--fake-stats-interval", o.stats_interval))
     return o
 
@@ -563,6 +578,27 @@ class FakeHTTPServer(ThreadingHTTPServer):
         self.server_port = int(self.server_address[1])
 
 
+def register_to_proxy(opts: Options) -> None:
+    """`--proxy-url URL`: POST /nodes/add once, during start-up (before the socket opens), with no key, as lmdeploy
+    0.18's api_server does (serve/openai/api_server.py register_to_proxy); a failure is logged, never retried."""
+    argv = sys.argv[1:]
+    if "--proxy-url" not in argv or argv.index("--proxy-url") + 1 >= len(argv):
+        return
+    proxy = urlsplit(argv[argv.index("--proxy-url") + 1])
+    body = {"url": f"http://{opts.server_name}:{opts.server_port}", "status": {"models": [opts.model_name], "role": 1}}
+    conn = http.client.HTTPConnection(proxy.hostname or "127.0.0.1", proxy.port or 80, timeout=10)
+    try:
+        conn.request("POST", "/nodes/add", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace")
+        if resp.status != 200:
+            raise OSError(f"{resp.status}: {text}")
+    except OSError as exc:
+        log(f"lmdeploy - ERROR - Service registration failed: {exc}")
+    finally:
+        conn.close()
+
+
 class App:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -719,6 +755,7 @@ class App:
             )
         log(f"INFO:     Started server process [{self.pid}]")
         log("INFO:     Waiting for application startup.")
+        register_to_proxy(opts)
         log("INFO:     Application startup complete.")
         httpd = FakeHTTPServer(self, (host, port))
         try:
@@ -900,6 +937,132 @@ def message_text(content: Any) -> tuple[str, int]:
             elif part.get("type") in ("image_url", "image"):
                 images += 1
     return "\n".join(texts), images
+
+
+def message_image_urls(content: Any) -> list[str]:
+    """The URLs of a message's image parts, in order (an unusable part gives an empty string)."""
+    urls: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                urls.append(url if isinstance(url, str) else "")
+    return urls
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def qwen_vl_rule(model: str) -> tuple[int, int, int] | None:
+    """A model folder whose config.json names Qwen2-VL (or 2.5): its processor's (factor, min, max pixels)."""
+    try:
+        with open(os.path.join(model, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    archs = config.get("architectures") or []
+    if config.get("model_type") not in QWEN_VL_TYPES and not (set(archs) & QWEN_VL_ARCHS):
+        return None
+    pre: Any = {}
+    # transformers 5 writes the image processor only inside processor_config.json
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        try:
+            with open(os.path.join(model, name), encoding="utf-8") as fh:
+                pre = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if key is not None:
+            pre = pre.get(key) if isinstance(pre, dict) else {}
+        break
+    pre = pre if isinstance(pre, dict) else {}
+    size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
+    patch = pre.get("patch_size") or vision.get("patch_size") or QWEN_PATCH
+    merge = pre.get("merge_size") or vision.get("spatial_merge_size") or QWEN_MERGE
+    low = pre.get("min_pixels") or size.get("shortest_edge") or QWEN_MIN_PIXELS
+    high = pre.get("max_pixels") or size.get("longest_edge") or QWEN_MAX_PIXELS
+    return int(patch) * int(merge), int(low), max(int(high), int(low))
+
+
+def qwen_vl_tokens(width: int, height: int, rule: tuple[int, int, int]) -> int:
+    """Prompt tokens of one image as lmdeploy counts them for Qwen2-VL: the processor's smart resize (round to
+    the factor, then into [min, max] pixels), one token per factor x factor cell, plus vision start and end."""
+    factor, low, high = rule
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > high:
+        beta = math.sqrt(height * width / high)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < low:
+        beta = math.sqrt(low / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return (h_bar // factor) * (w_bar // factor) + 2
+
+
+def image_bytes(url: str) -> bytes | None:
+    """The bytes of a data URL or of a file on this host; None for anything else (the stand-in has no network)."""
+    if url.startswith("data:"):
+        _, sep, payload = url.partition(",")
+        if not sep:
+            return None
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError):
+            return None
+    path = url[len("file://") :] if url.startswith("file://") else url
+    if path.startswith("/"):
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+    return None
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, GIF, BMP or WebP header; None if the bytes are none of those."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return (w, h) if w and h else None
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return (w, h) if w and h else None
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return (abs(w), abs(h)) if w and h else None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        kind = data[12:16]
+        if kind == b"VP8X":
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+        if kind == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if kind == b"VP8 ":
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+            # SOF0..SOF15, but C4 (Huffman tables), C8 (reserved) and CC (arithmetic coding) are not frames
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return (w, h) if w and h else None
+            i += 2 + length
+    return None
 
 
 def validate_fields(body: Any) -> str | None:
@@ -1271,16 +1434,33 @@ class Handler(BaseHTTPRequestHandler):
         ids: list[int] = []
         images = 0
         last_user = ""
+        image_tokens: list[int] = []
         for m in body["messages"]:
             text, n_img = message_text(m.get("content"))
             images += n_img
             ids.extend(token_id(f"<|{m.get('role', '')}|>{k}") for k in range(TOKENS_PER_MESSAGE))
             ids.extend(token_id(w) for w in text.split())
-            ids.extend(token_id(f"<image>{k}") for k in range(n_img * TOKENS_PER_IMAGE))
+            if opts.image_rule is None:
+                counts = [TOKENS_PER_IMAGE] * n_img
+            else:
+                counts = []
+                for url in message_image_urls(m.get("content")):
+                    data = image_bytes(url)
+                    dims = image_dimensions(data) if data is not None else None
+                    if dims is None:
+                        counts.append(-1)
+                    else:
+                        counts.append(qwen_vl_tokens(dims[0], dims[1], opts.image_rule))
+            image_tokens.extend(counts)
+            for n in counts:
+                ids.extend(token_id(f"<image>{k}") for k in range(max(n, 0)))
             if m.get("role") == "user":
                 last_user = text
         if images and not opts.vlm:
             return self.send_error_json(400, "Multimodal input is not supported by this model.")
+        if -1 in image_tokens:
+            # Not recorded from the real server (which fails in its image loader): a plain 400 sentence.
+            return self.send_error_json(400, "Failed to load an image: the data is not a PNG, JPEG, GIF, BMP or WebP.")
         prompt_tokens = len(ids)
         if prompt_tokens >= opts.session_len:
             return self.send_error_json(

@@ -303,11 +303,16 @@ class TuichatApp(App[None]):
                 severity="warning",
                 timeout=10,
             )
+        from tuichat.images import reopened_images_note  # lazy: start-up does not need the image code
+
         turns = []
         for msg in self.store.messages(conv_id):
             if msg.role == "system":
                 continue
             # Saved text may come from an imported file: clean it as if it had just streamed in.
+            note = reopened_images_note(msg.images) if msg.role == "user" else None
+            if note:  # before its message, so that Retry does not remove it
+                turns.append(Turn("notice", note))
             turns.append(Turn(msg.role, clean(msg.content), msg.state, msg.id, stats=msg.stats))
         self.chat = ChatSession(turns)
         self.conversation_id = conv_id
@@ -1425,13 +1430,26 @@ class TuichatApp(App[None]):
             self.notify("Usage: /image PATH (or /image clear)", severity="warning")
             return
         try:
-            from tuichat.images import load_attachment
+            from tuichat.images import prepare_attachment
 
-            att = await asyncio.to_thread(load_attachment, Path(path_text).expanduser(), self.config.ui.max_image_side)
+            # An image too big for what is left of the session is shrunk until the request fits (the tutorial's
+            # llava step got empty replies instead); the note says what was sent.
+            meter = self.status_view.context
+            prepared = await asyncio.to_thread(
+                prepare_attachment,
+                Path(path_text).expanduser(),
+                self.config.ui.max_image_side,
+                model=self.server.profile.model if self.server is not None else self.model,
+                session_len=meter.session_len if meter is not None else None,
+                used_tokens=meter.used if meter is not None else 0,
+                pending=list(self.pending_attachments),
+            )
         except Exception as exc:
             self.notify(str(exc), severity="error")
             return
-        self.pending_attachments.append(att)
+        if prepared.note:
+            self.add_note("notice", prepared.note)
+        self.pending_attachments.append(prepared.attachment)
         self._show_attachments()
         prompt = self.query_one(PromptArea)
         if typed is not None and prompt.text == typed:
