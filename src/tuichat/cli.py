@@ -32,6 +32,8 @@ SUBCOMMANDS = {
     "import": "tuichat.historycli",
     "models": "tuichat.modelcli",
     "quantize": "tuichat.modelcli",
+    "pull": "tuichat.modelcli",
+    "rm": "tuichat.modelcli",
     "web": "tuichat.web",
 }
 
@@ -49,11 +51,14 @@ subcommands (tuichat COMMAND --help for each):
   history                      list saved conversations
   export ID [--format md|json] print a conversation
   import FILE                  read an exported conversation back
-  models [--root DIR]          list local models
+  models [--root DIR]          list local models, their size and where they live
+  pull REPO [--include PAT]    download a model from the Hugging Face hub (or --source modelscope)
+  rm MODEL [--yes]             remove a downloaded model
   quantize MODEL --out DIR     W4A16 AWQ quantization with lmdeploy lite
   web [--port 8000] [ARGS]     the same screen in a browser (one tuichat per tab), behind a token
 
-environment: TUICHAT_HOME (one folder for config, data and state), OPENAI_BASE_URL, OPENAI_API_KEY
+environment: TUICHAT_HOME (one folder for config, data and state), OPENAI_BASE_URL, OPENAI_API_KEY,
+  HF_ENDPOINT (a hub mirror), HF_HOME / HF_HUB_CACHE (where pulled models go), HF_TOKEN
 """
 
 

@@ -1,4 +1,8 @@
-"""`tuichat models` (the local models, as a table) and `tuichat quantize` (W4A16 AWQ in the foreground).
+"""`tuichat models` (the local models, as a table), `pull` / `rm` (hub downloads) and `quantize` (W4A16 AWQ).
+
+`pull` fetches a repository into the hub's own cache (see tuichat.pull), then prints the model's facts, the fit
+estimate on this machine's roomiest GPU and offers a launch profile; `rm` removes a cached model or a folder under a
+models root after saying what it frees, and refuses while a server tuichat started reads from it.
 
 `quantize` prints one progress line per change (rewritten in place on a terminal), keeps lmdeploy's whole output
 in a log file, and on Ctrl+C stops every process of the job and removes the partial output before exiting 130.
@@ -15,21 +19,28 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tuichat import paths
 from tuichat.errors import TuichatError
 from tuichat.gpu import GpuSnapshot, format_bytes
 from tuichat.models import (
+    AWQ_CACHE_SHARE,
     DiscoveryResult,
     ModelInfo,
     discover,
+    fit_estimate,
     free_profile_name,
+    hf_cache_dir,
     inspect_model,
+    modelscope_cache_dir,
+    profile_for,
     profile_name_for,
     profile_notes,
+    roomiest_gpu,
 )
 from tuichat.quantize import (
     CALIB_DATASETS,
@@ -42,6 +53,11 @@ from tuichat.quantize import (
     format_elapsed,
 )
 
+if TYPE_CHECKING:
+    from tuichat.pull import ProgressPrinter
+
+LMDEPLOY_CACHE_SHARE = 0.8  # lmdeploy's own default for --cache-max-entry-count
+
 
 def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -53,6 +69,42 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--root", action="append", default=[], metavar="DIR", help="also look in DIR (repeatable)")
     p.add_argument("--no-caches", action="store_true", help="skip the Hugging Face and ModelScope caches")
     p.set_defaults(model_command="models")
+
+    g = subparsers.add_parser(
+        "pull",
+        help="download a model from the Hugging Face hub or ModelScope",
+        description="Download REPO (owner/name) into the hub's standard cache, where lmdeploy and transformers find "
+        "it too: progress per file and overall, free disk checked first, every file's hash checked after. A dropped "
+        "connection resumes by itself; after Ctrl+C run the same command again (finished files are kept). Mirrors: "
+        "HF_ENDPOINT (ModelScope: MODELSCOPE_DOMAIN); tokens: HF_TOKEN or `hf auth login`. Then it shows the "
+        "model's facts and fit, and offers a launch profile.",
+    )
+    g.add_argument("repo", help="hub id, for example internlm/internlm2-chat-1_8b")
+    g.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main; ModelScope: master)")
+    g.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="which hub (default hf)")
+    g.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only files matching this shell pattern, e.g. '*.json' (repeatable; default: every file)",
+    )
+    prof = g.add_mutually_exclusive_group()
+    prof.add_argument("--profile", metavar="NAME", help="add a launch profile NAME for the model without asking")
+    prof.add_argument("--no-profile", action="store_true", help="do not offer a launch profile")
+    g.set_defaults(model_command="pull")
+
+    r = subparsers.add_parser(
+        "rm",
+        help="remove a downloaded model",
+        description="Remove MODEL (a hub id, or a name or path from `tuichat models`) from the Hugging Face or "
+        "ModelScope cache, or a model folder under a models root, after saying how much it frees. Refused while a "
+        "server tuichat started uses it.",
+    )
+    r.add_argument("model", help="hub id, name or path as `tuichat models` lists it")
+    r.add_argument("--root", action="append", default=[], metavar="DIR", help="also look in DIR (repeatable)")
+    r.add_argument("--yes", action="store_true", help="remove without asking")
+    r.set_defaults(model_command="rm")
 
     q = subparsers.add_parser(
         "quantize",
@@ -109,6 +161,10 @@ def add_subcommands(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.model_command == "models":
         return run_models(args)
+    if args.model_command == "pull":
+        return run_pull(args)
+    if args.model_command == "rm":
+        return run_rm(args)
     return run_quantize(args)
 
 
@@ -130,6 +186,7 @@ def run_models(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
             err.write(f"tuichat: --root {root} is not a folder; it is skipped.\n")
     result = discover(roots, include_caches=not args.no_caches)
     out.write(format_table(result))
+    out.write(format_locations(result, hf_cache_dir(), modelscope_cache_dir()))
     for problem in result.problems:
         err.write(f"tuichat: {problem}\n")
     return 0
@@ -148,6 +205,41 @@ def format_table(result: DiscoveryResult) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
+def location(m: ModelInfo, hf_cache: Path, ms_cache: Path) -> str:
+    """Where a listed model lives: 'hf cache', 'modelscope cache' or 'folder'."""
+    path = m.path.absolute()
+    if path.is_relative_to(hf_cache.absolute()):
+        return "hf cache"
+    if path.is_relative_to(ms_cache.absolute()):
+        return "modelscope cache"
+    return "folder"
+
+
+def format_locations(result: DiscoveryResult, hf_cache: Path, ms_cache: Path) -> str:
+    """The size on disk of everything listed, split by where it lives (printed under the table)."""
+    if not result.models:
+        return ""
+    groups: dict[str, list[ModelInfo]] = {}
+    for m in result.models:
+        groups.setdefault(location(m, hf_cache, ms_cache), []).append(m)
+    titles = {
+        "hf cache": f"Hugging Face cache {hf_cache}",
+        "modelscope cache": f"ModelScope cache {ms_cache}",
+        "folder": "model folders (see PATH)",
+    }
+    total = sum(m.size_bytes for m in result.models)
+    lines = [f"{_models_word(len(result.models))}, {format_bytes(total)} on disk:"]
+    for key, title in titles.items():
+        if key in groups:
+            size = sum(m.size_bytes for m in groups[key])
+            lines.append(f"  {title}: {_models_word(len(groups[key]))}, {format_bytes(size)}")
+    return "\n".join(lines) + "\n"
+
+
+def _models_word(n: int) -> str:
+    return f"{n} model" if n == 1 else f"{n} models"
+
+
 def _row(m: ModelInfo) -> tuple[str, ...]:
     return (
         m.name,
@@ -159,6 +251,152 @@ def _row(m: ModelInfo) -> tuple[str, ...]:
         "yes" if m.is_vlm else "-",
         str(m.path),
     )
+
+
+# ---------------------------------------------------------------- pull / rm
+
+
+def run_pull(
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    free_probe: Callable[[Path], int] | None = None,
+    progress: ProgressPrinter | None = None,
+) -> int:
+    from tuichat import pull
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    profile_name = _settle_pull_profile(args.profile) if args.profile else None
+    plan = pull.make_plan(args.repo, source=args.source, revision=args.revision, include=args.include)
+    progress = progress or pull.default_progress(out)
+    try:
+        result = pull.pull(plan, progress, free_probe=free_probe or pull.disk_free)
+    except pull.Interrupted as exc:
+        err.write(f"\ntuichat: {exc}\n")
+        return 130
+    got = (
+        f"{format_bytes(result.downloaded_bytes)} in {pull.format_duration(result.elapsed_s)}"
+        if result.downloaded_files
+        else "nothing new to download"
+    )
+    out.write(f"done: {plan.repo_id} ({got}), every file checked against the hub's hashes.\n")
+    out.write(f"model folder: {result.path}\n")
+    try:
+        info = inspect_model(result.path, hub_id=plan.repo_id)
+    except TuichatError as exc:
+        err.write(f"tuichat: {exc}\n")
+        err.write("tuichat: so no facts, fit or profile for it (did --include leave out config.json?).\n")
+        return 0
+    for line in model_facts(info, _gpu_snapshot()):
+        out.write(f"{line}\n")
+    if not args.no_profile:
+        _offer_pull_profile(info, profile_name, plan.repo_id, out, err)
+    return 0
+
+
+def model_facts(info: ModelInfo, snapshot: GpuSnapshot | None) -> list[str]:
+    """What a user wants to know about a model they just got: what it is, and whether it fits here."""
+    quant = f"quantized: {info.quant_text}" if info.quantization else "not quantized"
+    awq = "yes" if info.model_format == "awq" else "no"
+    lines = [
+        f"architecture: {info.architecture}, {info.params_text} parameters, dtype {info.dtype or 'unknown'}, "
+        f"{quant} (AWQ: {awq}), vision-language: {'yes' if info.is_vlm else 'no'}",
+        f"size: {format_bytes(info.size_bytes)} on disk, weights {format_bytes(info.weights_bytes)}",
+    ]
+    gpu = roomiest_gpu(snapshot) if snapshot is not None and snapshot.error is None else None
+    if gpu is None or gpu.mem_total is None or gpu.mem_used is None:
+        lines.append("fit: no estimate, GPU memory cannot be read on this machine.")
+        return lines
+    share = AWQ_CACHE_SHARE if info.model_format in ("awq", "gptq") else LMDEPLOY_CACHE_SHARE
+    fit = fit_estimate(info.weights_bytes, gpu.mem_total - gpu.mem_used, gpu.mem_total, share)
+    lines.append(f"fit on GPU {gpu.index} ({gpu.name}): {fit.sentence}")
+    return lines
+
+
+def _settle_pull_profile(name: str) -> str:
+    """Check an asked-for profile name before the download, so a clash cannot spoil the end."""
+    from tuichat.config import load_config
+    from tuichat.profiles import validate_name
+
+    name = validate_name(name)
+    if name in load_config().profiles:
+        raise TuichatError(
+            f"A profile called '{name}' already exists: choose another --profile name (`tuichat profiles` lists them)."
+        )
+    return name
+
+
+def _offer_pull_profile(info: ModelInfo, name: str | None, repo_id: str, out: TextIO, err: TextIO) -> None:
+    import tomli_w
+
+    from tuichat.config import load_config
+
+    if name is None:
+        suggested = free_profile_name(profile_name_for(info), set(load_config().profiles))
+        if not sys.stdin.isatty():
+            out.write(
+                f"to add a launch profile for it: tuichat pull {repo_id} --profile {suggested} "
+                "(the files are in the cache, nothing downloads again)\n"
+            )
+            return
+        if not _confirm(f"Add a launch profile '{suggested}' for it to config.toml?"):
+            return
+        name = suggested
+    profile_name, table = profile_for(info, name)
+    out.write("\nnew profile:\n\n")
+    out.write(tomli_w.dumps({"profiles": {profile_name: table}}))
+    for note in profile_notes(info):
+        out.write(f"# {note}\n")
+    try:
+        from tuichat.config import add_profile
+
+        path = add_profile(profile_name, table)
+    except TuichatError as exc:
+        err.write(f"tuichat: the profile was not saved: {exc}\n")
+        return
+    out.write(f"\nadded profile '{profile_name}' to {path}; start it with: tuichat serve {profile_name}\n")
+
+
+def run_rm(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from tuichat.launcher import ServerManager
+    from tuichat.pull import find_removable, remove, uses
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    roots = [*_configured_roots(), *(Path(r).expanduser() for r in args.root)]
+    target = find_removable(args.model, roots)
+    manager = ServerManager()
+    try:
+        users = [
+            f"'{s.name}' (pid {s.pid})" for s in manager.running() if uses(target, str(s.record.profile.get("model")))
+        ]
+    finally:
+        manager.close()
+    if users:
+        names = " and ".join(users)
+        first = users[0].split("'")[1]
+        raise TuichatError(
+            f"{target.name} is in use by the running server {names}: stop it first (tuichat stop {first}), "
+            "then remove the model."
+        )
+    frees = (
+        "frees nothing: the files stay where the link points"
+        if target.kind == "link"
+        else f"frees {format_bytes(target.frees)}"
+    )
+    out.write(f"{target.name}: {target.path} in {target.where}; removing it {frees}.\n")
+    out.flush()
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise TuichatError("Nothing was removed: add --yes to remove it without a question.")
+        if not _confirm(f"Remove {target.name}?"):
+            out.write("kept.\n")
+            return 1
+    remove(target)
+    out.write(f"removed {target.name}" + (f", {format_bytes(target.frees)} freed.\n" if target.frees else ".\n"))
+    return 0
 
 
 # ---------------------------------------------------------------- quantize
