@@ -189,3 +189,38 @@ async def test_kv_capacity_in_tokens_from_engine_info() -> None:
     async with app.run_test(size=(180, 45)) as pilot:
         await app._learn_engine()
         await wait_for(pilot, lambda: "~16,384 of 65,536" in screen_text(app))
+
+
+async def test_the_fleet_section_lists_each_node_and_shows_a_dead_one_down() -> None:
+    from textual.app import App, ComposeResult
+
+    from tuichat.fleet import FleetView, NodeView
+    from tuichat.ui.status_pane import StatusView
+
+    class Host(App[None]):
+        def compose(self) -> ComposeResult:
+            yield StatusPane()
+
+    app = Host()
+    async with app.run_test(size=(70, 60)) as pilot:
+        pane = app.query_one(StatusPane)
+        pane.show(StatusView())
+        await pilot.pause()
+        assert "Fleet" not in screen_text(app)  # a plain server: no fleet section
+        nodes = (
+            NodeView("http://127.0.0.1:23333", "pair.n1", health="up", unfinished=2, latency=0.5, kv_cache_usage=0.4,
+                     running=2, waiting=1),
+            NodeView("http://127.0.0.1:23334", "pair.n2", health="down", note="process exited"),
+        )  # fmt: skip
+        pane.show(StatusView(fleet=FleetView("http://127.0.0.1:8000", "pair", nodes)))
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Fleet pair" in text and "1 of 2 nodes up" in text
+        n1 = next(line for line in text.splitlines() if "n1" in line)
+        n2 = next(line for line in text.splitlines() if "n2" in line)
+        assert "up" in n1 and "2 unfin" in n1 and "40%" in n1 and "2r/1w" in n1
+        assert "down" in n2 and "process exited" in n2
+        # a node removed from the proxy disappears from the pane
+        pane.show(StatusView(fleet=FleetView("http://127.0.0.1:8000", "pair", nodes[:1])))
+        await pilot.pause()
+        assert "n2" not in screen_text(app) and "1 of 1 nodes up" in screen_text(app)

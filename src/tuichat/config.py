@@ -2,7 +2,8 @@
 
 The file lives at `paths.config_file()` (`$TUICHAT_HOME/config.toml` when set). Every error names the file and
 the dotted key and says what is allowed, so a typo never turns into a silent default. The user writes this file
-by hand, so a save (`update_config`, `set_value`, `set_sampling`, `add_profile`, `remove_profile`, `save_config`)
+by hand, so a save (`update_config`, `set_value`, `set_sampling`, `add_profile`, `remove_profile`, `add_fleet`,
+`remove_fleet`, `save_config`)
 changes only the keys it is about and keeps comments, blank lines and key order; it never writes a file that
 would fail validation. The file may hold an API key, so it is written atomically and 0600.
 
@@ -13,6 +14,7 @@ would fail validation. The file may hold an API key, so it is written atomically
     [keys]      binding id = "key[,key...]"               (the user keymap)
     [models]    roots = ["/data/models"]
     [profiles.NAME]  model, backend, ...                   (validated by tuichat.profiles)
+    [fleets.NAME]    nodes = ["tiny", "tiny"], proxy_port, routing_strategy, ...   (validated by tuichat.fleet)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tuichat.sampling import Sampling, SamplingError, sampling_from_table
 if TYPE_CHECKING:
     from tomlkit import TOMLDocument
 
+    from tuichat.fleet import FleetSpec
     from tuichat.profiles import Profile
 
 ON_QUIT_CHOICES = ("ask", "stop", "keep")
@@ -70,6 +73,9 @@ class Config:
     # The user's own profile tables, kept as written so that saving does not rewrite them.
     profile_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
+    # [fleets.NAME] as written, and validated
+    fleet_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fleets: Mapping[str, FleetSpec] = field(default_factory=dict)
     # Every setting as the file said when loaded: `save_config` writes only what differs from it, so a value
     # edited by hand while tuichat ran is not overwritten by a save about something else.
     baseline: Mapping[tuple[str, ...], object] | None = field(default=None, compare=False, repr=False)
@@ -79,7 +85,7 @@ class Config:
         return set(self.profile_tables)
 
 
-_TOP_KEYS = ("default_profile", "server", "sampling", "ui", "keys", "models", "profiles")
+_TOP_KEYS = ("default_profile", "server", "sampling", "ui", "keys", "models", "profiles", "fleets")
 _SERVER_KEYS = ("url", "api_key", "model")
 _UI_KEYS = (
     "on_quit",
@@ -198,6 +204,17 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
             merged[name] = profiles_mod.parse_profile(name, table, file)
             profile_tables[name] = table
 
+    fleet_tables: dict[str, dict[str, Any]] = {}
+    fleets: dict[str, FleetSpec] = {}
+    if "fleets" in raw:
+        from tuichat import fleet as fleet_mod
+
+        for name, table in _table(file, "fleets", raw["fleets"]).items():
+            if not isinstance(table, dict):
+                raise ConfigError(file, f"fleets.{name}", "must be a table, e.g. [fleets." + name + "]")
+            fleets[name] = fleet_mod.parse_fleet(name, table, file, merged)
+            fleet_tables[name] = table
+
     default = raw.get("default_profile")
     if default is not None:
         _str(file, "default_profile", default)
@@ -216,6 +233,8 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
         model_roots=roots,
         profile_tables=profile_tables,
         profiles=merged,
+        fleet_tables=fleet_tables,
+        fleets=fleets,
     )
     return replace(cfg, baseline=_leaves(cfg))
 
@@ -259,6 +278,8 @@ def to_document(cfg: Config) -> dict[str, Any]:
         doc["models"] = {"roots": list(cfg.model_roots)}
     if cfg.profile_tables:
         doc["profiles"] = {name: dict(table) for name, table in cfg.profile_tables.items()}
+    if cfg.fleet_tables:
+        doc["fleets"] = {name: dict(table) for name, table in cfg.fleet_tables.items()}
     return doc
 
 
@@ -290,6 +311,8 @@ def _leaves(cfg: Config) -> dict[ConfigKey, object]:
         out[("models", "roots")] = list(cfg.model_roots)
     for name, table in cfg.profile_tables.items():
         out[("profiles", name)] = _plain(table)
+    for name, table in cfg.fleet_tables.items():
+        out[("fleets", name)] = _plain(table)
     return out
 
 
@@ -495,6 +518,23 @@ def remove_profile(name: str, *, path: Path | None = None) -> Path:
     if cfg.default_profile == name and name not in profiles_mod.BUILTIN_PROFILES:
         changes[("default_profile",)] = None
     return update_config(changes, path=cfg.path)
+
+
+def add_fleet(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
+    """Validate `table` as fleet `name` against the file's profiles and save it (replacing one of that name)."""
+    from tuichat import fleet as fleet_mod
+
+    cfg = load_config(path)
+    fleet_mod.parse_fleet(name, table, cfg.path, cfg.profiles)
+    return update_config({("fleets", name): dict(table)}, path=cfg.path)
+
+
+def remove_fleet(name: str, *, path: Path | None = None) -> Path:
+    """Remove fleet `name` from the config file."""
+    cfg = load_config(path)
+    if name not in cfg.fleet_tables:
+        raise ConfigError(cfg.path, f"fleets.{name}", "is not a fleet of this file")
+    return update_config({("fleets", name): None}, path=cfg.path)
 
 
 def _body(container: Any) -> list[tuple[Any, Any]]:

@@ -11,6 +11,10 @@ process that holds the GPU memory outlives a server killed alone.
 The API key of a launched server lives only in a 0600 file and in the server's memory: it reaches the server
 through a pipe (see `serve_entry.py`), never its command line or environment, wherever the profile's command is
 a Python program; otherwise the preflight warns that `ps` will show it. It is masked in every log line handed out.
+
+Fleets (tuichat.fleet) use the same machinery: `start_proxy` launches `lmdeploy serve proxy` with its own key, and
+`start(..., fleet=, proxy_url=, extra_keys=)` a node that registers with it and also takes the proxy's key. Their
+records carry `role` and `fleet`; `running()` lists only servers launched on their own, `fleet_members()` the rest.
 """
 
 from __future__ import annotations
@@ -48,13 +52,13 @@ from tuichat.procgroup import (
 )
 from tuichat.profiles import (
     Profile,
-    build_argv,
-    build_hidden_key_argv,
     entry_prefix,
     looks_like_hub_id,
     make_model_hint,
     parse_profile,
     profile_to_table,
+    proxy_args,
+    server_args,
     validate_name,
 )
 from tuichat.sanitize import clean
@@ -125,6 +129,9 @@ class ServerRecord:
     command: list[str]
     proc_start: int | None = None
     model_name: str | None = None
+    # "server" (one api_server), "node" (an api_server of a fleet) or "proxy" (a fleet's `lmdeploy serve proxy`)
+    role: str = "server"
+    fleet: str | None = None  # the fleet a node or proxy belongs to
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -467,6 +474,14 @@ class ManagedServer:
         return self.record.model_name or self.profile.served_model_name()
 
     @property
+    def is_proxy(self) -> bool:
+        return self.record.role == "proxy"
+
+    @property
+    def fleet(self) -> str | None:
+        return self.record.fleet
+
+    @property
     def api_key(self) -> str | None:
         """The key requests need, read from its 0600 file (None once the server is gone)."""
         if self._key is None:
@@ -532,7 +547,8 @@ class ManagedServer:
 
     def _healthy(self) -> bool:
         try:
-            resp = self._client().get(f"{self.url}/health")
+            # lmdeploy's proxy has no /health: its node list (open without a key) is the sign of life
+            resp = self._client().get(f"{self.url}/nodes/status" if self.is_proxy else f"{self.url}/health")
             if resp.status_code != 200:
                 return False
             if self._ever_ready:
@@ -721,6 +737,10 @@ class ServerManager:
             )
         return checks
 
+    def preflight_proxy(self, profile: Profile, port: int | None = None) -> list[Check]:
+        """What would stop a proxy from starting: its port, its command, its key's privacy."""
+        return [*self._check_port(profile, port), *_check_lmdeploy(profile), *_check_key_privacy(profile)]
+
     def _recorded_ports(self) -> set[int]:
         ports: set[int] = set()
         for path in self._record_files():
@@ -802,8 +822,62 @@ class ServerManager:
         finally:
             os.close(fd)
 
-    def start(self, name: str, profile: Profile) -> ManagedServer:
-        """Launch `profile` as server `name` and return at once; poll() or wait_ready() follow the start."""
+    def start(
+        self,
+        name: str,
+        profile: Profile,
+        *,
+        fleet: str | None = None,
+        proxy_url: str | None = None,
+        extra_keys: tuple[str, ...] = (),
+    ) -> ManagedServer:
+        """Launch `profile` as server `name` and return at once; poll() or wait_ready() follow the start.
+
+        For a node of a fleet: `proxy_url` is the proxy it registers with (`--proxy-url`), and `extra_keys` the
+        keys it accepts besides its own (the proxy's: the proxy forwards the client's Authorization header).
+        """
+        args = _server_args_for(profile, proxy_url)
+        return self._launch(name, profile, args, role="node" if fleet else "server", fleet=fleet, extra_keys=extra_keys)
+
+    def start_proxy(
+        self,
+        name: str,
+        *,
+        fleet: str,
+        port: int | Literal["auto"],
+        routing_strategy: str,
+        api_key: str | None = None,
+        command: tuple[str, ...] | None = None,
+        stop_timeout: float = 10.0,
+        env: dict[str, str] | None = None,
+    ) -> ManagedServer:
+        """Launch `lmdeploy serve proxy` for `fleet` on 127.0.0.1 with its own key (through the pipe, as for
+        api_servers); `env` adds variables (the proxy's node health-check interval, say)."""
+        profile = Profile(
+            model=PROXY_MODEL,
+            command=command,
+            port=port,
+            stop_timeout=stop_timeout,
+            api_key=api_key,
+            model_name=PROXY_MODEL,
+        )
+
+        def args(p: Profile, chosen: int) -> list[str]:
+            return proxy_args(port=chosen, routing_strategy=routing_strategy, server_name=p.server_name)
+
+        return self._launch(name, profile, args, role="proxy", fleet=fleet, env_extra=env)
+
+    def _launch(
+        self,
+        name: str,
+        profile: Profile,
+        make_args: Callable[[Profile, int], list[str]],
+        *,
+        role: str,
+        fleet: str | None,
+        extra_keys: tuple[str, ...] = (),
+        env_extra: dict[str, str] | None = None,
+    ) -> ManagedServer:
         try:
             validate_name(name)
         except ConfigError as exc:
@@ -813,10 +887,11 @@ class ServerManager:
             if existing is not None:
                 raise LaunchError(
                     f"{name} is already running at {existing.url} (pid {existing.pid}); stop it first with "
-                    f"`tuichat stop {name}`."
+                    f"`tuichat stop {existing.fleet or name}`."
                 )
             port = self.pick_port(profile)
-            problems = [c.message for c in self.preflight(profile, port) if c.level == "error"]
+            checks = self.preflight(profile, port) if role != "proxy" else self.preflight_proxy(profile, port)
+            problems = [c.message for c in checks if c.level == "error"]
             if problems:
                 raise LaunchError(f"Cannot start {name}: " + " ".join(problems))
 
@@ -828,17 +903,20 @@ class ServerManager:
             paths.ensure_private_dir(log.parent)
             if log.exists():  # keep the previous run's log for `tuichat logs` comparisons
                 os.replace(log, log.with_name(log.name + ".1"))
-            hidden = build_hidden_key_argv(profile, port=port, key_fd=0)
-            argv = hidden if hidden is not None else build_argv(profile, port=port, api_key=key)
+            args = make_args(profile, port)
+            entry = entry_prefix(profile.argv_prefix, key_fd=0)
+            keys = [key, *(k for k in extra_keys if k != key)]
+            argv = [*entry, *args] if entry is not None else [*profile.argv_prefix, *args, "--api-keys", *keys]
             version = (
                 lmdeploy_version(None)
                 if profile.uses_default_command
                 else installed_version_near(profile.argv_prefix[0])
             )
-            env = dict(os.environ)
+            env = {**os.environ, **(env_extra or {})}
             try:
-                # through the entry, the key is the server's stdin: a pipe holding it, then EOF
-                proc = spawn_group(argv, log, env=env, stdin_data=(key + "\n").encode() if hidden else None)
+                # through the entry, the keys are the server's stdin: a pipe holding them (one a line), then EOF
+                stdin = "".join(k + "\n" for k in keys).encode() if entry is not None else None
+                proc = spawn_group(argv, log, env=env, stdin_data=stdin)
             except OSError as exc:
                 key_file.unlink(missing_ok=True)
                 raise LaunchError(
@@ -857,9 +935,11 @@ class ServerManager:
                 log_path=str(log),
                 started_at=time.time(),
                 lmdeploy_version=version,
-                command=[mask_secret(a, key) for a in argv],
+                command=[_mask_all(a, keys) for a in argv],
                 proc_start=process_start_ticks(proc.pid),
                 model_name=profile.served_model_name(),
+                role=role,
+                fleet=fleet,
             )
             paths.write_private(self.record_path(name), record.to_json())
             server = ManagedServer(record, profile, self, proc)
@@ -893,7 +973,15 @@ class ServerManager:
         return server
 
     def running(self) -> list[ManagedServer]:
-        """Servers tuichat launched that are alive (loading or ready); records of dead ones are dropped."""
+        """Servers tuichat launched on their own (not as part of a fleet) that are alive (loading or ready)."""
+        return [s for s in self.running_all() if s.fleet is None]
+
+    def fleet_members(self, fleet: str | None = None) -> list[ManagedServer]:
+        """The live proxies and nodes of fleets (of `fleet` only, when given)."""
+        return [s for s in self.running_all() if s.fleet is not None and (fleet is None or s.fleet == fleet)]
+
+    def running_all(self) -> list[ManagedServer]:
+        """Every live process tuichat launched (servers, fleet nodes, proxies); records of dead ones are dropped."""
         alive: list[ManagedServer] = []
         with self._lock:
             for path in self._record_files():
@@ -907,7 +995,7 @@ class ServerManager:
         return alive
 
     def find(self, name: str) -> ManagedServer | None:
-        for server in self.running():
+        for server in self.running_all():
             if server.name == name:
                 return server
         return None
@@ -985,6 +1073,23 @@ class ServerManager:
             if not holders or time.monotonic() >= deadline:
                 return holders
             time.sleep(0.1)
+
+
+PROXY_MODEL = "lmdeploy-proxy"  # what a proxy's record shows where a server's shows its model
+
+
+def _server_args_for(profile: Profile, proxy_url: str | None) -> Callable[[Profile, int], list[str]]:
+    def make(p: Profile, port: int) -> list[str]:
+        args = server_args(p, port=port)
+        return [*args, "--proxy-url", proxy_url] if proxy_url else args
+
+    return make
+
+
+def _mask_all(text: str, keys: list[str]) -> str:
+    for key in keys:
+        text = mask_secret(text, key)
+    return text
 
 
 def _check_model(profile: Profile) -> list[Check]:

@@ -336,11 +336,11 @@ def server_args(p: Profile, *, port: int) -> list[str]:
     return argv
 
 
-def build_argv(p: Profile, *, port: int, api_key: str) -> list[str]:
+def build_argv(p: Profile, *, port: int, api_key: str, extra_keys: Sequence[str] = ()) -> list[str]:
     """The plain argv for `lmdeploy serve api_server`, with `--api-keys KEY` on it (visible in `ps`): only for
     a command that `build_hidden_key_argv` cannot run."""
     # last, so that a log of the argv can be cut before it; --api-keys takes nargs="+"
-    return [*p.argv_prefix, *server_args(p, port=port), "--api-keys", api_key]
+    return [*p.argv_prefix, *server_args(p, port=port), "--api-keys", api_key, *extra_keys]
 
 
 def build_hidden_key_argv(p: Profile, *, port: int, key_fd: int = 0) -> list[str] | None:
@@ -348,6 +348,28 @@ def build_hidden_key_argv(p: Profile, *, port: int, key_fd: int = 0) -> list[str
     None when the command is not a Python program that can be run that way."""
     entry = entry_prefix(p.argv_prefix, key_fd=key_fd)
     return None if entry is None else [*entry, *server_args(p, port=port)]
+
+
+ROUTING_STRATEGIES = ("min_expected_latency", "random", "min_observed_latency")
+
+
+def proxy_args(*, port: int, routing_strategy: str, server_name: str = DEFAULT_SERVER_NAME) -> list[str]:
+    """`serve proxy --server-name ... --disable-cache-status`: what follows the command, without the API key.
+
+    `--disable-cache-status` because otherwise lmdeploy 0.18's proxy keeps its node list in `proxy_config.json`
+    inside the installed package and brings back, at the next start, nodes of an earlier fleet long gone.
+    """
+    return [
+        "serve",
+        "proxy",
+        "--server-name",
+        server_name,
+        "--server-port",
+        str(port),
+        "--routing-strategy",
+        routing_strategy,
+        "--disable-cache-status",
+    ]
 
 
 SERVE_ENTRY = Path(__file__).resolve().with_name("serve_entry.py")

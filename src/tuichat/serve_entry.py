@@ -6,9 +6,9 @@ lmdeploy 0.18 takes its API keys only as `--api-keys KEY`, and a command line is
     python .../tuichat/serve_entry.py --key-fd 0 --module lmdeploy -- serve api_server MODEL ...
     python .../tuichat/serve_entry.py --key-fd 0 --script /path/to/program -- serve api_server MODEL ...
 
-and hands the key through the pipe on fd 0. This program reads it, puts /dev/null on that fd, appends
-`--api-keys KEY` to `sys.argv` in memory and runs the module (`runpy`, as `python -m` does) or the script in
-this same interpreter, so the program parses the same arguments it would have had on its command line.
+and hands the key through the pipe on fd 0 (several keys: one a line). This program reads it, puts /dev/null on
+that fd, appends `--api-keys KEY...` to `sys.argv` in memory and runs the module (`runpy`, as `python -m` does)
+or the script in this same interpreter, so the program parses the same arguments it would have had on its command line.
 lmdeploy's engine process gets its arguments through a multiprocessing pipe, never a command line.
 
 The environment was not used on purpose: deleting a variable from `os.environ` leaves it in the initial
@@ -95,10 +95,12 @@ def main(argv: list[str]) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             sys.stderr.write(f"serve_entry.py: error: cannot read the API key from fd {key_fd}: {exc}\n")
             return 2
-        if not key:
+        # one key a line: a fleet's node takes its own key and the proxy's (the proxy forwards the client's)
+        keys = key.split()
+        if not keys:
             sys.stderr.write(f"serve_entry.py: error: no API key arrived on fd {key_fd}\n")
             return 2
-        args = [*args, "--api-keys", key]
+        args = [*args, "--api-keys", *keys]
 
     here = os.path.dirname(os.path.realpath(__file__))
     if sys.path and os.path.realpath(sys.path[0] or os.curdir) == here:

@@ -1,5 +1,9 @@
 """`tuichat serve / ps / stop / logs / profiles / doctor`: the server manager without the TUI.
 
+`serve`, `ps` and `stop` know fleets too (`[fleets.NAME]`, see tuichat.fleet): `tuichat serve FLEET` starts the
+proxy and every node and reports each one's progress, `ps` lists each fleet with its nodes as the proxy sees
+them, `tuichat stop FLEET` stops all of it.
+
 Everything here is plain text for a terminal or a script: tables on stdout, one-sentence errors on stderr with
 exit code 1 (2 for a usage mistake). No command ever prints a server's API key; `ps` and `serve` say where
 its 0600 key file is instead.
@@ -45,8 +49,8 @@ class UsageError(TuichatError):
 
 def add_subcommands(subparsers: Any) -> None:
     """Register serve/ps/stop/logs/profiles/doctor on an argparse subparsers object."""
-    p = subparsers.add_parser("serve", help="start a server from a profile, without the TUI")
-    p.add_argument("profile", nargs="?", help="profile name (default: default_profile of the config)")
+    p = subparsers.add_parser("serve", help="start a server from a profile (or a fleet), without the TUI")
+    p.add_argument("profile", nargs="?", help="profile or fleet name (default: default_profile of the config)")
     p.add_argument("--detach", action="store_true", help="return once the server is ready; it keeps running")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up if not ready after S s")
     p.set_defaults(server_command="serve")
@@ -54,9 +58,9 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("ps", help="list the servers tuichat started")
     p.set_defaults(server_command="ps")
 
-    p = subparsers.add_parser("stop", help="stop a server tuichat started")
-    p.add_argument("profile", nargs="?", help="profile of the server to stop")
-    p.add_argument("--all", action="store_true", help="stop every server tuichat started")
+    p = subparsers.add_parser("stop", help="stop a server (or a fleet) tuichat started")
+    p.add_argument("profile", nargs="?", help="profile of the server, or fleet, to stop")
+    p.add_argument("--all", action="store_true", help="stop every server and fleet tuichat started")
     p.set_defaults(server_command="stop")
 
     p = subparsers.add_parser("logs", help="show a server's log")
@@ -200,6 +204,11 @@ def _stop_signals() -> Iterator[None]:
 
 
 def _serve(args: argparse.Namespace, manager: ServerManager) -> int:
+    if args.profile:
+        cfg, _profiles, _default = _load_profiles()
+        if args.profile in cfg.fleets:
+            with _stop_signals():
+                return _serve_fleet(args, manager, cfg.fleets[args.profile], dict(cfg.profiles))
     name, profile = _pick_profile(args.profile)
     for check in manager.preflight(profile):
         if check.level == "warning":
@@ -243,6 +252,49 @@ def _serve_started(args: argparse.Namespace, manager: ServerManager, name: str, 
         return 0 if result.clean else 1
 
 
+def _serve_fleet(args: argparse.Namespace, manager: ServerManager, spec: Any, profiles: dict[str, Profile]) -> int:
+    from tuichat.fleet import FleetEvent, describe_node, find_fleet, start_fleet, stop_fleet
+
+    def report(event: FleetEvent) -> None:
+        _err(f"  {event.message}" if event.kind == "progress" else event.message)
+
+    _err(f"Starting fleet {spec.name}: {len(spec.nodes)} node(s) behind lmdeploy's proxy")
+    try:
+        fleet = start_fleet(manager, spec, profiles, on_event=report, timeout=args.timeout)
+    except KeyboardInterrupt:
+        return 130
+    proxy = fleet.proxy
+    assert proxy is not None
+    _out(
+        f"Fleet {spec.name} is ready at {proxy.url} ({len(fleet.nodes)} nodes); API key in {proxy.key_file}; "
+        f"chat with `tuichat {spec.name}`"
+    )
+    if args.detach:
+        return 0
+    _err("Press Ctrl+C to stop the fleet.")
+    shown: dict[str, str] = {}
+    try:
+        with fleet.poller(supervise=True) as poller:
+            while True:
+                view = poller.poll()
+                for node in view.nodes:
+                    line = f"{node.name or node.url}: {describe_node(node)}"
+                    health = f"{node.health}/{node.registered}"
+                    if shown.get(node.url) != health:
+                        shown[node.url] = health
+                        _err(line)
+                if find_fleet(manager, spec.name) is None or not proxy.is_alive():
+                    _err(f"The proxy of {spec.name} is no longer running; stopping the rest of the fleet.")
+                    raise KeyboardInterrupt
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        current = find_fleet(manager, spec.name) or fleet
+        clean, events = stop_fleet(manager, current)
+        for event in events:
+            _err(event.message)
+        return 0 if clean else 1
+
+
 # ---------------------------------------------------------------- ps / stop
 
 
@@ -264,11 +316,22 @@ def _state_text(status: ServerStatus) -> str:
 
 
 def _ps(args: argparse.Namespace, manager: ServerManager) -> int:
+    from tuichat.fleet import running_fleets
+
     servers = manager.running()
-    if not servers:
+    fleets = running_fleets(manager)
+    if not servers and not fleets:
         _out("No server started by tuichat is running.")
         return 0
     snapshot = manager.gpu_snapshot()
+    if servers:
+        _ps_servers(servers, snapshot)
+    for fleet in fleets.values():
+        _ps_fleet(fleet, snapshot)
+    return 0
+
+
+def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
     from tuichat.gpu import format_bytes
 
     rows = []
@@ -288,13 +351,88 @@ def _ps(args: argparse.Namespace, manager: ServerManager) -> int:
         )
         server.close()
     _out(_table(["PROFILE", "MODEL", "PORT", "PID", "STATE", "UPTIME", "GPU MEM"], rows))
-    return 0
+
+
+def _ps_fleet(fleet: Any, snapshot: Any) -> None:
+    """The proxy, then each node: its process (state, pid, GPU memory) and what the proxy and the node say."""
+    from tuichat.fleet import NodeView
+    from tuichat.gpu import format_bytes
+
+    views: dict[str, NodeView] = {}
+    error = None
+    if fleet.proxy is not None:
+        with fleet.poller(supervise=False) as poller:
+            view = poller.poll()
+        views = {n.url: n for n in view.nodes}
+        error = view.error
+    proxy = fleet.proxy
+    where = f"proxy at {proxy.url}" if proxy is not None else "proxy not running"
+    up = sum(1 for n in views.values() if n.health == "up" and n.registered)
+    _out("")
+    _out(f"Fleet {fleet.name}: {where}; {up} of {len(fleet.nodes)} nodes up and registered")
+    if error:
+        _out(f"  {error}")
+    rows = []
+    for server in fleet.members:
+        status = server.poll()
+        memory = server.gpu_memory(snapshot)
+        node = views.get(server.url)
+        if server.is_proxy:
+            detail = "proxy, " + ("no nodes" if not views else f"{len(views)} node(s) listed")
+        elif node is None:
+            detail = "-"
+        else:
+            from tuichat.fleet import describe_node
+
+            detail = describe_node(node)
+        rows.append(
+            [
+                server.name,
+                server.profile.model,
+                str(server.record.port),
+                str(server.pid),
+                _state_text(status),
+                _uptime(server.uptime),
+                format_bytes(memory) if memory else "-",
+                detail,
+            ]
+        )
+        server.close()
+    known = {s.url for s in fleet.members}
+    for url, node in views.items():
+        if url not in known:  # registered by someone else: the proxy is open to anyone who can reach it
+            from tuichat.fleet import describe_node
+
+            rows.append([url, ",".join(node.models) or "?", "-", "-", "-", "-", "-", describe_node(node)])
+    _out(_table(["NODE", "MODEL", "PORT", "PID", "STATE", "UPTIME", "GPU MEM", "AT THE PROXY"], rows))
 
 
 def _stop(args: argparse.Namespace, manager: ServerManager) -> int:
+    from tuichat.fleet import running_fleets, stop_fleet
+
     if args.profile and args.all:
         raise UsageError("Give either a profile or --all, not both.")
     servers = manager.running()
+    fleets = running_fleets(manager)
+    chosen = list(fleets.values()) if args.all else [fleets[args.profile]] if args.profile in fleets else []
+    if not args.profile and not args.all and fleets:
+        if servers or len(fleets) > 1:
+            names = ", ".join([*(s.name for s in servers), *fleets])
+            raise UsageError(f"Several servers or fleets are running ({names}): name one, or use --all.")
+        chosen = list(fleets.values())
+    fleets_ok = True
+    for fleet in chosen:
+        _err(f"Stopping fleet {fleet.name} ({len(fleet.members)} processes)…")
+        clean, events = stop_fleet(manager, fleet)
+        for event in events:
+            _out(event.message)
+        fleets_ok = fleets_ok and clean
+    if chosen and not args.all:
+        return 0 if fleets_ok else 1
+    if args.all and not servers:
+        if not chosen:
+            _out("No server started by tuichat is running.")
+        return 0 if fleets_ok else 1
     if args.all:
         targets = servers
     elif args.profile:
@@ -317,7 +455,7 @@ def _stop(args: argparse.Namespace, manager: ServerManager) -> int:
         result = manager.stop(server)
         _out(result.describe(server.name))
         ok = ok and result.clean
-    return 0 if ok else 1
+    return 0 if ok and fleets_ok else 1
 
 
 # ---------------------------------------------------------------- logs

@@ -1,8 +1,12 @@
-"""The status pane: GPUs (ours vs others), the server's KV cache and scheduler, and this conversation.
+"""The status pane: GPUs (ours vs others), the server's KV cache and scheduler, a fleet's nodes, and this chat.
 
 It only draws: the app samples NVML in a thread worker and `/metrics` over HTTP, and hands the pane a
 `StatusView` a second or two apart. Drawing is a handful of `Static` updates with Rich renderables, cheap enough
 to leave the token stream alone (see bench/ for the measured cost with the pane visible).
+
+Behind `lmdeploy serve proxy` the app also hands it a `FleetView` (tuichat.fleet.FleetPoller): the Fleet section
+shows a row per node (up or down, unfinished requests, recent latency, and KV cache and running/waiting where the
+node's own /metrics could be read) and stays hidden for a plain server.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
+from tuichat.fleet import FleetView, NodeView
 from tuichat.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
 from tuichat.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
 
@@ -38,6 +43,7 @@ class StatusView:
     kv_capacity: int | None = None  # tokens the KV cache holds (num_gpu_blocks x block_size), when known
     last_reply: dict[str, Any] | None = None
     context: ContextMeter | None = None
+    fleet: FleetView | None = None  # set when the chat goes through lmdeploy's proxy
 
 
 def bar(fraction: float | None, width: int = BAR_WIDTH, style: str = "green") -> Text:
@@ -124,6 +130,51 @@ def server_renderable(view: StatusView) -> RenderableType:
     return table
 
 
+_HEALTH_STYLE = {"up": "green", "down": "bold red", "starting": "yellow", "unknown": "dim"}
+
+
+def _node_label(node: NodeView) -> str:
+    if node.name:
+        return node.name.split(".", 1)[-1]  # FLEET.PROFILE: the fleet is in the title already
+    return node.url.removeprefix("http://").removeprefix("https://")
+
+
+def fleet_renderable(view: FleetView) -> RenderableType:
+    """A row per node: health, what the proxy counts for it, and its KV cache where its /metrics was read."""
+    parts: list[RenderableType] = []
+    head = Text()
+    head.append(f"{view.up} of {len(view.nodes)} nodes up", style="bold" if view.up == len(view.nodes) else "yellow")
+    head.append(f" · {view.url.removeprefix('http://')}", style="dim")
+    parts.append(head)
+    if view.error:
+        parts.append(Text(view.error, style="yellow"))
+    if not view.nodes:
+        parts.append(Text("no node is registered with the proxy", style="yellow"))
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for node in view.nodes:
+        state = node.health if node.registered else f"{node.health}, unregistered"
+        name = Text(_node_label(node), style="bold")
+        facts = Text()
+        if node.unfinished is not None:
+            facts.append(f"{node.unfinished} unfin")
+        if node.latency is not None:
+            facts.append(f" · {node.latency:.2f}s")
+        if node.kv_cache_usage is not None:
+            facts.append(" KV ")
+            facts.append_text(bar(node.kv_cache_usage, 6))
+            facts.append(f" {node.kv_cache_usage * 100:.0f}%")
+        if node.running is not None:
+            facts.append(f" · {node.running}r/{node.waiting if node.waiting is not None else '?'}w")
+        if node.health == "down" and node.note:
+            facts.append(f" {node.note}", style="dim")
+        table.add_row(name, Text(state, style=_HEALTH_STYLE.get(node.health, "")), facts)
+    parts.append(table)
+    return Group(*parts)
+
+
 def launch_renderable(launch: dict[str, Any]) -> RenderableType:
     if not launch:
         return Text("attached server: launch settings unknown", style="dim")
@@ -187,6 +238,8 @@ class StatusPane(VerticalScroll):
         yield Static(Text("reading GPUs…", style="dim"), id="gpu-view")
         yield Label("Server", classes="pane-title")
         yield Static(Text("waiting for /metrics…", style="dim"), id="server-view")
+        yield Label("Fleet", id="fleet-title", classes="pane-title")
+        yield Static("", id="fleet-view")
         yield Label("KV % · last 10 min", id="kv-spark-label", classes="hint")
         yield Sparkline([], id="kv-spark", summary_function=max)
         yield Label("tok/s · last 10 min", id="rate-spark-label", classes="hint")
@@ -199,6 +252,8 @@ class StatusPane(VerticalScroll):
 
     def on_mount(self) -> None:
         self._last = {}
+        self.query_one("#fleet-title").display = False
+        self.query_one("#fleet-view").display = False
 
     def _changed(self, part: str, key: object) -> bool:
         """Redraw a part only when what it shows changed: every redraw costs layout on the next frame, and
@@ -220,6 +275,15 @@ class StatusPane(VerticalScroll):
         rate = round(view.gen_rate) if view.gen_rate is not None else None
         if self._changed("server", (view.metrics, view.metrics_error, rate, view.kv_capacity)):
             self.query_one("#server-view", Static).update(server_renderable(view))
+        if self._changed("fleet", view.fleet):
+            shown = view.fleet is not None
+            self.query_one("#fleet-title").display = shown
+            fleet_view = self.query_one("#fleet-view", Static)
+            fleet_view.display = shown
+            if view.fleet is not None:
+                title = f"Fleet {view.fleet.name}" if view.fleet.name else "Fleet (lmdeploy proxy)"
+                self.query_one("#fleet-title", Label).update(title)
+                fleet_view.update(fleet_renderable(view.fleet))
         for name, data in (("kv", view.kv_history), ("rate", view.rate_history)):
             if not self._changed(name, (len(data), data[-1] if data else None)):
                 continue
