@@ -778,3 +778,14 @@ async def test_closing_the_stream_early_aborts_generation_on_the_server() -> Non
         assert stats["completed"] == 0
         assert stats["running"] == 0
         assert stats["generated_tokens"] < 3000
+
+
+async def test_a_model_listed_by_several_nodes_of_a_proxy_is_offered_once() -> None:
+    # lmdeploy 0.18's proxy concatenates its nodes' model lists
+    def handler(request: httpx.Request) -> httpx.Response:
+        ids = ["m", "other", "m"]
+        return httpx.Response(200, json={"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
+
+    client = ChatClient("http://proxy", transport=httpx.MockTransport(handler))
+    assert await client.list_models() == ["m", "other"]
+    await client.aclose()

@@ -334,3 +334,38 @@ def test_serve_entry_passes_a_nodes_two_keys_from_the_pipe_and_neither_on_its_co
     argv, cmdline = json.loads(done.stdout)
     assert argv[-3:] == ["--api-keys", "node-key", "proxy-key"]
     assert "node-key" not in cmdline and "proxy-key" not in cmdline
+
+
+# --- the app on a fleet: `tuichat FLEET` ----------------------------------------------------------------------
+
+
+async def test_tuichat_fleet_chats_through_the_proxy_and_shows_every_node(home: Path) -> None:
+    import apphelpers
+
+    from tuichat.ui.app import AppOptions, make_app
+    from tuichat.ui.status_pane import StatusPane
+    from tuichat.ui.widgets import PromptArea
+
+    assert _cli("serve", "pair", "--detach", "--timeout", "30") == 0
+    gpu = FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GIB, mem_total=140 * GIB)])
+    app = make_app(AppOptions(profile="pair", gpu_reader=gpu, poll_interval=0.2, cursor_blink=False))
+    async with app.run_test(size=(200, 50)) as pilot:
+        app.query_one(StatusPane).display = True
+        pane = app.query_one("#fleet-view")
+        await apphelpers.wait_for(pilot, lambda: "2 of 2 nodes up" in apphelpers.screen_text(app), timeout=20)
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        prompt.text = "hello fleet"
+        await pilot.press("enter")
+        await apphelpers.wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2, timeout=20)
+        assert app.chat.turns[-1].role == "assistant" and app.chat.turns[-1].content.strip()
+        text = apphelpers.screen_text(app)
+        assert "n1" in text and "n2" in text and pane.display
+
+
+def test_tuichat_fleet_that_is_not_running_says_how_to_start_it(home: Path) -> None:
+    from tuichat.errors import TuichatError
+    from tuichat.ui.app import AppOptions, make_app
+
+    with pytest.raises(TuichatError, match=r"fleet 'pair' is not running: start it with `tuichat serve pair --detach`"):
+        make_app(AppOptions(profile="pair"))

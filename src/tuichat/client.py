@@ -308,7 +308,8 @@ class ChatClient:
             raise self._status_error(resp.status_code, resp.content)
         try:
             data = resp.json()
-            return [clean(str(item["id"])) for item in data["data"]]
+            # lmdeploy's proxy lists a model once per node that serves it: one entry per id is what a picker wants
+            return list(dict.fromkeys(clean(str(item["id"])) for item in data["data"]))
         except (ValueError, KeyError, TypeError):
             raise ChatError("protocol", f"{self.base_url}/v1/models did not answer with a model list") from None
 

@@ -59,6 +59,7 @@ from tuichat.ui.widgets import (
 )
 
 if TYPE_CHECKING:
+    from tuichat.fleet import FleetPoller, RunningFleet
     from tuichat.gpu import GpuReader, GpuSampler
     from tuichat.launcher import ManagedServer, ServerManager, ServerStatus
     from tuichat.store import Claim, HeldBy, Store
@@ -90,6 +91,7 @@ class AppOptions:
     cursor_blink: bool = True  # snapshot tests turn it off so a blink cannot change the picture
     manager: ServerManager | None = None  # the launcher (tests pass one with its own state dir)
     managed: bool | None = None  # None: decide from the profile / running servers (see make_app)
+    fleet: RunningFleet | None = None  # `tuichat FLEET`: chat through its proxy, status per node
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +162,9 @@ class TuichatApp(App[None]):
         self._metrics_schedule = MetricsSchedule(options.poll_interval)
         # A profile's server brings its own address and key once it is up: until then nothing is asked of it.
         self._target_known = not (options.managed and options.profile)
+        # "unknown" until asked whether the server is an lmdeploy proxy (a fleet), then "yes" or "no"
+        self._fleet_state = "yes" if options.fleet is not None else "unknown"
+        self._fleet_poller: FleetPoller | None = None
         self._client_generation = 0  # bumped with every new client, so a late answer of the old one is dropped
         self._hung_up = False
         self._replacing: list[Turn] = []
@@ -1228,6 +1233,10 @@ class TuichatApp(App[None]):
         self._read_gpu()
         if not self._target_known:
             return  # the launched server's address and key come with its ready state: ask nothing before
+        if self._fleet_state != "no":
+            self._read_fleet()
+        if self._fleet_state == "yes":
+            return  # a proxy has no /metrics: each node's figures come with the fleet view
         now = time.monotonic()
         if not self._metrics_busy and now >= self._next_metrics_at:
             self._metrics_busy = True
@@ -1247,6 +1256,29 @@ class TuichatApp(App[None]):
             self.status_view.our_pids = server.pids()
         if snapshot is not None:
             self.call_from_thread(self._gpu_arrived, snapshot)
+
+    @work(thread=True, group="fleet", exclusive=True, exit_on_error=False)
+    def _read_fleet(self) -> None:
+        # Is the server an lmdeploy proxy? Asked once (in a thread: it is a blocking request); then its node list
+        # and each node's own /metrics, with the node keys when tuichat launched the fleet.
+        from tuichat.fleet import FleetPoller, probe_proxy
+
+        if self._fleet_poller is None:
+            fleet = self.options.fleet
+            if fleet is not None:
+                self._fleet_poller = fleet.poller(supervise=True)
+            elif probe_proxy(self.target.url, self.target.api_key):
+                self._fleet_poller = FleetPoller(self.target.url, self.target.api_key)
+            else:
+                self._fleet_state = "no"
+                return
+            self._fleet_state = "yes"
+        view = self._fleet_poller.poll()
+        self.call_from_thread(self._fleet_arrived, view)
+
+    def _fleet_arrived(self, view: Any) -> None:
+        self.status_view.fleet = view
+        self._redraw_status()
 
     def _gpu_arrived(self, snapshot: Any) -> None:
         self.status_view.gpu = snapshot
@@ -1521,6 +1553,8 @@ class TuichatApp(App[None]):
 
     async def on_unmount(self) -> None:
         await self.client.aclose()
+        if self._fleet_poller is not None:
+            self._fleet_poller.close()
         if self.manager is not None:
             self.manager.close()
         if self.store is not None:
@@ -1573,6 +1607,20 @@ def _choose_managed(options: AppOptions, config: Config, env: Mapping[str, str])
     """
     from tuichat.errors import TuichatError
 
+    if options.profile and options.profile in config.fleets:
+        from tuichat.fleet import find_fleet
+        from tuichat.launcher import ServerManager
+
+        options.manager = options.manager or ServerManager()
+        fleet = find_fleet(options.manager, options.profile)
+        if fleet is None or fleet.url is None:
+            raise TuichatError(
+                f"fleet '{options.profile}' is not running: start it with `tuichat serve {options.profile} --detach`, "
+                "then run `tuichat " + options.profile + "` again"
+            )
+        options.fleet, options.url, options.api_key = fleet, fleet.url, fleet.api_key
+        options.profile = None
+        return False
     if options.profile:
         if options.profile not in config.profiles:
             known = ", ".join(sorted(config.profiles))
