@@ -789,3 +789,17 @@ async def test_a_model_listed_by_several_nodes_of_a_proxy_is_offered_once() -> N
     client = ChatClient("http://proxy", transport=httpx.MockTransport(handler))
     assert await client.list_models() == ["m", "other"]
     await client.aclose()
+
+
+async def test_a_proxy_whose_node_died_gets_a_sentence_not_a_protocol_error() -> None:
+    # seen on the H200: lmdeploy 0.18's proxy answers 200 with this body when the node it routed to is gone
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"error_code": 10402, "text": "Failed to get response after a period of time"})
+
+    client = ChatClient("http://proxy", transport=httpx.MockTransport(handler))
+    with pytest.raises(ChatError) as info:
+        async for _ in client.stream_chat("m", [{"role": "user", "content": "hi"}], Sampling()):
+            pass
+    assert info.value.kind == "proxy"
+    assert "a node may have stopped" in info.value.message and "Retry (ctrl+r)" in info.value.message
+    await client.aclose()

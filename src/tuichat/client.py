@@ -435,6 +435,15 @@ class ChatClient:
             data = json.loads(body)
         except ValueError:
             raise ChatError("protocol", "the server answered with neither a stream nor JSON") from None
+        if isinstance(data, dict) and isinstance(data.get("error_code"), int):
+            # lmdeploy's proxy answers 200 with {"error_code": 10402, "text": ...} when the node it picked failed
+            text = clean(str(data.get("text") or "no answer from the node"))
+            raise ChatError(
+                "proxy",
+                f"the proxy could not get an answer from a node ({text}, error_code {data['error_code']}): a node may "
+                "have stopped. Retry (ctrl+r): the proxy drops a dead node at its next health check.",
+                detail=text,
+            )
         if isinstance(data, dict) and (data.get("object") == "error" or "error" in data):
             code = data.get("code")
             raise await self._request_error(code if isinstance(code, int) and 400 <= code < 600 else 400, body, model)
