@@ -74,7 +74,14 @@ FORM: tuple[FormField, ...] = (
     FormField("api_key", "secret", "blank = a new random key at each start"),
 )
 FIELD_KEYS = tuple(f.key for f in FORM)
-_OPTION_LABELS = {"quant_policy": {"0": "0 (none)", "4": "4 (KV int4)", "8": "8 (KV int8)"}}
+# What the KV-cache choice buys, in the words of the H200 check: int8 held 2.1x the tokens of the same share.
+_OPTION_LABELS = {
+    "quant_policy": {
+        "0": "0 (KV cache in the model's dtype)",
+        "4": "4 (KV int4: ~4x the tokens, some quality lost)",
+        "8": "8 (KV int8: ~2x the tokens, near-lossless)",
+    }
+}
 
 
 class FieldError(Exception):
