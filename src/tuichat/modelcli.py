@@ -329,7 +329,6 @@ def _settle_pull_profile(name: str) -> str:
 
 
 def _offer_pull_profile(info: ModelInfo, name: str | None, repo_id: str, out: TextIO, err: TextIO) -> None:
-    import tomli_w
 
     from tuichat.config import load_config
 
@@ -345,18 +344,7 @@ def _offer_pull_profile(info: ModelInfo, name: str | None, repo_id: str, out: Te
             return
         name = suggested
     profile_name, table = profile_for(info, name)
-    out.write("\nnew profile:\n\n")
-    out.write(tomli_w.dumps({"profiles": {profile_name: table}}))
-    for note in profile_notes(info):
-        out.write(f"# {note}\n")
-    try:
-        from tuichat.config import add_profile
-
-        path = add_profile(profile_name, table)
-    except TuichatError as exc:
-        err.write(f"tuichat: the profile was not saved: {exc}\n")
-        return
-    out.write(f"\nadded profile '{profile_name}' to {path}; start it with: tuichat serve {profile_name}\n")
+    _write_profile(profile_name, table, profile_notes(info), out, err)
 
 
 def run_rm(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -548,12 +536,17 @@ def _follow(job: QuantizeJob, out: TextIO) -> JobStatus:
 
 
 def _save_profile(job: QuantizeJob, name: str, out: TextIO, err: TextIO) -> None:
+    profile_name, table = job.profile(name)
+    _write_profile(profile_name, table, profile_notes(inspect_model(job.out)), out, err)
+
+
+def _write_profile(profile_name: str, table: dict[str, Any], notes: list[str], out: TextIO, err: TextIO) -> None:
+    """Show a new profile as TOML with its notes, then add it to config.toml (keeping the user's comments)."""
     import tomli_w
 
-    profile_name, table = job.profile(name)
     out.write("\nnew profile:\n\n")
     out.write(tomli_w.dumps({"profiles": {profile_name: table}}))
-    for note in profile_notes(inspect_model(job.out)):
+    for note in notes:
         out.write(f"# {note}\n")
     try:
         from tuichat.config import add_profile
