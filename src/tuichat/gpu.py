@@ -13,7 +13,7 @@ import contextlib
 import importlib
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
@@ -405,3 +405,33 @@ def gpus_visible(reader: GpuReader | None = None) -> tuple[bool, str]:
     )
     count = len(snapshot.gpus)
     return True, f"{count} GPU{'s' if count != 1 else ''}: {names}"
+
+
+def visible_gpu_count(reader: GpuReader | None, environ: Mapping[str, str]) -> tuple[int | None, str]:
+    """How many GPUs a server started with `environ` can use, and how that was found; (None, "") when unknown.
+
+    CUDA_VISIBLE_DEVICES narrows what NVML lists (NVML itself ignores it): CUDA stops at the first entry it
+    cannot parse, and an empty value hides every GPU.
+    """
+    listed: int | None = None
+    cvd = environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        listed = 0
+        for item in cvd.split(","):
+            item = item.strip()
+            if not item or item.startswith("-") or not (item.isdigit() or item.startswith(("GPU-", "MIG-"))):
+                break
+            listed += 1
+    nvml: int | None = None
+    if reader is not None:
+        try:
+            snapshot = reader.read()
+        except Exception:  # a broken reader leaves the count to CUDA_VISIBLE_DEVICES alone
+            snapshot = None
+        if snapshot is not None and snapshot.error is None:
+            nvml = len(snapshot.gpus)
+    if listed is not None and (nvml is None or listed <= nvml):
+        return listed, f"CUDA_VISIBLE_DEVICES={cvd}"
+    if nvml is not None:
+        return nvml, "NVML"
+    return None, ""

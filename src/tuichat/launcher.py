@@ -47,6 +47,7 @@ from tuichat.procgroup import (
     group_pids,
     pid_alive,
     process_start_ticks,
+    signal_all,
     spawn_group,
     stop_group,
 )
@@ -59,6 +60,7 @@ from tuichat.profiles import (
     profile_to_table,
     proxy_args,
     server_args,
+    server_env,
     validate_name,
 )
 from tuichat.sanitize import clean
@@ -110,6 +112,12 @@ class ServerStatus:
     exit_code: int | None = None
     hint: str | None = None
     last_lines: tuple[str, ...] = ()
+    # with tensor parallelism, where lmdeploy logs its ranks: (rank, the last step it reported), by rank
+    ranks: tuple[tuple[int, str], ...] = ()
+
+    def ranks_text(self) -> str:
+        """`rank 0: build_model · rank 1: warmup`, or "" when no rank reported."""
+        return " · ".join(f"rank {r}: {step}" for r, step in self.ranks)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,10 @@ _TQDM_TOTAL = re.compile(
 )
 _TQDM_PCT = re.compile(r"(?P<label>[^|]*?):?\s*(?P<pct>\d{1,3})%\|")
 _TQDM_NO_TOTAL = re.compile(r"(?P<label>[^|:]+):\s*(?P<n>\d+)(?P<unit>[A-Za-z/]*)\s*\[\d+:\d+")
+# lmdeploy's mp executor workers (pytorch/engine/executor/mp_executor.py) log `proc[N] call method: <M>.` for
+# each start-up step at DEBUG, and `Proc[N] ...` when they end or fail
+_RANK_STEP = re.compile(r"\b[Pp]roc\[(?P<rank>\d{1,3})\] call method: <(?P<method>[A-Za-z_]\w*)>")
+_RANK_EVENT = re.compile(r"\bProc\[(?P<rank>\d{1,3})\] (?P<event>failed|main loop cancelled|terminated|cleanup)")
 _KEY_ARG = re.compile(r"(--api-keys[= ]+)(\S+)")
 
 
@@ -171,6 +183,17 @@ def parse_progress(segment: str) -> Progress | None:
     m = _TQDM_NO_TOTAL.match(text)
     if m:
         return Progress(_label(m.group("label")), None, text)
+    return None
+
+
+def parse_rank(line: str) -> tuple[int, str] | None:
+    """(rank, step) from an mp executor worker's log line, or None for any other line."""
+    m = _RANK_STEP.search(line)
+    if m:
+        return int(m.group("rank")), m.group("method")
+    m = _RANK_EVENT.search(line)
+    if m:
+        return int(m.group("rank")), m.group("event")
     return None
 
 
@@ -254,6 +277,12 @@ def read_log_tail(path: Path, n: int = 200, secret: str | None = None) -> list[s
 
 # ---------------------------------------------------------------- diagnosis
 
+RAY_MISSING = (
+    "Tensor parallelism with the ray executor needs ray, and ray is not installed: set "
+    'distributed_executor_backend = "mp" in the profile (lmdeploy\'s --distributed-executor-backend mp, '
+    "tuichat's default for tp > 1), or pip install ray."
+)
+
 
 def diagnose(lines: list[str], *, exit_code: int | None, port: int | None = None) -> str | None:
     """A hint for the usual reasons a server dies while loading, from its last log lines."""
@@ -274,10 +303,7 @@ def diagnose(lines: list[str], *, exit_code: int | None, port: int | None = None
         )
     if "requires `ray`" in low or "requires ray" in low:
         # Seen on two H200s: lmdeploy 0.18's PyTorch backend picks the ray executor for tp > 1 by default.
-        return (
-            "Tensor parallelism with lmdeploy's PyTorch backend uses ray by default, and ray is not installed: "
-            'pip install ray, or add extra_args = ["--distributed-executor-backend", "mp"] to the profile.'
-        )
+        return RAY_MISSING
     if "errno 98" in low or "address already in use" in low:
         where = f"Port {port}" if port else "The port"
         return f'{where} is already in use: stop what listens there, or set port = "auto" in the profile.'
@@ -436,6 +462,7 @@ class ManagedServer:
         # on attach, only the recent part of the log matters for progress
         self._follower = LogFollower(self.log_path, start_at_end=None if proc is not None else 262144)
         self._progress: Progress | None = None
+        self._ranks: dict[int, str] = {}
         self._ever_ready = False
         self._stopping = False
         self._final: ServerStatus | None = None
@@ -538,6 +565,16 @@ class ManagedServer:
 
         return sum(s.ours_bytes for s in memory_split(snap, self.pids()))
 
+    def gpu_memory_by_gpu(self, snapshot: GpuSnapshot | None = None) -> list[tuple[int, int]]:
+        """(GPU index, bytes our processes hold there) for each GPU where they hold some: with tp > 1, one
+        entry per rank's GPU."""
+        snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
+        if snap is None or snap.error is not None:
+            return []
+        from tuichat.gpu import memory_split
+
+        return [(s.index, s.ours_bytes) for s in memory_split(snap, self.pids()) if s.ours_bytes > 0]
+
     # -- status
 
     def _client(self) -> httpx.Client:
@@ -564,6 +601,10 @@ class ManagedServer:
 
     def _read_log(self) -> None:
         lines, partial = self._follower.read()
+        for line in lines:
+            rank = parse_rank(line)
+            if rank is not None:
+                self._ranks[rank[0]] = rank[1]
         for segment in [*(s for line in lines for s in line.split("\r")), *partial.split("\r")]:
             found = parse_progress(segment)
             if found is not None:
@@ -579,16 +620,42 @@ class ManagedServer:
             self._read_log()
             if not self._leader_alive():
                 return self._finish_exited()
+            ranks = tuple(sorted(self._ranks.items()))
             if self._stopping:
-                return ServerStatus("stopping", self._progress, f"Stopping {self.name}…")
+                return ServerStatus("stopping", self._progress, f"Stopping {self.name}…", ranks=ranks)
             if self._healthy():
                 self._ever_ready = True
-                return ServerStatus("ready", self._progress)
+                return ServerStatus("ready", self._progress, ranks=ranks)
             if self._ever_ready:
                 return ServerStatus(
-                    "ready", self._progress, "The server is running but did not answer its health check."
+                    "ready", self._progress, "The server is running but did not answer its health check.", ranks=ranks
                 )
-            return ServerStatus("starting", self._progress)
+            if self.uptime > self.profile.start_timeout:
+                return self._give_up_start()
+            return ServerStatus("starting", self._progress, ranks=ranks)
+
+    def _give_up_start(self) -> ServerStatus:
+        """A start-up past the profile's start_timeout is taken for hung: stop the whole group, say so."""
+        limit = self.profile.start_timeout
+        result = self._manager.stop(self)
+        tp = self.profile.tp or 1
+        why = (
+            f" lmdeploy's mp executor can hang at start-up with tp = {tp}: start it again, or try "
+            'distributed_executor_backend = "ray" if ray is installed.'
+            if tp > 1 and self.profile.executor_backend == "mp"
+            else ""
+        )
+        waiting = [f"rank {r}" for r in range(tp) if r not in self._ranks] if tp > 1 and self._ranks else []
+        seen = f" No word from {', '.join(waiting)}." if waiting else ""
+        left = "" if result.clean else " " + result.describe(self.name)
+        message = (
+            f"{self.name} was not ready after {limit:g} s (the profile's start_timeout), so tuichat stopped it "
+            f"and all its processes.{seen}{why} If the model is just slow to load, raise start_timeout.{left}"
+        )
+        last = self._final.last_lines if self._final is not None else ()
+        ranks = tuple(sorted(self._ranks.items()))
+        self._final = ServerStatus("failed", self._progress, message, self._exit_code(), None, last, ranks)
+        return self._final
 
     def _exit_code(self) -> int | None:
         if self._proc is not None:
@@ -600,10 +667,11 @@ class ManagedServer:
         self._manager._cleanup_exited(self)
         tail = self.log_tail(TAIL_LINES_IN_STATUS * 4)
         last = tuple(line for line in tail if line.strip())[-TAIL_LINES_IN_STATUS:]
+        ranks = tuple(sorted(self._ranks.items()))
         if self._stopping or (self._ever_ready and code in _STOP_CODES):
             # a ready server that ends on a stop signal was stopped (perhaps by `tuichat stop` elsewhere)
             message = f"{self.name} stopped." if code is not None else f"{self.name} is no longer running."
-            self._final = ServerStatus("stopped", self._progress, message, code, None, last)
+            self._final = ServerStatus("stopped", self._progress, message, code, None, last, ranks)
         else:
             hint = diagnose(list(tail), exit_code=code, port=self.record.port)
             when = "after it was ready" if self._ever_ready else "while loading"
@@ -613,7 +681,7 @@ class ManagedServer:
                 message += " " + hint
             else:
                 message += f" See the log: tuichat logs {self.name}"
-            self._final = ServerStatus("failed", self._progress, message, code, hint, last)
+            self._final = ServerStatus("failed", self._progress, message, code, hint, last, ranks)
         self._close_http()
         return self._final
 
@@ -726,6 +794,7 @@ class ServerManager:
         checks += _check_lmdeploy(profile)
         checks += _check_key_privacy(profile)
         checks += self._check_gpu()
+        checks += self._check_tp(profile)
         if not profile.binds_loopback_only:
             checks.append(
                 Check(
@@ -793,6 +862,46 @@ class ServerManager:
                 "fail to load the model.",
             )
         ]
+
+    def _check_tp(self, profile: Profile) -> list[Check]:
+        """Tensor parallelism the machine cannot give, or an executor that cannot run, found before loading."""
+        tp = profile.tp or 1
+        executor = profile.distributed_executor_backend
+        checks: list[Check] = []
+        if profile.backend == "turbomind" and executor is not None:
+            checks.append(
+                Check(
+                    "warning",
+                    f'distributed_executor_backend = "{executor}" applies to the PyTorch backend only; TurboMind '
+                    "ignores it, so tuichat does not pass it.",
+                )
+            )
+        if tp > 1 and executor == "uni":
+            checks.append(
+                Check(
+                    "error",
+                    f'The "uni" executor runs on one GPU only, and the profile asks for tp = {tp}: set '
+                    'distributed_executor_backend = "mp" (or remove it), or set tp = 1.',
+                )
+            )
+        # only tuichat's own Python can be asked; another command's environment is its own business
+        ray_missing = profile.uses_default_command and importlib.util.find_spec("ray") is None
+        if tp > 1 and profile.executor_backend == "ray" and ray_missing:
+            checks.append(Check("error", RAY_MISSING))
+        if tp > 1:
+            from tuichat.gpu import visible_gpu_count
+
+            count, source = visible_gpu_count(self.gpu_reader(), os.environ)
+            if count is not None and tp > count:
+                gpus = f"{count} GPU is" if count == 1 else f"{count} GPUs are"
+                checks.append(
+                    Check(
+                        "error",
+                        f"The profile asks for tp = {tp} (one GPU per rank), but only {gpus} visible ({source}): "
+                        f"set tp to {max(count, 1)} or less, or run where {tp} GPUs are free.",
+                    )
+                )
+        return checks
 
     def pick_port(self, profile: Profile) -> int:
         """The profile's fixed port, or for "auto" the first free one from 23333 up (then any free one)."""
@@ -912,7 +1021,8 @@ class ServerManager:
                 if profile.uses_default_command
                 else installed_version_near(profile.argv_prefix[0])
             )
-            env = {**os.environ, **(env_extra or {})}
+            launch_env = server_env(profile, os.environ) if role != "proxy" else {}
+            env = {**os.environ, **launch_env, **(env_extra or {})}
             try:
                 # through the entry, the keys are the server's stdin: a pipe holding them (one a line), then EOF
                 stdin = "".join(k + "\n" for k in keys).encode() if entry is not None else None
@@ -1018,9 +1128,7 @@ class ServerManager:
 
     def _cleanup_exited(self, server: ManagedServer) -> None:
         """The server process is gone: end what it left in its group (the engine holds GPU memory)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if group_pids(server.pgid):
-                os.killpg(server.pgid, signal.SIGKILL)
+        signal_all(server.pgid, signal.SIGKILL)
         self._drop_record(server)
 
     # -- stopping

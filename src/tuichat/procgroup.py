@@ -134,15 +134,25 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def group_pids(pgid: int) -> set[int]:
-    """Pids of live (non-zombie) processes whose process group is `pgid`, read from /proc."""
-    found: set[int] = set()
+    """Pids of live (non-zombie) processes whose process group or session is `pgid`, read from /proc.
+
+    A program started with `spawn_group` leads both its group and its session; counting the session too keeps
+    a worker that moved to a group of its own (setpgid) among the program's processes, for GPU attribution
+    and for the stop.
+    """
+    return set(_members(pgid))
+
+
+def _members(leader: int) -> dict[int, int]:
+    """{pid: its process group} for live processes in the group or session `leader`."""
+    found: dict[int, int] = {}
     proc = Path("/proc")
     if not proc.is_dir():
         try:
-            os.killpg(pgid, 0)
+            os.killpg(leader, 0)
         except OSError:
             return found
-        return {pgid}
+        return {leader: leader}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -151,10 +161,28 @@ def group_pids(pgid: int) -> set[int]:
         except OSError:
             continue
         # after the name: state, ppid, pgrp, session, ...
-        alive = len(fields) > 2 and (fields[0] not in _DEAD or _threads_alive(int(entry.name)))
-        if alive and int(fields[2]) == pgid:
-            found.add(int(entry.name))
+        if len(fields) < 4 or leader not in (int(fields[2]), int(fields[3])):
+            continue
+        if fields[0] not in _DEAD or _threads_alive(int(entry.name)):
+            found[int(entry.name)] = int(fields[2])
     return found
+
+
+def signal_all(leader: int, sig: signal.Signals) -> bool:
+    """Send `sig` to every process group with a member in `leader`'s group or session; False if none is left."""
+    groups = set(_members(leader).values())
+    if not groups:
+        return False
+    sent = False
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+            sent = True
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            continue
+    return sent
 
 
 @dataclass(frozen=True)
@@ -210,11 +238,7 @@ def stop_group(
         _reap(proc)
         if not group_pids(pgid):
             break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        except PermissionError:
+        if not signal_all(pgid, sig):
             continue
         used = sig.name
         deadline = time.monotonic() + wait

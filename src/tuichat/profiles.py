@@ -29,12 +29,19 @@ from tuichat.errors import ConfigError
 
 DEFAULT_SERVER_NAME = "127.0.0.1"
 DEFAULT_STOP_TIMEOUT = 30.0
+# Long enough for a hub download of a mid-sized model plus CUDA-graph warm-up; a start-up that takes longer is
+# taken for hung (lmdeploy's mp executor can hang with tp > 1) and its whole group is stopped.
+DEFAULT_START_TIMEOUT = 1800.0
 
 BACKENDS = ("turbomind", "pytorch")
 # lmdeploy 0.18's --model-format choices (cli/utils.py)
 MODEL_FORMATS = ("hf", "awq", "gptq", "compressed-tensors", "fp8", "mxfp4")
 QUANT_POLICIES = (0, 4, 8)
 DTYPES = ("auto", "float16", "bfloat16")
+# lmdeploy 0.18's --distributed-executor-backend choices (cli/utils.py); PyTorch backend only
+EXECUTOR_BACKENDS = ("mp", "ray", "uni")
+# NVLink multicast (NVLS) hangs or fails NCCL set-up on some hosts; off unless the user's environment says otherwise
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TM_COMM_NVLS_ENABLE": "0"}
 LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
 
 # the key travels to the server through a pipe written before the server starts: it must fit the pipe's buffer
@@ -68,6 +75,9 @@ class Profile:
     dtype: str | None = None
     server_name: str = DEFAULT_SERVER_NAME
     api_key: str | None = None
+    # None: "mp" for tp > 1 on the PyTorch backend (lmdeploy's own default there, ray, is rarely installed)
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
     @property
     def argv_prefix(self) -> list[str]:
@@ -86,6 +96,16 @@ class Profile:
     def model_arg(self) -> str:
         """The model as lmdeploy gets it: a leading `~` expanded (no shell does it for us)."""
         return os.path.expanduser(self.model) if self.model.startswith("~") else self.model
+
+    @property
+    def executor_backend(self) -> str | None:
+        """The PyTorch executor this profile runs with: the one it names, else "mp" for tp > 1; None where the
+        setting does not apply (TurboMind, or tp = 1 with nothing named: lmdeploy uses its single-process one)."""
+        if self.backend == "turbomind":
+            return None
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if (self.tp or 1) > 1 else None
 
     def served_model_name(self) -> str:
         """The id lmdeploy will list under /v1/models: --model-name, or the model as passed."""
@@ -254,6 +274,13 @@ def _parse_value(c: _Checker, key: str, raw: object) -> object:
             if not 0.0 < value <= 3600.0:
                 raise c.fail(key, f"must be a number of seconds, more than 0 and at most 3600 (got {raw})")
             return value
+        case "start_timeout":
+            value = c.number(key, raw)
+            if not 0.0 < value <= 86400.0:
+                raise c.fail(key, f"must be a number of seconds, more than 0 and at most 86400 (got {raw})")
+            return value
+        case "distributed_executor_backend":
+            return c.choice(key, raw, EXECUTOR_BACKENDS)
         case "enable_prefix_caching":
             return c.boolean(key, raw)
         case "log_level":
@@ -293,7 +320,7 @@ def profile_to_table(p: Profile) -> dict[str, object]:
             continue
         if isinstance(value, tuple):
             value = list(value)
-        elif f.name == "stop_timeout" and isinstance(value, float) and value.is_integer():
+        elif f.name in ("stop_timeout", "start_timeout") and isinstance(value, float) and value.is_integer():
             value = int(value)
         table[f.name] = value
     return table
@@ -312,6 +339,11 @@ def server_args(p: Profile, *, port: int) -> list[str]:
         argv += ["--model-format", p.model_format]
     if p.tp is not None:
         argv += ["--tp", str(p.tp)]
+    executor = p.executor_backend
+    # backend unset means TurboMind, which may fall back to PyTorch: that case gets the executor through
+    # LMDEPLOY_EXECUTOR_BACKEND (see server_env), since the fallback drops the flag's value
+    if p.backend == "pytorch" and executor is not None and "--distributed-executor-backend" not in p.extra_args:
+        argv += ["--distributed-executor-backend", executor]
     if p.session_len is not None:
         argv += ["--session-len", str(p.session_len)]
     if p.max_batch_size is not None:
@@ -334,6 +366,22 @@ def server_args(p: Profile, *, port: int) -> list[str]:
         argv += ["--dtype", p.dtype]
     argv += list(p.extra_args)
     return argv
+
+
+def server_env(p: Profile, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a launch of `p` adds to `environ`: NVLink multicast off (unless `environ` sets it), and
+    with the backend left to lmdeploy, the executor through LMDEPLOY_EXECUTOR_BACKEND (lmdeploy's
+    TurboMind-to-PyTorch fallback drops a flag's value, not the variable's)."""
+    added = {k: v for k, v in NVLS_OFF.items() if k not in environ}
+    executor = p.executor_backend
+    if (
+        p.backend is None
+        and executor is not None
+        and "--distributed-executor-backend" not in p.extra_args
+        and "LMDEPLOY_EXECUTOR_BACKEND" not in environ
+    ):
+        added["LMDEPLOY_EXECUTOR_BACKEND"] = executor
+    return added
 
 
 def build_argv(p: Profile, *, port: int, api_key: str, extra_keys: Sequence[str] = ()) -> list[str]:

@@ -151,8 +151,13 @@ class _ProgressPrinter:
 
     def __init__(self) -> None:
         self._last: tuple[str, int] | None = None
+        self._ranks: tuple[tuple[int, str], ...] = ()
 
     def __call__(self, status: ServerStatus) -> None:
+        if status.ranks and status.ranks != self._ranks and status.state == "starting":
+            # tensor parallelism: each rank's step, so a rank that lags (or hangs) shows
+            self._ranks = status.ranks
+            _err(f"  {status.ranks_text()}")
         p = status.progress
         if p is None or status.state != "starting":
             return
@@ -338,6 +343,10 @@ def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
     for server in servers:
         status = server.poll()
         memory = server.gpu_memory(snapshot)
+        per_gpu = server.gpu_memory_by_gpu(snapshot)
+        shown = format_bytes(memory) if memory else "-"
+        if len(per_gpu) > 1:  # tensor parallelism: the share on each GPU
+            shown += " (" + ", ".join(f"GPU{i} {format_bytes(b)}" for i, b in per_gpu) + ")"
         rows.append(
             [
                 server.name,
@@ -346,7 +355,7 @@ def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
                 str(server.pid),
                 _state_text(status),
                 _uptime(server.uptime),
-                format_bytes(memory) if memory else "-",
+                shown,
             ]
         )
         server.close()

@@ -64,7 +64,9 @@ REAL_BOOL_FLAGS = {
     "--enable-return-routed-experts", "--trust-remote-code", "--allow-credentials", "--dummy-prefill",
     "--disable-cache-status", "--disable-gdr",
 }  # fmt: skip
-FAKE_BOOL_FLAGS = {"--fake-health-early", "--fake-reject-flag", "--fake-ignore-signals", "--fake-vlm"}
+FAKE_BOOL_FLAGS = {
+    "--fake-health-early", "--fake-reject-flag", "--fake-ignore-signals", "--fake-vlm", "--fake-mp-hang",
+}  # fmt: skip
 MULTI_FLAGS = {
     "--api-keys", "--allow-origins", "--allow-methods", "--allow-headers", "--adapters",
     "--cudagraph-capture-batch-sizes", "--allowed-media-domains",
@@ -123,6 +125,10 @@ while True:
 """
 
 
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "WARN": 30, "ERROR": 40, "CRITICAL": 50, "FATAL": 50}
+
+
 class UsageError(Exception):
     """A command-line error, reported the way argparse does (exit 2)."""
 
@@ -162,6 +168,9 @@ class Options:
     # (factor, min_pixels, max_pixels) when images are counted as Qwen2-VL does; None: TOKENS_PER_IMAGE each
     image_rule: tuple[int, int, int] | None = None
     stats_interval: float = 10.0
+    executor: str | None = None  # --distributed-executor-backend, or LMDEPLOY_EXECUTOR_BACKEND
+    log_level: str = "WARNING"
+    mp_hang: bool = False  # the last mp rank never reports back: the start-up hangs, workers deaf to signals
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -269,6 +278,16 @@ def parse_args(argv: list[str]) -> Options:
     if o.image_rule is not None:
         o.vlm = True
     o.stats_interval = max(0.01, values.get("--fake-stats-interval", o.stats_interval))
+    if "--distributed-executor-backend" in values:
+        o.executor = str(values["--distributed-executor-backend"])
+        if o.executor not in EXECUTOR_BACKENDS:
+            raise UsageError(
+                f"argument --distributed-executor-backend: invalid choice: {o.executor!r} (choose from "
+                + ", ".join(repr(b) for b in EXECUTOR_BACKENDS)
+                + ")"
+            )
+    o.log_level = str(values.get("--log-level", o.log_level)).upper()
+    o.mp_hang = bool(values.get("--fake-mp-hang"))
     return o
 
 
@@ -290,6 +309,14 @@ def err_write(text: str) -> None:
 def log(line: str) -> None:
     """One uvicorn-style log line on stderr."""
     err_write(line + "\n")
+
+
+def lm_log(opts: Options, level: str, where: str, message: str) -> None:
+    """A line of lmdeploy's own logger (utils.py's format), shown only at or above the --log-level."""
+    if _LEVELS.get(level, 30) < _LEVELS.get(opts.log_level, 30):
+        return
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+    err_write(f"{stamp} - lmdeploy - {level} - {where} - {message}\n")
 
 
 def _fmt_clock(seconds: float) -> str:
@@ -608,6 +635,8 @@ class App:
         self.closing = False
         self.force_exit = False
         self.engine: subprocess.Popen[bytes] | None = None
+        # with --tp N and the mp executor: ranks 1..N-1 (the engine child plays rank 0), same session and group
+        self.workers: list[subprocess.Popen[bytes]] = []
         self.httpd: FakeHTTPServer | None = None
         self.conns: set[socket.socket] = set()
         self.busy = 0
@@ -619,10 +648,22 @@ class App:
         flag = "1" if self.opts.ignore_signals else "0"
         self.engine = subprocess.Popen([sys.executable, "-c", ENGINE_CODE, flag], stdin=subprocess.PIPE)
 
+    def start_workers(self) -> None:
+        # a hung mp start-up sits in NCCL set-up, deaf to SIGINT and SIGTERM: only SIGKILL ends it
+        flag = "1" if self.opts.ignore_signals or self.opts.mp_hang else "0"
+        for _ in range(self.opts.tp - 1):
+            self.workers.append(subprocess.Popen([sys.executable, "-c", ENGINE_CODE, flag], stdin=subprocess.PIPE))
+
     def stop_engine(self) -> None:
+        workers, self.workers = self.workers, []
+        for proc in workers:
+            self._end_child(proc)
         eng, self.engine = self.engine, None
-        if eng is None:
-            return
+        if eng is not None:
+            self._end_child(eng)
+
+    @staticmethod
+    def _end_child(eng: subprocess.Popen[bytes]) -> None:
         try:
             assert eng.stdin is not None
             eng.stdin.write(b"exit\n")
@@ -641,9 +682,9 @@ class App:
             for sock in self.conns:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        if self.engine is not None:
+        for child in [*([self.engine] if self.engine is not None else []), *self.workers]:
             with contextlib.suppress(OSError):
-                self.engine.kill()
+                child.kill()
         os._exit(1)
 
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -692,8 +733,55 @@ class App:
             os.kill(os.getpid(), signal.SIGINT)
             return 130
 
+    def tp_start(self) -> list[str]:
+        """What lmdeploy 0.18 does with --tp N > 1 on the PyTorch backend before loading weights: fail without
+        ray (the default executor), or start the mp executor's rank processes. Returns the steps each rank
+        reports (at DEBUG) as loading goes on."""
+        opts = self.opts
+        executor = opts.executor or os.environ.get("LMDEPLOY_EXECUTOR_BACKEND") or "ray"
+        if executor == "ray":
+            # check_env/dist.py: no ray in this environment (as on the GPU machine)
+            lm_log(opts, "ERROR", "base.py:55", "<Dist> check failed!")
+            err_write("Multi-nodes support requires `ray`.\n")
+            err_write(
+                "lmdeploy.pytorch.engine.mp_engine.zmq_rpc.RPCServerDeadError: PyTorch ZMQ engine process is not "
+                "alive.\n"
+            )
+            self.stop_engine()
+            os._exit(1)
+        if executor == "uni":
+            err_write("AssertionError: uni executor only support world_size==1.\n")
+            self.stop_engine()
+            os._exit(1)
+        lm_log(opts, "INFO", "__init__.py:132", "Build <mp> executor.")
+        lm_log(
+            opts,
+            "WARNING",
+            "__init__.py:147",
+            "MPExecutor will be deprecated in future releases, please use RayExecutor instead.",
+        )
+        lm_log(opts, "INFO", "mp_executor.py:251", "Creating processes.")
+        self.start_workers()
+        return ["build_model", "build_graph_runner", "build_cache_engine", "warmup"]
+
+    def report_ranks(self, step: str) -> None:
+        last = self.opts.tp - 1 if self.opts.mp_hang else self.opts.tp
+        for rank in range(last):
+            lm_log(self.opts, "DEBUG", "mp_executor.py:621", f"proc[{rank}] call method: <{step}>.")
+
     def load(self) -> None:
         opts = self.opts
+        steps: list[str] = []
+        if opts.backend == "pytorch" and opts.tp > 1:
+            steps = self.tp_start()
+            self.report_ranks(steps.pop(0))
+            if opts.mp_hang:
+                # rank N-1 never answers: the collective call waits for ever (the "fix mp hanging" case), inside
+                # a C call that Python's signal handlers never get to run in
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                while True:
+                    time.sleep(3600)
         if opts.backend == "pytorch":
             phases = [
                 ("Loading weights from safetensors", 5, 0.5, True),
@@ -713,6 +801,8 @@ class App:
                     return
                 bar.update()
             bar.close()
+            if steps:
+                self.report_ranks(steps.pop(0))
             done += share
             if opts.crash_message is not None and done >= 0.5:
                 self.crash(opts.crash_message)
@@ -1385,6 +1475,7 @@ class Handler(BaseHTTPRequestHandler):
                     "last_request": st.last_request,
                     "generated_tokens": st.generated_tokens,
                     "engine_pid": self.app.engine.pid if self.app.engine else None,
+                    "worker_pids": [w.pid for w in self.app.workers],
                     "settings": dict(st.settings),
                 }
             return self.send_json(200, data)
