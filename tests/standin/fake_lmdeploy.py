@@ -3,7 +3,8 @@ chunks, error bodies, metrics and process layout (a server plus an "engine" chil
 plus `--fake-*` switches that inject the faults a real server shows only now and then.
 
 Stdlib only, so it starts in a few tens of milliseconds. Shapes and texts follow the lmdeploy 0.18.0 source
-and /work/shared/notes/lmdeploy-api.md; where the two differ, the source won.
+and the project's notes on lmdeploy 0.18 (the lmdeploy-api note the team keeps beside the repository); where the
+two differ, the source won.
 
     python fake_lmdeploy.py serve api_server MODEL [--server-port P] [--api-keys K ...] [--fake-... ...]
     python fake_lmdeploy.py --version
