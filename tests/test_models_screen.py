@@ -368,7 +368,8 @@ async def test_a_job_left_by_a_dead_tuichat_is_offered_for_clean_up(tmp_path: Pa
     pid, staging = leave_an_orphan_job(tmp_path)
     app, screen = picker()
     async with app.run_test(size=(100, 30)) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        # the question is drawn a frame after the screen is pushed: wait for its text, not only the screen
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and "started" in screen_text(app))
         question = screen_text(app)
         assert "started" in question and "by a tuichat that has ended, is still running" in question
         await pilot.press("y")
