@@ -553,6 +553,12 @@ class FleetPoller:
             listed = self._tend(listed)
         urls = [*listed, *(u for u in self.node_names if u not in listed)]
         views = list(self._pool.map(lambda u: self._node(u, listed.get(u)), urls))
+        if self.supervised is not None:
+            # A node can die between _tend and _node (seen on the H200: the proxy then routed the next chat to the
+            # dead node): what is shown down is taken off the proxy in the same poll.
+            for i, view in enumerate(views):
+                if view.note == "process exited" and view.registered and remove_node(self._http, self.url, view.url):
+                    views[i] = replace(view, registered=False)
         return FleetView(self.url, self.name, tuple(views))
 
     def _unlisted(self, listed: Mapping[str, Any]) -> tuple[NodeView, ...]:
