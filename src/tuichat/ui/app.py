@@ -1564,23 +1564,10 @@ class TuichatApp(App[None]):
 def _reply_stats(
     started: float, first_at: float | None, ended: float, usage: Usage | None, chunks: int, finish: str | None
 ) -> dict[str, Any]:
-    """The stats saved with a reply and shown under it (a plain dict: it goes into the store as JSON)."""
-    from dataclasses import asdict
+    """The stats saved with a reply and shown under it: the conversation engine's, so both save the same."""
+    from tuichat.conversation import reply_stats  # lazy: start-up does not need it
 
-    from tuichat.metrics import compute_reply_stats
-
-    stats = compute_reply_stats(
-        started,
-        first_at,
-        ended,
-        usage.completion_tokens if usage else None,
-        usage.prompt_tokens if usage else None,
-        usage.cached_tokens if usage else None,
-        chunks,
-    )
-    out = {k: _rounded(v) for k, v in asdict(stats).items()}
-    out.update(finish_reason=finish, chunks=chunks)
-    return out
+    return reply_stats(started, first_at, ended, usage, chunks, finish)
 
 
 def _rounded(value: Any) -> Any:
