@@ -134,8 +134,8 @@ def test_a_server_that_is_down_is_one_sentence_not_a_row_per_prompt(
 def test_a_profile_that_is_not_running_says_how_to_start_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
-    assert batch(prompts, "--profile", "bf16", "--out", tmp_path / "o.jsonl") == 1
-    assert "tuichat serve bf16 --detach" in capsys.readouterr().err
+    assert batch(prompts, "--profile", "internlm2-pytorch", "--out", tmp_path / "o.jsonl") == 1  # built-in, not started
+    assert "tuichat serve internlm2-pytorch --detach" in capsys.readouterr().err
 
 
 def _start(prompts: Path, out: Path, url: str, concurrency: int) -> subprocess.Popen[str]:

@@ -164,8 +164,8 @@ async def test_a_narrow_terminal_shows_one_side_at_a_time_and_a_key_switches(ser
 def test_compare_of_a_profile_that_is_not_running_is_a_sentence() -> None:
     from tuichat.errors import TuichatError
 
-    with pytest.raises(TuichatError, match="tuichat serve bf16 --detach"):
-        make_compare_app(["bf16", "http://127.0.0.1:23334"])
+    with pytest.raises(TuichatError, match="tuichat serve internlm2-pytorch --detach"):
+        make_compare_app(["internlm2-pytorch", "http://127.0.0.1:23334"])  # a built-in profile, not started
 
 
 # -- snapshots -----------------------------------------------------------------------------------------------
@@ -221,7 +221,15 @@ def test_tuichat_compare_from_the_cli_names_a_profile_that_is_not_running(
 ) -> None:
     from tuichat import cli
 
-    assert cli.main(["compare", "http://127.0.0.1:9", "w4"]) == 1
+    assert cli.main(["compare", "http://127.0.0.1:9", "internlm2-pytorch"]) == 1  # a built-in, not started
     err = capsys.readouterr().err
-    assert "profile 'w4' is not running: start it with `tuichat serve w4 --detach`" in err
+    assert "profile 'internlm2-pytorch' is not running: start it with `tuichat serve internlm2-pytorch --detach`" in err
     assert "Traceback" not in err
+
+
+def test_tuichat_compare_names_an_unknown_profile_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    from tuichat import cli
+
+    assert cli.main(["compare", "http://127.0.0.1:9", "nosuchprofile"]) == 1
+    err = capsys.readouterr().err
+    assert "no profile called 'nosuchprofile' (known: " in err and "is not running" not in err

@@ -72,6 +72,14 @@ def resolve_endpoint(
         try:
             server = manager.find(profile)
             if server is None:
+                from tuichat.config import load_config
+
+                known = load_config().profiles
+                if profile not in known:
+                    names = ", ".join(sorted(known)) or "none"
+                    raise TuichatError(
+                        f"no profile called '{profile}' (known: {names}); see `tuichat profiles`, or pass a URL."
+                    )
                 raise TuichatError(
                     f"profile '{profile}' is not running: start it with `tuichat serve {profile} --detach` "
                     "(see `tuichat ps` for the running ones), or pass --url."
