@@ -12,8 +12,8 @@ ahead of an earlier one wait in `OUT.pending` (appended and flushed the moment t
 command again resumes: rows already in OUT or OUT.pending without an error are kept and not asked again; failed
 ones are asked again. Ctrl+C stops cleanly after writing every finished row.
 
-Also here: `Endpoint` and `resolve_endpoint`, which turn a profile name or a URL into what to talk to; `tuichat
-compare` uses them too.
+Also here: `Endpoint` and `resolve_endpoint`, which turn a profile name or a URL into what to talk to (a
+compare view will use them too).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def resolve_endpoint(
 
 
 def endpoint_from_spec(spec: str, api_key: str | None = None, model: str | None = None) -> Endpoint:
-    """`tuichat compare A B`: each of A and B is a URL or the name of a running profile."""
+    """One side of a comparison (A or B): a URL or the name of a running profile."""
     if looks_like_url(spec):
         return resolve_endpoint(url=spec, api_key=api_key, model=model)
     return resolve_endpoint(profile=spec, model=model)
