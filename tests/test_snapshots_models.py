@@ -156,7 +156,15 @@ async def quantized_ready(pilot: Pilot[Any]) -> None:
     assert isinstance(screen, QuantizeScreen)
     await pilot.press("ctrl+s")
     await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
-    await pilot.pause(0.2)
+    # the summary (sizes, fit) is drawn after the state turns: under load that can take several frames, so wait
+    # until two screenshots 0.3 s apart are the same instead of a fixed pause
+    before = None
+    for _ in range(40):
+        await pilot.pause(0.3)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            break
+        before = now
 
 
 async def refused_ready(pilot: Pilot[Any]) -> None:
