@@ -557,7 +557,7 @@ class FleetPoller:
             # A node can die between _tend and _node (seen on the H200: the proxy then routed the next chat to the
             # dead node): what is shown down is taken off the proxy in the same poll.
             for i, view in enumerate(views):
-                if view.note == "process exited" and view.registered and remove_node(self._http, self.url, view.url):
+                if view.health == "down" and view.registered and remove_node(self._http, self.url, view.url):
                     views[i] = replace(view, registered=False)
         return FleetView(self.url, self.name, tuple(views))
 
