@@ -171,7 +171,7 @@ class TuichatClient(Client):
         # (e.g. "import tuichat.ui.app as a; a.FLUSH_EVERY = 0.02").
         prelude = os.environ.get("BENCH_TUICHAT_PRELUDE")
         if prelude:
-            code = f"{prelude}\nimport sys\nfrom tuichat.cli import main\nsys.exit(main())"
+            code = f"{prelude}\nimport sys\nfrom tuichat.cli.main import main\nsys.exit(main())"
             argv = [sys.executable, "-c", code]
         else:
             argv = [sys.executable, "-m", "tuichat"]
@@ -239,7 +239,7 @@ def tuichat_history_template(count: int, server: Server) -> Path:
     if key in _TEMPLATES:
         return _TEMPLATES[key]
     sys.path.insert(0, str(tuichat_source()))
-    from tuichat.store import Store
+    from tuichat.chat.store import Store
 
     folder = _template_dir() / f"tuichat-{count}"
     shutil.rmtree(folder, ignore_errors=True)

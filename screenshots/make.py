@@ -20,7 +20,7 @@ os.environ["TUICHAT_HOME"] = tempfile.mkdtemp(prefix="tuichat-shots-")
 from standin.harness import run_standin  # noqa: E402
 
 from tuichat.config import load_config  # noqa: E402
-from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess  # noqa: E402
+from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess  # noqa: E402
 from tuichat.ui.app import AppOptions, make_app  # noqa: E402
 
 GB = 1000**3

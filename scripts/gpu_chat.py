@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 
+from tuichat.chat.sampling import Sampling
 from tuichat.config import load_config
-from tuichat.metrics import parse_metrics
-from tuichat.sampling import Sampling
+from tuichat.server.metrics import parse_metrics
 from tuichat.ui.app import AppOptions, TuichatApp, make_app
 
 FIGURES: dict[str, Any] = {}

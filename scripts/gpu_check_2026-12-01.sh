@@ -102,7 +102,7 @@ log "serve tiny and tiny-kv8 (parallel); quantize tiny offline while they load"
 serve_bg tiny tiny-kv8
 python3 - <<'PY'
 from pathlib import Path
-from tuichat.store import Store
+from tuichat.chat.store import Store
 para = ("The lighthouse keeper counted the ships that passed in the night and wrote each name in a blue book. "
         "In the morning the fog lifted, the harbour filled with gulls and fishermen, and the bakery opened. ")
 Path("/tmp/calib.txt").write_text(para * 60)

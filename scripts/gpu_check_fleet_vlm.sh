@@ -43,8 +43,8 @@ wait $fleet_pid; echo "fleet serve rc=$?"; grep -E "registered|ready|Fleet|tuich
 python3 -m tuichat ps
 timeout 90 python3 - <<'EOF'
 import httpx, json, os, signal, time
-from tuichat.launcher import ServerManager
-from tuichat.fleet import find_fleet
+from tuichat.server.launcher import ServerManager
+from tuichat.server.fleet import find_fleet
 f = find_fleet(ServerManager(), "pair"); h = {"Authorization": f"Bearer {f.api_key}"}
 m = httpx.get(f"{f.url}/v1/models", headers=h).json()["data"][0]["id"]
 chat = lambda: httpx.post(f"{f.url}/v1/chat/completions", headers=h, timeout=60, json={"model": m, "max_tokens": 16,
@@ -83,11 +83,11 @@ timeout 60 python3 - <<'EOF'
 import asyncio, tempfile
 from pathlib import Path
 from PIL import Image
-from tuichat.chat import ChatSession, Turn
-from tuichat.client import ChatClient, ChatError, Usage
-from tuichat.images import prepare_attachment
-from tuichat.sampling import Sampling
-from tuichat.vision import read_spec
+from tuichat.chat.turns import ChatSession, Turn
+from tuichat.chat.client import ChatClient, ChatError, Usage
+from tuichat.chat.images import prepare_attachment
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.vision import read_spec
 async def ask(c, m, att):
     try:
         async for ev in c.stream_chat(m, ChatSession([Turn("user", "Describe this image.", attachments=[att])]).history(), Sampling(max_tokens=8)):

@@ -13,9 +13,9 @@ import sys
 import time
 from typing import Any
 
-from tuichat.chat import ChatSession, Turn
-from tuichat.client import ChatClient, Delta, Usage
-from tuichat.sampling import Sampling
+from tuichat.chat.client import ChatClient, Delta, Usage
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.turns import ChatSession, Turn
 
 
 class FixedLength(Sampling):

@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
 decode() {  # decode tok/s of one 512-token reply from the running profile $1
   python3 - "$1" <<'PY'
 import sys, time, json, httpx
-from tuichat.launcher import ServerManager
+from tuichat.server.launcher import ServerManager
 s = ServerManager().find(sys.argv[1])
 h = {"Authorization": f"Bearer {s.api_key}"}
 body = {"model": s.model_name, "messages": [{"role": "user", "content": "count"}], "max_tokens": 512,
@@ -61,7 +61,7 @@ python3 -m tuichat ps
 timeout 180 python3 - <<'PY'
 import asyncio, json, os
 from tuichat.config import load_config
-from tuichat.gpu import format_bytes, memory_split
+from tuichat.server.gpu import format_bytes, memory_split
 from tuichat.ui.app import AppOptions, make_app
 
 async def main():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from tuichat.chat import ChatSession, Turn
-from tuichat.client import ChatClient, ChatError, Delta, Finish, Usage
-from tuichat.images import load_attachment
-from tuichat.sampling import Sampling
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
+from tuichat.chat.images import load_attachment
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.turns import ChatSession, Turn
 
 SIZES = [(112, 112), (448, 448), (896, 896), (1344, 1344), (1344, 672)]
 

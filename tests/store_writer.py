@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from tuichat.chat.store import HeldBy, Store
 from tuichat.errors import TuichatError
-from tuichat.store import HeldBy, Store
 
 USER_TEXT = "Tell me a long story about a lighthouse"
 

@@ -10,10 +10,10 @@ import pytest
 from apphelpers import ScriptedServer, app_for, conversation_text, screen_text, wait_for
 from textual.widgets import Input
 
+from tuichat.chat.store import Store, default_path
 from tuichat.config import load_config
-from tuichat.store import Store, default_path
-from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen
-from tuichat.ui.widgets import PromptArea, SamplingPane
+from tuichat.ui.screens.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen
+from tuichat.ui.widgets.chat import PromptArea, SamplingPane
 
 
 async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -441,7 +441,7 @@ async def test_unsupported_or_missing_image_gives_a_clear_message(tmp_path: Path
 
 
 async def test_f8_picks_an_image_from_the_file_picker(tmp_path: Path) -> None:
-    from tuichat.ui.image_picker import ImagePickerScreen
+    from tuichat.ui.screens.image_picker import ImagePickerScreen
 
     pic = make_png(tmp_path / "cat.png", (64, 48))
     app = app_for(ScriptedServer())
@@ -480,7 +480,7 @@ async def test_f4_opens_a_saved_chat_and_continue_reopens_the_last() -> None:
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: len(app.chat) == 0)
         await pilot.press("f4")
-        from tuichat.ui.history_screen import ConversationsScreen
+        from tuichat.ui.screens.history import ConversationsScreen
 
         await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
         await pilot.press("enter")

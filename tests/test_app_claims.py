@@ -13,11 +13,11 @@ from test_app import type_and_send
 from test_claims import Holder
 from textual.widgets._toast import Toast
 
-from tuichat.store import Store, default_path
+from tuichat.chat.store import Store, default_path
 from tuichat.ui.app import TuichatApp
-from tuichat.ui.history_screen import ConversationsScreen
-from tuichat.ui.screens import ConfirmScreen
-from tuichat.ui.widgets import PromptArea
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.history import ConversationsScreen
+from tuichat.ui.widgets.chat import PromptArea
 
 SEEDED = ["first words", "first reply"]
 

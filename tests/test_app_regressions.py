@@ -11,11 +11,11 @@ import pytest
 from apphelpers import ScriptedServer, app_for, conversation_text, screen_text, wait_for
 from standin.harness import run_standin
 
+from tuichat.chat.store import Store, default_path
+from tuichat.chat.target import resolve_target
 from tuichat.config import load_config
-from tuichat.store import Store, default_path
-from tuichat.target import resolve_target
-from tuichat.ui.screens import ConfirmScreen
-from tuichat.ui.widgets import PromptArea
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.widgets.chat import PromptArea
 
 
 async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -211,7 +211,7 @@ def test_an_unknown_key_id_in_the_keymap_is_refused_with_file_key_and_fix(
     hermetic_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # [keys] is validated like every other table: tuichat says what is wrong before any screen opens.
-    from tuichat import cli
+    from tuichat.cli import main as cli
 
     hermetic_home.mkdir(parents=True, exist_ok=True)
     (hermetic_home / "config.toml").write_text('[keys]\nretyr = "f12"\n')

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from standin.harness import Standin, free_port, run_standin, wait_for
 
-from tuichat import batchcli
+from tuichat.cli import batch as batchcli
 
 SRC = str(Path(batchcli.__file__).parent.parent)
 TESTS = str(Path(__file__).parent)
@@ -140,7 +140,7 @@ def test_a_profile_that_is_not_running_says_how_to_start_it(tmp_path: Path, caps
 
 def _start(prompts: Path, out: Path, url: str, concurrency: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS])}
-    argv = [sys.executable, "-m", "tuichat.batchcli", "batch", str(prompts), "--url", url, "--api-key", "test-key"]
+    argv = [sys.executable, "-m", "tuichat.cli.batch", "batch", str(prompts), "--url", url, "--api-key", "test-key"]
     argv += ["-c", str(concurrency), "--out", str(out)]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -18,9 +18,9 @@ from typing import Any
 import fake_lite
 import pytest
 
-from tuichat import calib_entry
-from tuichat.calib_entry import CalibrationError, auto_awq_kwargs, cut_samples, make_loader, parser, prepare
-from tuichat.quantize import QuantizeOptions, diagnose
+from tuichat.models import calib_entry
+from tuichat.models.calib_entry import CalibrationError, auto_awq_kwargs, cut_samples, make_loader, parser, prepare
+from tuichat.models.quantize import QuantizeOptions, diagnose
 
 # lmdeploy 0.18's auto_awq parameters (lmdeploy/lite/apis/auto_awq.py), all of which its CLI passes
 AUTO_AWQ_PARAMS = {

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tuichat.chat.store import Claim, HeldBy, Store
 from tuichat.errors import TuichatError
-from tuichat.store import Claim, HeldBy, Store
 
 HERE = Path(__file__).resolve().parent
 

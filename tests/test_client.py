@@ -18,9 +18,9 @@ import pytest
 from standin.fake_lmdeploy import DEFAULT_REPLY, tokenize
 from standin.harness import Standin, free_port, run_standin
 
-from tuichat.client import ChatClient, ChatError, Delta, Finish, Health, Notice, StreamEvent, Usage
-from tuichat.metrics import parse_metrics
-from tuichat.sampling import Sampling
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Health, Notice, StreamEvent, Usage
+from tuichat.chat.sampling import Sampling
+from tuichat.server.metrics import parse_metrics
 
 KEY = "sk-very-secret-0123"
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8"}

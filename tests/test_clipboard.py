@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tuichat.clipboard import (
+from tuichat.chat.clipboard import (
     MAX_OSC52_BYTES,
     SCREEN_CHUNK_BYTES,
     CodeBlock,

@@ -13,9 +13,9 @@ import pytest
 
 import tuichat.config as config
 from tuichat import paths
+from tuichat.chat.sampling import Sampling
 from tuichat.config import Config, add_profile, load_config, remove_profile, save_config
 from tuichat.errors import ConfigError
-from tuichat.sampling import Sampling
 
 
 def write(home: Path, text: str) -> Path:

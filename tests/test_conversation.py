@@ -1,4 +1,4 @@
-"""The conversation engine (`tuichat.conversation`) without any terminal: against the stand-in lmdeploy server as a
+"""The conversation engine (`tuichat.chat.conversation`) without any terminal: against the stand-in lmdeploy server as a
 real subprocess and against `httpx.MockTransport` for answers the stand-in never gives, with a temporary store."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import httpx
 import pytest
 from standin.harness import Standin, free_port, run_standin
 
-from tuichat.client import ChatClient
-from tuichat.conversation import (
+from tuichat.chat.client import ChatClient
+from tuichat.chat.conversation import (
     Conversation,
     Event,
     Notice,
@@ -24,7 +24,7 @@ from tuichat.conversation import (
     ReplyFinished,
     ReplyStarted,
 )
-from tuichat.store import Store
+from tuichat.chat.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +360,7 @@ async def test_stop_before_the_first_token_keeps_the_message_and_says_so(standin
 
 
 def test_a_compared_pair_names_each_other_in_the_history(store: Store) -> None:
-    from tuichat.conversation import faster_side, link_compared
+    from tuichat.chat.conversation import faster_side, link_compared
 
     a = store.create_conversation(title="Which is faster")
     b = store.create_conversation(title="Which is faster")

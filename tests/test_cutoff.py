@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from apphelpers import app_for, screen_text, wait_for
 
-from tuichat.client import ChatClient, ChatError, Delta, Finish, StreamCutOff, StreamEvent
-from tuichat.sampling import Sampling
-from tuichat.store import Store, default_path
-from tuichat.ui.widgets import PromptArea
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, StreamCutOff, StreamEvent
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.store import Store, default_path
+from tuichat.ui.widgets.chat import PromptArea
 
 PIECES = ["The first ", "half of a ", "reply that"]
 PARTIAL = "".join(PIECES)

@@ -20,12 +20,13 @@ import tomli_w
 from standin import fake_proxy
 from standin.harness import STANDIN_COMMAND, free_port, proc_file, run_standin, session_pids, wait_for
 
-from tuichat import launcher, servercli
+from tuichat.cli import server as servercli
 from tuichat.config import add_fleet, load_config, remove_fleet
 from tuichat.errors import ConfigError
-from tuichat.fleet import FleetPoller, find_fleet, probe_proxy
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.launcher import ServerManager
+from tuichat.server import launcher
+from tuichat.server.fleet import FleetPoller, find_fleet, probe_proxy
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.launcher import ServerManager
 
 GIB = 1 << 30
 FAKE_PROXY = str(Path(fake_proxy.__file__).resolve())
@@ -316,7 +317,7 @@ def test_attach_to_any_proxy_recognise_it_and_follow_nodes_coming_and_going(tmp_
 
 
 def test_serve_entry_passes_a_nodes_two_keys_from_the_pipe_and_neither_on_its_command_line(tmp_path: Path) -> None:
-    from tuichat.profiles import SERVE_ENTRY
+    from tuichat.server.profiles import SERVE_ENTRY
 
     script = tmp_path / "prog.py"
     script.write_text(
@@ -343,8 +344,8 @@ async def test_tuichat_fleet_chats_through_the_proxy_and_shows_every_node(home: 
     import apphelpers
 
     from tuichat.ui.app import AppOptions, make_app
-    from tuichat.ui.status_pane import StatusPane
-    from tuichat.ui.widgets import PromptArea
+    from tuichat.ui.widgets.chat import PromptArea
+    from tuichat.ui.widgets.status_pane import StatusPane
 
     assert _cli("serve", "pair", "--detach", "--timeout", "30") == 0
     gpu = FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GIB, mem_total=140 * GIB)])

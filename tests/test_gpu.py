@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tuichat.gpu import (
+from tuichat.server.gpu import (
     INIT_RETRY_S,
     FakeGpuReader,
     GpuInfo,

@@ -16,11 +16,11 @@ from apphelpers import screen_text, wait_for
 from textual.app import App
 from textual.widgets import DataTable, Input, OptionList
 
+from tuichat.chat.store import HeldBy, Store
 from tuichat.errors import TuichatError
-from tuichat.store import HeldBy, Store
-from tuichat.ui import history_screen
-from tuichat.ui.history_screen import ConversationsScreen, HistoryChoice
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.ui.screens import history as history_screen
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.history import ConversationsScreen, HistoryChoice
 
 
 class Host(App[None]):

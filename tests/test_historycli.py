@@ -1,4 +1,4 @@
-"""`tuichat history`, `history --search`, `export` and `import` through `tuichat.cli.main`, plus the top-level
+"""`tuichat history`, `history --search`, `export` and `import` through `tuichat.cli.main.main`, plus the top-level
 `python -m tuichat --version/--help` and an unknown profile. TUICHAT_HOME is a fresh folder per test (conftest)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tuichat import __version__
-from tuichat.cli import main
-from tuichat.store import Message, Store
+from tuichat.chat.store import Message, Store
+from tuichat.cli.main import main
 
 
 def seed_conversations() -> tuple[int, int]:

@@ -10,7 +10,7 @@ from apphelpers import screen_text, wait_for
 from textual.app import App
 from textual.widgets import Input
 
-from tuichat.ui.image_picker import ImagePickerScreen, ImageTree
+from tuichat.ui.screens.image_picker import ImagePickerScreen, ImageTree
 
 
 class Host(App[None]):

@@ -117,18 +117,18 @@ def test_valid_key_names_are_textuals_names() -> None:
 def _declared() -> dict[str, Binding]:
     holders = (
         ("tuichat.ui.app", "TuichatApp"),
-        ("tuichat.ui.widgets", "PromptArea"),
-        ("tuichat.ui.screens", "HelpScreen"),
-        ("tuichat.ui.screens", "ConfirmScreen"),
-        ("tuichat.ui.screens", "ChoiceScreen"),
-        ("tuichat.ui.screens", "QuitScreen"),
-        ("tuichat.ui.history_screen", "ConversationsScreen"),
-        ("tuichat.ui.history_screen", "ConversationTable"),
-        ("tuichat.ui.image_picker", "ImagePickerScreen"),
-        ("tuichat.ui.server_screen", "ServerScreen"),
-        ("tuichat.ui.profile_editor", "ProfileEditorScreen"),
-        ("tuichat.ui.models_screen", "ModelsScreen"),
-        ("tuichat.ui.quantize_screen", "QuantizeScreen"),
+        ("tuichat.ui.widgets.chat", "PromptArea"),
+        ("tuichat.ui.screens.dialogs", "HelpScreen"),
+        ("tuichat.ui.screens.dialogs", "ConfirmScreen"),
+        ("tuichat.ui.screens.dialogs", "ChoiceScreen"),
+        ("tuichat.ui.screens.dialogs", "QuitScreen"),
+        ("tuichat.ui.screens.history", "ConversationsScreen"),
+        ("tuichat.ui.screens.history", "ConversationTable"),
+        ("tuichat.ui.screens.image_picker", "ImagePickerScreen"),
+        ("tuichat.ui.screens.server", "ServerScreen"),
+        ("tuichat.ui.screens.profile_editor", "ProfileEditorScreen"),
+        ("tuichat.ui.screens.models", "ModelsScreen"),
+        ("tuichat.ui.screens.quantize", "QuantizeScreen"),
     )
     found: dict[str, Binding] = {}
     for module, name in holders:

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from standin.harness import FAKE_PATH, STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
-from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess
-from tuichat.launcher import (
+from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
+from tuichat.server.launcher import (
     LaunchError,
     ManagedServer,
     Progress,
@@ -30,8 +30,8 @@ from tuichat.launcher import (
     parse_progress,
     read_log_tail,
 )
-from tuichat.procgroup import group_pids, pid_alive
-from tuichat.profiles import BUILTIN_PROFILES, Profile
+from tuichat.server.procgroup import group_pids, pid_alive
+from tuichat.server.profiles import BUILTIN_PROFILES, Profile
 
 GIB = 1 << 30
 
@@ -335,8 +335,8 @@ def test_server_survives_sighup_of_the_tuichat_that_started_it(home: Path, tmp_p
     script = textwrap.dedent(
         f"""
         import sys, time
-        from tuichat.launcher import ServerManager
-        from tuichat.profiles import Profile
+        from tuichat.server.launcher import ServerManager
+        from tuichat.server.profiles import Profile
         p = Profile(model="a/b", command={tuple(STANDIN_COMMAND)!r}, port={profile.port})
         s = ServerManager().start("hup", p)
         print(s.wait_ready(timeout=20).state, flush=True)

@@ -11,12 +11,12 @@ from apphelpers import screen_text, wait_for
 from standin.harness import STANDIN_COMMAND, free_port
 
 from tuichat.config import add_profile, load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.launcher import ServerManager
-from tuichat.procgroup import group_pids
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.launcher import ServerManager
+from tuichat.server.procgroup import group_pids
 from tuichat.ui.app import AppOptions, TuichatApp, make_app
-from tuichat.ui.screens import QuitScreen
-from tuichat.ui.widgets import PromptArea
+from tuichat.ui.screens.dialogs import QuitScreen
+from tuichat.ui.widgets.chat import PromptArea
 
 GB = 1000**3
 
@@ -159,7 +159,7 @@ async def test_the_status_pane_counts_the_whole_server_group_as_ours(manager: Se
 
 
 async def test_f5_opens_the_server_panel_and_attach_points_the_chat_at_it(manager: ServerManager) -> None:
-    from tuichat.ui.server_screen import ServerScreen
+    from tuichat.ui.screens.server import ServerScreen
 
     app = managed_app(manager)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -184,7 +184,7 @@ async def test_f9_lists_local_models_and_a_chosen_one_becomes_a_profile(
 ) -> None:
     import json
 
-    from tuichat.ui.models_screen import ModelsScreen
+    from tuichat.ui.screens.models import ModelsScreen
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))

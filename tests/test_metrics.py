@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuichat.errors import TuichatError
-from tuichat.metrics import (
+from tuichat.server.metrics import (
     ContextMeter,
     History,
     MetricsError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tuichat.errors import TuichatError
-from tuichat.models import (
+from tuichat.models.discovery import (
     discover,
     fit_estimate,
     image_fit_note,
@@ -19,7 +19,7 @@ from tuichat.models import (
     profile_for,
     profile_notes,
 )
-from tuichat.profiles import parse_profile
+from tuichat.server.profiles import parse_profile
 
 QWEN_SMALL = {
     "architectures": ["Qwen2ForCausalLM"],

@@ -21,12 +21,12 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
 from tuichat.config import add_profile, load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.procgroup import group_pids, process_start_ticks, spawn_group
-from tuichat.quantize import Probes, default_record_dir, find_orphan_jobs
-from tuichat.ui.models_screen import ModelsResult, ModelsScreen, ModelsTable, column_widths
-from tuichat.ui.quantize_screen import QuantizeScreen
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.models.quantize import Probes, default_record_dir, find_orphan_jobs
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.procgroup import group_pids, process_start_ticks, spawn_group
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, column_widths
+from tuichat.ui.screens.quantize import QuantizeScreen
 
 GB = 1000**3
 FAKE = Path(__file__).with_name("fake_lite.py")

@@ -12,9 +12,9 @@ from textual.pilot import Pilot
 from textual.widgets import Checkbox, Input, Select, Static
 
 from tuichat.config import Config, add_profile, load_config
-from tuichat.profiles import BUILTIN_PROFILES, Profile
-from tuichat.ui.profile_editor import ProfileEditorScreen
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.server.profiles import BUILTIN_PROFILES, Profile
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.profile_editor import ProfileEditorScreen
 
 KEY = "sekrit-Key-0123456789abcdef"
 

@@ -10,7 +10,7 @@ import pytest
 import tomli_w
 
 from tuichat.errors import ConfigError
-from tuichat.profiles import (
+from tuichat.server.profiles import (
     BUILTIN_PROFILES,
     DEFAULT_PROFILE_NAME,
     SERVE_ENTRY,

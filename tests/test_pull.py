@@ -22,11 +22,11 @@ from pathlib import Path
 import hubstandin
 import pytest
 
-from tuichat import modelcli
+from tuichat.cli import models as modelcli
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuInfo, GpuSnapshot
-from tuichat.launcher import ServerRecord
-from tuichat.pull import ProgressPrinter, PullError
+from tuichat.models.pull import ProgressPrinter, PullError
+from tuichat.server.gpu import GpuInfo, GpuSnapshot
+from tuichat.server.launcher import ServerRecord
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"

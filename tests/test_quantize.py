@@ -1,6 +1,6 @@
 """The quantize job (lmdeploy lite auto_awq, played by tests/fake_lite.py) and `tuichat quantize` / `models`.
 
-Local calibration runs tuichat's real entry (`python -m tuichat.calib_entry`) in the job's process, against the
+Local calibration runs tuichat's real entry (`python -m tuichat.models.calib_entry`) in the job's process, against the
 fake `lmdeploy`, `torch` and `transformers` that `fake_lite.make_site` puts on PYTHONPATH. The machine is told
 apart by `Probes`: no test reaches a hub or reads a GPU.
 """
@@ -21,14 +21,13 @@ from pathlib import Path
 import fake_lite
 import pytest
 
-from tuichat import modelcli, quantize
-from tuichat.cli import main
+from tuichat.chat.store import Store
+from tuichat.cli import models as modelcli
+from tuichat.cli.main import main
 from tuichat.config import load_config
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuInfo, GpuSnapshot
-from tuichat.procgroup import group_pids
-from tuichat.profiles import parse_profile
-from tuichat.quantize import (
+from tuichat.models import quantize
+from tuichat.models.quantize import (
     AwqProgress,
     JobStatus,
     Probes,
@@ -38,7 +37,9 @@ from tuichat.quantize import (
     diagnose,
     find_orphan_jobs,
 )
-from tuichat.store import Store
+from tuichat.server.gpu import GpuInfo, GpuSnapshot
+from tuichat.server.procgroup import group_pids
+from tuichat.server.profiles import parse_profile
 
 FAKE = Path(__file__).with_name("fake_lite.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -540,7 +541,7 @@ def test_local_text_calibrates_through_tuichats_entry_without_a_hub(model: Path,
     out = tmp_path / "w4"
     opts = options(model, out, calib_file=text_file, calib_samples=8, calib_seqlen=512, trust_remote_code=True)
     argv = build_argv(opts, out, text_file)
-    assert argv[:3] == [sys.executable, "-m", "tuichat.calib_entry"] and "--trust-remote-code" in argv
+    assert argv[:3] == [sys.executable, "-m", "tuichat.models.calib_entry"] and "--trust-remote-code" in argv
 
     job = QuantizeJob.start(opts, tmp_path / "q.log", probes=OFFLINE)  # no datasets, no hub: not needed
     statuses = []

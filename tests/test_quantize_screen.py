@@ -19,14 +19,14 @@ from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, ProgressBar, Select, Static
 
+from tuichat.chat.store import Store
 from tuichat.config import load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.procgroup import group_pids
-from tuichat.profiles import parse_profile
-from tuichat.quantize import Probes
-from tuichat.store import Store
-from tuichat.ui.quantize_screen import CALIB_CHOICES, QuantizeScreen, default_output, model_base_name
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.models.quantize import Probes
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.procgroup import group_pids
+from tuichat.server.profiles import parse_profile
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.quantize import CALIB_CHOICES, QuantizeScreen, default_output, model_base_name
 
 FAKE = Path(__file__).with_name("fake_lite.py")
 CONFIG = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuichat.sampling import Sampling, SamplingError, parse_value, sampling_from_table
+from tuichat.chat.sampling import Sampling, SamplingError, parse_value, sampling_from_table
 
 
 @pytest.mark.parametrize(

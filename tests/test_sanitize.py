@@ -1,4 +1,4 @@
-"""`tuichat.sanitize`: no terminal control sequence survives, bidi controls are shown instead of applied, and
+"""`tuichat.chat.sanitize`: no terminal control sequence survives, bidi controls are shown instead of applied, and
 the stream cleaner removes a sequence split across chunks as a whole."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tuichat.sanitize import StreamCleaner, clean, clean_data, clean_line
+from tuichat.chat.sanitize import StreamCleaner, clean, clean_data, clean_line
 
 BIDI = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
 # What a terminal would act on: C0 controls other than newline and tab, DEL, C1, and the bidi controls.

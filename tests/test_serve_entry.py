@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tuichat.profiles import SERVE_ENTRY
+from tuichat.server.profiles import SERVE_ENTRY
 
 KEY = "tuichat-s3cret-entry-key"
 

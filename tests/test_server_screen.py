@@ -20,12 +20,12 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Log, ProgressBar
 
 from tuichat.config import Config, add_profile, load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.launcher import ServerManager
-from tuichat.procgroup import group_pids
-from tuichat.ui.profile_editor import ProfileEditorScreen
-from tuichat.ui.screens import ChoiceScreen
-from tuichat.ui.server_screen import ServerAction, ServerScreen
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.launcher import ServerManager
+from tuichat.server.procgroup import group_pids
+from tuichat.ui.screens.dialogs import ChoiceScreen
+from tuichat.ui.screens.profile_editor import ProfileEditorScreen
+from tuichat.ui.screens.server import ServerAction, ServerScreen
 
 GIB = 1 << 30
 KEY = "sekrit-Key-0123456789abcdef"

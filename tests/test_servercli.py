@@ -14,9 +14,10 @@ import pytest
 import tomli_w
 from standin.harness import STANDIN_COMMAND, free_port, pid_alive
 
-from tuichat import launcher, servercli
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.launcher import ServerManager
+from tuichat.cli import server as servercli
+from tuichat.server import launcher
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.launcher import ServerManager
 
 GIB = 1 << 30
 

@@ -14,8 +14,8 @@ import pytest
 from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, wait_for
 from textual.pilot import Pilot
 
-from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess
-from tuichat.store import Store, default_path
+from tuichat.chat.store import Store, default_path
+from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
 from tuichat.ui.app import TuichatApp
 
 SIZES = [(80, 24), (120, 40)]

@@ -22,9 +22,9 @@ from textual.pilot import Pilot
 from textual.screen import Screen
 from textual.widgets import DataTable, Input
 
-from tuichat.store import Store
-from tuichat.ui.history_screen import ConversationsScreen
-from tuichat.ui.image_picker import ImagePickerScreen, ImageTree
+from tuichat.chat.store import Store
+from tuichat.ui.screens.history import ConversationsScreen
+from tuichat.ui.screens.image_picker import ImagePickerScreen, ImageTree
 
 BASE = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 

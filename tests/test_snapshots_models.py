@@ -23,10 +23,10 @@ from textual.screen import Screen
 from textual.widgets import Input
 
 from tuichat.config import load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.quantize import Probes
-from tuichat.ui.models_screen import ModelsScreen, ModelsTable
-from tuichat.ui.quantize_screen import QuantizeScreen
+from tuichat.models.quantize import Probes
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.ui.screens.models import ModelsScreen, ModelsTable
+from tuichat.ui.screens.quantize import QuantizeScreen
 
 SIZES = [(80, 24), (120, 40)]
 GB = 1000**3

@@ -21,10 +21,10 @@ from textual.screen import Screen
 from textual.widgets import Input
 
 from tuichat.config import add_profile, load_config
-from tuichat.gpu import FakeGpuReader, GpuInfo
-from tuichat.launcher import ServerManager
-from tuichat.ui.profile_editor import ProfileEditorScreen
-from tuichat.ui.server_screen import ServerScreen
+from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.launcher import ServerManager
+from tuichat.ui.screens.profile_editor import ProfileEditorScreen
+from tuichat.ui.screens.server import ServerScreen
 
 SIZES = [(80, 24), (120, 40)]
 GIB = 1 << 30

@@ -8,8 +8,8 @@ import os
 import httpx
 from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, screen_text, wait_for
 
-from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess
-from tuichat.ui.status_pane import StatusPane
+from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
+from tuichat.ui.widgets.status_pane import StatusPane
 
 GB = 1000**3
 
@@ -194,8 +194,8 @@ async def test_kv_capacity_in_tokens_from_engine_info() -> None:
 async def test_the_fleet_section_lists_each_node_and_shows_a_dead_one_down() -> None:
     from textual.app import App, ComposeResult
 
-    from tuichat.fleet import FleetView, NodeView
-    from tuichat.ui.status_pane import StatusView
+    from tuichat.server.fleet import FleetView, NodeView
+    from tuichat.ui.widgets.status_pane import StatusView
 
     class Host(App[None]):
         def compose(self) -> ComposeResult:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tuichat import store as store_module
+from tuichat.chat import store as store_module
+from tuichat.chat.store import DEFAULT_TITLE, SNIPPET_MARKS, Store
 from tuichat.errors import TuichatError
-from tuichat.store import DEFAULT_TITLE, SNIPPET_MARKS, Store
 
 HERE = Path(__file__).resolve().parent
 

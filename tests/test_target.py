@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tuichat import cli
+from tuichat.chat.target import UrlError, normalise_url, resolve_target
+from tuichat.cli import main as cli
 from tuichat.config import load_config
 from tuichat.errors import TuichatError
-from tuichat.target import UrlError, normalise_url, resolve_target
 
 REFUSED = [
     # given, a fragment of the reason, a suggestion the message must carry

@@ -17,9 +17,9 @@ import pytest
 from ptyterm import PtyApp
 from standin.harness import STANDIN_COMMAND, free_port, run_standin, wait_for
 
+from tuichat.chat.store import Store
 from tuichat.config import add_profile
-from tuichat.launcher import ServerManager
-from tuichat.store import Store
+from tuichat.server.launcher import ServerManager
 
 TUICHAT = [sys.executable, "-m", "tuichat"]
 

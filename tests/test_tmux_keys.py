@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from standin.harness import Standin, run_standin
 
+from tuichat.chat.store import Store
 from tuichat.keymap import BINDINGS
-from tuichat.store import Store
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 

@@ -14,12 +14,12 @@ import pytest
 from rich.console import Console
 from standin.harness import STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
-from tuichat import servercli
+from tuichat.cli import server as servercli
 from tuichat.errors import ConfigError
-from tuichat.gpu import FakeGpuReader, GpuInfo, GpuProcess, memory_split, visible_gpu_count
-from tuichat.launcher import LaunchError, ServerManager, ServerStatus, parse_rank
-from tuichat.profiles import Profile, parse_profile, profile_to_table, server_args, server_env
-from tuichat.ui.status_pane import gpu_renderable
+from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess, memory_split, visible_gpu_count
+from tuichat.server.launcher import LaunchError, ServerManager, ServerStatus, parse_rank
+from tuichat.server.profiles import Profile, parse_profile, profile_to_table, server_args, server_env
+from tuichat.ui.widgets.status_pane import gpu_renderable
 
 GIB = 1 << 30
 EXECUTOR_FLAG = "--distributed-executor-backend"

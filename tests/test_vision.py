@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 from standin.harness import run_standin
 
-from tuichat.chat import ChatSession, Turn
-from tuichat.client import ChatClient, ChatError, Finish, Usage
+from tuichat.chat.client import ChatClient, ChatError, Finish, Usage
+from tuichat.chat.images import load_attachment, prepare_attachment, reopened_images_note
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.store import Store
+from tuichat.chat.turns import ChatSession, Turn
+from tuichat.chat.vision import VisionSpec, plan_image, read_spec, session_sentence, smart_resize
 from tuichat.errors import TuichatError
-from tuichat.images import load_attachment, prepare_attachment, reopened_images_note
-from tuichat.sampling import Sampling
-from tuichat.store import Store
-from tuichat.vision import VisionSpec, plan_image, read_spec, session_sentence, smart_resize
 
 TEXT_PROMPT = 19  # "Describe this image." alone, as the real server counted it
 SIZES = [(112, 112), (448, 448), (896, 896), (1344, 1344), (1344, 672)]

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from standin.harness import Standin, pid_alive, run_standin, wait_for
 
-from tuichat import cli, web
+from tuichat import web
+from tuichat.cli import main as cli
 
 KEY = "sk-web-SECRET-4f1c9a"
 REPLY = "Hello from the stand-in, now in a **browser**."

@@ -1,5 +1,5 @@
 """Lets `python -m tuichat` behave exactly like the `tuichat` command."""
 
-from tuichat.cli import main
+from tuichat.cli.main import main
 
 raise SystemExit(main())

@@ -13,8 +13,8 @@ would fail validation. The file may hold an API key, so it is written atomically
     [ui]        on_quit, theme, stall_timeout, ...
     [keys]      binding id = "key[,key...]"               (the user keymap)
     [models]    roots = ["/data/models"]
-    [profiles.NAME]  model, backend, ...                   (validated by tuichat.profiles)
-    [fleets.NAME]    nodes = ["tiny", "tiny"], proxy_port, routing_strategy, ...   (validated by tuichat.fleet)
+    [profiles.NAME]  model, backend, ...                   (validated by tuichat.server.profiles)
+    [fleets.NAME]    nodes = ["tiny", "tiny"], proxy_port, routing_strategy, ...   (validated by tuichat.server.fleet)
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuichat import paths
+from tuichat.chat.sampling import Sampling, SamplingError, sampling_from_table
 from tuichat.errors import ConfigError
 from tuichat.keymap import check_keys
-from tuichat.sampling import Sampling, SamplingError, sampling_from_table
 
 if TYPE_CHECKING:
     from tomlkit import TOMLDocument
 
-    from tuichat.fleet import FleetSpec
-    from tuichat.profiles import Profile
+    from tuichat.server.fleet import FleetSpec
+    from tuichat.server.profiles import Profile
 
 ON_QUIT_CHOICES = ("ask", "stop", "keep")
 
@@ -193,7 +193,7 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
                 raise ConfigError(file, "models.roots", 'must be a list of folders, e.g. ["/data/models"]')
             roots = tuple(value)
 
-    from tuichat import profiles as profiles_mod
+    from tuichat.server import profiles as profiles_mod
 
     profile_tables: dict[str, dict[str, Any]] = {}
     merged: dict[str, Profile] = dict(profiles_mod.BUILTIN_PROFILES)
@@ -207,7 +207,7 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
     fleet_tables: dict[str, dict[str, Any]] = {}
     fleets: dict[str, FleetSpec] = {}
     if "fleets" in raw:
-        from tuichat import fleet as fleet_mod
+        from tuichat.server import fleet as fleet_mod
 
         for name, table in _table(file, "fleets", raw["fleets"]).items():
             if not isinstance(table, dict):
@@ -500,7 +500,7 @@ def save_config(cfg: Config) -> Path:
 
 def add_profile(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
     """Validate `table` as profile `name` and save it into the config file (replacing one of that name)."""
-    from tuichat import profiles as profiles_mod
+    from tuichat.server import profiles as profiles_mod
 
     file = path or paths.config_file()
     profiles_mod.parse_profile(name, table, file)
@@ -509,7 +509,7 @@ def add_profile(name: str, table: Mapping[str, object], *, path: Path | None = N
 
 def remove_profile(name: str, *, path: Path | None = None) -> Path:
     """Remove the user's profile `name` (and `default_profile`, where it named a profile that no longer exists)."""
-    from tuichat import profiles as profiles_mod
+    from tuichat.server import profiles as profiles_mod
 
     cfg = load_config(path)
     if name not in cfg.profile_tables:
@@ -522,7 +522,7 @@ def remove_profile(name: str, *, path: Path | None = None) -> Path:
 
 def add_fleet(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
     """Validate `table` as fleet `name` against the file's profiles and save it (replacing one of that name)."""
-    from tuichat import fleet as fleet_mod
+    from tuichat.server import fleet as fleet_mod
 
     cfg = load_config(path)
     fleet_mod.parse_fleet(name, table, cfg.path, cfg.profiles)

@@ -11,7 +11,7 @@ Security model: the server listens on loopback unless told otherwise; every requ
 `?token=` (answered with an HttpOnly, SameSite=Strict cookie and a redirect that takes the token out of the address
 bar), then through that cookie, which the page's own static files and websocket send. A missing token is a 401, a
 wrong one a 403 (compared with `hmac.compare_digest`). A server's API key is never on a tab's command line (any
-user may read /proc/PID/cmdline): it travels in the environment, which `tuichat.cli` removes at once, and it is
+user may read /proc/PID/cmdline): it travels in the environment, which `tuichat.cli.main` removes at once, and it is
 redacted from whatever the tabs write to this server's output.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from tuichat.cli import WEB_API_KEY_ENV  # each tab's tuichat reads its key from there and deletes it at once
+from tuichat.cli.main import WEB_API_KEY_ENV  # each tab's tuichat reads its key from there and deletes it at once
 from tuichat.errors import TuichatError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class UsageError(TuichatError):
 
 def add_subcommands(subparsers: Any) -> None:
     """Register `web` on an argparse subparsers object; it also takes every argument plain `tuichat` takes."""
-    from tuichat.cli import add_chat_arguments
+    from tuichat.cli.main import add_chat_arguments
 
     p = subparsers.add_parser(
         "web",
@@ -118,8 +118,8 @@ def plan_tabs(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     The arguments are checked here once (unknown profile, bad URL), so a mistake is one sentence in the terminal
     rather than a "Session ended" page in every tab.
     """
+    from tuichat.chat.target import normalise_url
     from tuichat.config import load_config
-    from tuichat.target import normalise_url
 
     environ = os.environ if environ is None else environ
     cfg = load_config()
@@ -514,7 +514,7 @@ class TabProcess:
 
 
 async def _wait_group_empty(pgid: int, timeout: float) -> set[int]:
-    from tuichat.procgroup import group_pids
+    from tuichat.server.procgroup import group_pids
 
     deadline = time.monotonic() + timeout
     while True:

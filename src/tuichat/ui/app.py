@@ -1,8 +1,9 @@
 """The Textual app: one keyboard-driven chat screen that adapts the domain objects to the terminal.
 
 `make_app(AppOptions)` is the factory the CLI and the tests share. The app holds no chat logic of its own:
-`tuichat.chat` decides what is sent and what Retry/Undo remove, `tuichat.client` talks HTTP, `tuichat.store`
-saves every turn as it happens. Every action has a binding with an id, so `[keys]` in the config can rebind it.
+`tuichat.chat.turns` decides what is sent and what Retry/Undo remove, `tuichat.chat.client` talks HTTP,
+`tuichat.chat.store` saves every turn as it happens. Every action has a binding with an id, so `[keys]` in the
+config can rebind it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from textual.driver import Driver
 from textual.widgets import Footer, Static
 
 from tuichat import __version__
-from tuichat.chat import Attachment, ChatSession, Turn
-from tuichat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Notice, Usage
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.sanitize import clean
+from tuichat.chat.target import Target, resolve_target
+from tuichat.chat.turns import Attachment, ChatSession, Turn
 from tuichat.config import Config, load_config, save_config
 from tuichat.errors import ConfigError
 from tuichat.keymap import BINDINGS as BINDINGS_SPECS
 from tuichat.keymap import check_keys, display_key, keys_for
-from tuichat.metrics import (
+from tuichat.server.metrics import (
     ContextMeter,
     History,
     MetricsError,
@@ -43,13 +47,9 @@ from tuichat.metrics import (
     parse_metrics,
     summarize_for_status,
 )
-from tuichat.sampling import Sampling
-from tuichat.sanitize import clean
-from tuichat.target import Target, resolve_target
 from tuichat.ui.keyids import binding, install_key_parser, mouse_holds_escape
-from tuichat.ui.screens import ChoiceScreen, ConfirmScreen, HelpScreen, QuitScreen
-from tuichat.ui.status_pane import StatusPane, StatusView
-from tuichat.ui.widgets import (
+from tuichat.ui.screens.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, QuitScreen
+from tuichat.ui.widgets.chat import (
     Conversation,
     PromptArea,
     ReplyMessage,
@@ -57,12 +57,13 @@ from tuichat.ui.widgets import (
     StatusLine,
     message_widget,
 )
+from tuichat.ui.widgets.status_pane import StatusPane, StatusView
 
 if TYPE_CHECKING:
-    from tuichat.fleet import FleetPoller, RunningFleet
-    from tuichat.gpu import GpuReader, GpuSampler
-    from tuichat.launcher import ManagedServer, ServerManager, ServerStatus
-    from tuichat.store import Claim, HeldBy, Store
+    from tuichat.chat.store import Claim, HeldBy, Store
+    from tuichat.server.fleet import FleetPoller, RunningFleet
+    from tuichat.server.gpu import GpuReader, GpuSampler
+    from tuichat.server.launcher import ManagedServer, ServerManager, ServerStatus
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
@@ -260,7 +261,7 @@ class TuichatApp(App[None]):
         if not self.options.use_store:
             return
         try:
-            from tuichat.store import Store, default_path
+            from tuichat.chat.store import Store, default_path
 
             self.store = Store.open(self.options.store_path or default_path())
             recovered = self.store.recovered_on_open
@@ -282,7 +283,7 @@ class TuichatApp(App[None]):
     async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
         """Show a saved chat to continue it. One that another tuichat holds is shown read-only when the user
         chose that in F4; otherwise (--continue, --conversation) the chat stays new and a notice says why."""
-        from tuichat.store import HeldBy
+        from tuichat.chat.store import HeldBy
 
         assert self.store is not None
         conv = self.store.get_conversation(conv_id)
@@ -308,7 +309,7 @@ class TuichatApp(App[None]):
                 severity="warning",
                 timeout=10,
             )
-        from tuichat.images import reopened_images_note  # lazy: start-up does not need the image code
+        from tuichat.chat.images import reopened_images_note  # lazy: start-up does not need the image code
 
         turns = []
         for msg in self.store.messages(conv_id):
@@ -411,7 +412,7 @@ class TuichatApp(App[None]):
                 lmdeploy_version=server.record.lmdeploy_version if server is not None else None,
                 system_prompt=self.sampling.system_prompt or None,
             )
-            from tuichat.store import Claim
+            from tuichat.chat.store import Claim
 
             got = self._hold(self.conversation_id)
             self.claim = got if isinstance(got, Claim) else None
@@ -471,7 +472,7 @@ class TuichatApp(App[None]):
         if importlib.util.find_spec("lmdeploy") is None:
             missing.append('lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)')
         try:
-            from tuichat.gpu import gpus_visible
+            from tuichat.server.gpu import gpus_visible
 
             ok, reason = gpus_visible()
             if not ok:
@@ -489,7 +490,7 @@ class TuichatApp(App[None]):
 
     def _manager(self) -> ServerManager:
         if self.manager is None:
-            from tuichat.launcher import ServerManager
+            from tuichat.server.launcher import ServerManager
 
             self.manager = ServerManager()
         return self.manager
@@ -658,7 +659,7 @@ class TuichatApp(App[None]):
             return False
         meter = self.status_view.context
         if meter is not None and meter.session_len:
-            from tuichat.metrics import estimate_tokens
+            from tuichat.server.metrics import estimate_tokens
 
             reserve = self.sampling.max_tokens or 0
             if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
@@ -846,7 +847,7 @@ class TuichatApp(App[None]):
         self._redraw_status()
         if reply.msg_id is not None:
             self._save("finish_reply", reply.msg_id, reply.content, state, stats=reply.stats)
-        from tuichat.ui.widgets import stats_text
+        from tuichat.ui.widgets.chat import stats_text
 
         line = stats_text(reply.stats)
         if error is not None:
@@ -868,7 +869,7 @@ class TuichatApp(App[None]):
     async def _count_reply(self, reply: Turn, widget: ReplyMessage | None) -> None:
         """No usage chunk came: ask the server's tokenizer (/v1/encode) how many tokens the reply has, so the
         figures under it are tokens, not chunks. Where the server cannot count, the chunk figures stay."""
-        from tuichat.metrics import reply_stats_from_dict, with_token_count
+        from tuichat.server.metrics import reply_stats_from_dict, with_token_count
 
         count = await self.client.count_tokens(reply.content)
         stats = reply_stats_from_dict(reply.stats or {})
@@ -876,7 +877,7 @@ class TuichatApp(App[None]):
             return
         from dataclasses import asdict
 
-        from tuichat.ui.widgets import stats_text
+        from tuichat.ui.widgets.chat import stats_text
 
         before = stats_text(reply.stats)
         counted = asdict(with_token_count(stats, count))
@@ -948,7 +949,7 @@ class TuichatApp(App[None]):
 
     def _continue_read_only(self) -> bool:
         """A read-only chat may be continued once its holder has let go; else say why not (False)."""
-        from tuichat.store import Claim
+        from tuichat.chat.store import Claim
 
         held = self.read_only
         assert held is not None and self.conversation_id is not None
@@ -1127,7 +1128,7 @@ class TuichatApp(App[None]):
 
     def copy_text(self, text: str, what: str) -> None:
         """Copy with OSC 52, wrapped for tmux/screen, so it reaches the local clipboard over SSH."""
-        from tuichat.clipboard import copy_hint, osc52_sequence
+        from tuichat.chat.clipboard import copy_hint, osc52_sequence
 
         env = self.options.env if self.options.env is not None else os.environ
         try:
@@ -1198,7 +1199,7 @@ class TuichatApp(App[None]):
         self.query_one(Conversation).anchor()
 
     def action_copy_code(self) -> None:
-        from tuichat.clipboard import extract_code_blocks
+        from tuichat.chat.clipboard import extract_code_blocks
 
         reply = self.chat.last_reply()
         blocks = extract_code_blocks(reply.content) if reply else []
@@ -1246,7 +1247,7 @@ class TuichatApp(App[None]):
     def _read_gpu(self) -> None:
         # NVML calls block (briefly): a thread keeps them off the event loop that draws the stream.
         if self._gpu_sampler is None:
-            from tuichat.gpu import GpuSampler, NvmlReader
+            from tuichat.server.gpu import GpuSampler, NvmlReader
 
             self._gpu_sampler = GpuSampler(self.options.gpu_reader or NvmlReader())
         snapshot = self._gpu_sampler.sample()
@@ -1261,7 +1262,7 @@ class TuichatApp(App[None]):
     def _read_fleet(self) -> None:
         # Is the server an lmdeploy proxy? Asked once (in a thread: it is a blocking request); then its node list
         # and each node's own /metrics, with the node keys when tuichat launched the fleet.
-        from tuichat.fleet import FleetPoller, probe_proxy
+        from tuichat.server.fleet import FleetPoller, probe_proxy
 
         if self._fleet_poller is None:
             fleet = self.options.fleet
@@ -1340,7 +1341,7 @@ class TuichatApp(App[None]):
         if view.gpu is not None and view.gpu.gpus:
             used = sum(g.mem_used or 0 for g in view.gpu.gpus)
             total = sum(g.mem_total or 0 for g in view.gpu.gpus)
-            from tuichat.gpu import format_bytes
+            from tuichat.server.gpu import format_bytes
 
             parts.append(f"GPU {format_bytes(used)}/{format_bytes(total)}")
         warning = view.context.warning() if view.context else None
@@ -1352,7 +1353,7 @@ class TuichatApp(App[None]):
         if self.store is None:
             self.notify("The history is not available (see the message at the top of the chat).", severity="error")
             return
-        from tuichat.ui.history_screen import ConversationsScreen, HistoryChoice
+        from tuichat.ui.screens.history import ConversationsScreen, HistoryChoice
 
         def chosen(choice: HistoryChoice | None) -> None:
             self._check_open_conversation_exists()
@@ -1382,7 +1383,7 @@ class TuichatApp(App[None]):
             self.notify("The open chat was deleted; this is a new one.")
 
     def action_server(self) -> None:
-        from tuichat.ui.server_screen import ServerAction, ServerScreen
+        from tuichat.ui.screens.server import ServerAction, ServerScreen
 
         name = self.profile_name or self.config.default_profile or next(iter(self.config.profiles), None)
         if name is None:
@@ -1411,7 +1412,7 @@ class TuichatApp(App[None]):
         self.push_screen(ServerScreen(self._manager(), self.config, name, self.server), done)
 
     def action_models(self) -> None:
-        from tuichat.ui.models_screen import ModelsResult, ModelsScreen
+        from tuichat.ui.screens.models import ModelsResult, ModelsScreen
 
         def done(result: ModelsResult | None) -> None:
             if result is None or not result.profile_name:
@@ -1429,7 +1430,7 @@ class TuichatApp(App[None]):
         self.push_screen(ModelsScreen(self.config, self.options.gpu_reader), done)
 
     def action_attach_image(self) -> None:
-        from tuichat.ui.image_picker import ImagePickerScreen
+        from tuichat.ui.screens.image_picker import ImagePickerScreen
 
         def chosen(path: Path | None) -> None:
             if path is not None:
@@ -1462,7 +1463,7 @@ class TuichatApp(App[None]):
             self.notify("Usage: /image PATH (or /image clear)", severity="warning")
             return
         try:
-            from tuichat.images import prepare_attachment
+            from tuichat.chat.images import prepare_attachment
 
             # An image too big for what is left of the session is shrunk until the request fits (the tutorial's
             # llava step got empty replies instead); the note says what was sent.
@@ -1565,7 +1566,7 @@ def _reply_stats(
     started: float, first_at: float | None, ended: float, usage: Usage | None, chunks: int, finish: str | None
 ) -> dict[str, Any]:
     """The stats saved with a reply and shown under it: the conversation engine's, so both save the same."""
-    from tuichat.conversation import reply_stats  # lazy: start-up does not need it
+    from tuichat.chat.conversation import reply_stats  # lazy: start-up does not need it
 
     return reply_stats(started, first_at, ended, usage, chunks, finish)
 
@@ -1595,8 +1596,8 @@ def _choose_managed(options: AppOptions, config: Config, env: Mapping[str, str])
     from tuichat.errors import TuichatError
 
     if options.profile and options.profile in config.fleets:
-        from tuichat.fleet import find_fleet
-        from tuichat.launcher import ServerManager
+        from tuichat.server.fleet import find_fleet
+        from tuichat.server.launcher import ServerManager
 
         options.manager = options.manager or ServerManager()
         fleet = find_fleet(options.manager, options.profile)
@@ -1615,7 +1616,7 @@ def _choose_managed(options: AppOptions, config: Config, env: Mapping[str, str])
         return True
     if options.url or env.get("OPENAI_BASE_URL"):
         return False
-    from tuichat.launcher import ServerManager
+    from tuichat.server.launcher import ServerManager
 
     manager = options.manager or ServerManager()
     options.manager = manager

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuInfo, GpuSnapshot, format_bytes
+from tuichat.server.gpu import GpuInfo, GpuSnapshot, format_bytes
 
 # Weight files: what the GPU has to hold. Calibration statistics (lmdeploy's *_stats.pth) are not weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -655,7 +655,7 @@ def profile_notes(model: ModelInfo) -> list[str]:
 def image_fit_note(model: str | os.PathLike[str] | None, session_len: int | None) -> str | None:
     """Which image size fits a session of `session_len` for the model (a folder or a downloaded hub id); None for
     a text-only model or one whose folder is not here."""
-    from tuichat.vision import read_spec, session_sentence  # vision reads configs through this module
+    from tuichat.chat.vision import read_spec, session_sentence  # vision reads configs through this module
 
     return session_sentence(read_spec(local_model_folder(model)), session_len)
 

@@ -22,9 +22,9 @@ from textual.widget import Widget
 from textual.widgets import Input, Label, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
-from tuichat.chat import Turn
+from tuichat.chat.sampling import FIELDS, Sampling, SamplingError, display_value, parse_value
+from tuichat.chat.turns import Turn
 from tuichat.keymap import keys_for
-from tuichat.sampling import FIELDS, Sampling, SamplingError, display_value, parse_value
 from tuichat.ui.keyids import binding
 
 STATE_MARKS = {
@@ -45,7 +45,7 @@ def reply_renderable(text: str, state: str) -> RenderableType:
 
 def stats_text(stats: dict[str, Any] | None) -> str:
     """The line under a reply, from the stats dict saved with it (older rows may lack some keys)."""
-    from tuichat.metrics import format_reply_stats, reply_stats_from_dict
+    from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
 
     parsed = reply_stats_from_dict(stats) if stats else None
     return format_reply_stats(parsed) if parsed is not None else ""

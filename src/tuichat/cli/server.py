@@ -1,6 +1,6 @@
 """`tuichat serve / ps / stop / logs / profiles / doctor`: the server manager without the TUI.
 
-`serve`, `ps` and `stop` know fleets too (`[fleets.NAME]`, see tuichat.fleet): `tuichat serve FLEET` starts the
+`serve`, `ps` and `stop` know fleets too (`[fleets.NAME]`, see tuichat.server.fleet): `tuichat serve FLEET` starts the
 proxy and every node and reports each one's progress, `ps` lists each fleet with its nodes as the proxy sees
 them, `tuichat stop FLEET` stops all of it.
 
@@ -23,8 +23,9 @@ from types import FrameType
 from typing import Any
 
 from tuichat import paths
+from tuichat.chat.sanitize import clean
 from tuichat.errors import TuichatError
-from tuichat.launcher import (
+from tuichat.server.launcher import (
     LogFollower,
     ManagedServer,
     ServerManager,
@@ -36,9 +37,8 @@ from tuichat.launcher import (
     parse_progress,
     read_log_tail,
 )
-from tuichat.procgroup import StopResult
-from tuichat.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE_NAME, Profile, make_model_hint
-from tuichat.sanitize import clean
+from tuichat.server.procgroup import StopResult
+from tuichat.server.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE_NAME, Profile, make_model_hint
 
 COMMANDS = ("serve", "ps", "stop", "logs", "profiles", "doctor")
 
@@ -258,7 +258,7 @@ def _serve_started(args: argparse.Namespace, manager: ServerManager, name: str, 
 
 
 def _serve_fleet(args: argparse.Namespace, manager: ServerManager, spec: Any, profiles: dict[str, Profile]) -> int:
-    from tuichat.fleet import FleetEvent, describe_node, find_fleet, start_fleet, stop_fleet
+    from tuichat.server.fleet import FleetEvent, describe_node, find_fleet, start_fleet, stop_fleet
 
     def report(event: FleetEvent) -> None:
         _err(f"  {event.message}" if event.kind == "progress" else event.message)
@@ -321,7 +321,7 @@ def _state_text(status: ServerStatus) -> str:
 
 
 def _ps(args: argparse.Namespace, manager: ServerManager) -> int:
-    from tuichat.fleet import running_fleets
+    from tuichat.server.fleet import running_fleets
 
     servers = manager.running()
     fleets = running_fleets(manager)
@@ -337,7 +337,7 @@ def _ps(args: argparse.Namespace, manager: ServerManager) -> int:
 
 
 def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
-    from tuichat.gpu import format_bytes
+    from tuichat.server.gpu import format_bytes
 
     rows = []
     for server in servers:
@@ -364,8 +364,8 @@ def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
 
 def _ps_fleet(fleet: Any, snapshot: Any) -> None:
     """The proxy, then each node: its process (state, pid, GPU memory) and what the proxy and the node say."""
-    from tuichat.fleet import NodeView
-    from tuichat.gpu import format_bytes
+    from tuichat.server.fleet import NodeView
+    from tuichat.server.gpu import format_bytes
 
     views: dict[str, NodeView] = {}
     error = None
@@ -391,7 +391,7 @@ def _ps_fleet(fleet: Any, snapshot: Any) -> None:
         elif node is None:
             detail = "-"
         else:
-            from tuichat.fleet import describe_node
+            from tuichat.server.fleet import describe_node
 
             detail = describe_node(node)
         rows.append(
@@ -410,14 +410,14 @@ def _ps_fleet(fleet: Any, snapshot: Any) -> None:
     known = {s.url for s in fleet.members}
     for url, node in views.items():
         if url not in known:  # registered by someone else: the proxy is open to anyone who can reach it
-            from tuichat.fleet import describe_node
+            from tuichat.server.fleet import describe_node
 
             rows.append([url, ",".join(node.models) or "?", "-", "-", "-", "-", "-", describe_node(node)])
     _out(_table(["NODE", "MODEL", "PORT", "PID", "STATE", "UPTIME", "GPU MEM", "AT THE PROXY"], rows))
 
 
 def _stop(args: argparse.Namespace, manager: ServerManager) -> int:
-    from tuichat.fleet import running_fleets, stop_fleet
+    from tuichat.server.fleet import running_fleets, stop_fleet
 
     if args.profile and args.all:
         raise UsageError("Give either a profile or --all, not both.")
@@ -577,7 +577,7 @@ def _doctor(args: argparse.Namespace, manager: ServerManager) -> int:
 
 def _gpu_lines(manager: ServerManager) -> None:
     try:
-        from tuichat.gpu import describe_no_gpu, format_bytes
+        from tuichat.server.gpu import describe_no_gpu, format_bytes
     except ImportError:
         _out("GPUs      unknown (GPU support missing)")
         return

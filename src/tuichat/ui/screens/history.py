@@ -1,11 +1,11 @@
 """The conversation browser: saved chats newest first, with open, rename, delete and full-text search.
 
-Built on `tuichat.store.Store`, which is handed in by the app. Everything is driven by the keyboard and fits an
+Built on `tuichat.chat.store.Store`, which is handed in by the app. Everything is driven by the keyboard and fits an
 80x24 terminal; the keys are Bindings with ids (so `[keys]` in the config can rebind them) and the screen's footer
 lists the ones that apply to what is focused. Search runs in a thread worker, a short pause after the last
 keystroke, so a prefix that matches thousands of messages never freezes typing.
 
-Every title, model name and snippet is cleaned again right where it is drawn (`tuichat.sanitize`): an imported
+Every title, model name and snippet is cleaned again right where it is drawn (`tuichat.chat.sanitize`): an imported
 chat must not drive the terminal. A conversation another live tuichat holds (`Store.claim`) is marked with that
 process's pid; picking it offers to read it here without writing, and deleting it is refused.
 """
@@ -27,11 +27,11 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from tuichat.sanitize import clean_line
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.chat.sanitize import clean_line
+from tuichat.ui.screens.dialogs import ConfirmScreen
 
 if TYPE_CHECKING:
-    from tuichat.store import Conversation, HeldBy, SearchHit, Store
+    from tuichat.chat.store import Conversation, HeldBy, SearchHit, Store
 
 SEARCH_DELAY = 0.15  # seconds of typing pause before a search runs
 SEARCH_LIMIT = 50

@@ -2,7 +2,7 @@
 
 The tree starts in a given folder (the working directory by default); Backspace climbs to the parent folder.
 Typing while the tree has focus goes into the path field, so `~/photos/cat.png` Enter works without first
-moving focus. The screen only picks a path: reading, checking and shrinking the image is `tuichat.images`'
+moving focus. The screen only picks a path: reading, checking and shrinking the image is `tuichat.chat.images`'
 job when the app attaches it.
 """
 

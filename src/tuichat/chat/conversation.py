@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
-from tuichat.chat import Attachment, ChatSession, Turn
-from tuichat.client import ChatClient, ChatError, Delta, Finish, Usage
-from tuichat.client import Notice as StreamNotice
-from tuichat.metrics import compute_reply_stats
-from tuichat.sampling import Sampling
-from tuichat.store import Store
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
+from tuichat.chat.client import Notice as StreamNotice
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.store import Store
+from tuichat.chat.turns import Attachment, ChatSession, Turn
+from tuichat.server.metrics import compute_reply_stats
 
 P = ParamSpec("P")
 T = TypeVar("T")

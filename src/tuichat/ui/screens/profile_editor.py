@@ -1,7 +1,7 @@
 """The profile editor: a form over one `[profiles.NAME]` table of config.toml, validated and saved atomically.
 
 The form only turns what was typed into TOML values (numbers where they parse, lists through shlex); every rule
-about what is allowed lives in `tuichat.profiles.parse_profile`, so the editor, the config loader and
+about what is allowed lives in `tuichat.server.profiles.parse_profile`, so the editor, the config loader and
 `tuichat profiles` can never disagree. A ConfigError is shown next to the field its key names. Saving goes
 through `config.add_profile` (atomic, 0600: the table may hold an API key, which the form never echoes).
 Built-in profiles are never changed in place: saving one writes a user profile of the same name that takes
@@ -25,7 +25,7 @@ from textual.widgets import Checkbox, Footer, Input, Label, Select, Static
 
 from tuichat.config import Config, add_profile
 from tuichat.errors import ConfigError
-from tuichat.profiles import (
+from tuichat.server.profiles import (
     BUILTIN_PROFILES,
     DTYPES,
     LOG_LEVELS,
@@ -33,7 +33,7 @@ from tuichat.profiles import (
     parse_profile,
     profile_to_table,
 )
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.ui.screens.dialogs import ConfirmScreen
 
 FieldKind = Literal["text", "int", "float", "port", "argv", "select", "bool", "secret"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

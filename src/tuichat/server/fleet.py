@@ -41,10 +41,10 @@ from typing import Any, Literal
 import httpx
 
 from tuichat.errors import ConfigError, TuichatError
-from tuichat.launcher import LaunchError, ManagedServer, ServerManager, ServerStatus
-from tuichat.metrics import parse_metrics
-from tuichat.procgroup import StopResult
-from tuichat.profiles import MAX_API_KEY_LENGTH, ROUTING_STRATEGIES, Profile, validate_name
+from tuichat.server.launcher import LaunchError, ManagedServer, ServerManager, ServerStatus
+from tuichat.server.metrics import parse_metrics
+from tuichat.server.procgroup import StopResult
+from tuichat.server.profiles import MAX_API_KEY_LENGTH, ROUTING_STRATEGIES, Profile, validate_name
 
 DEFAULT_PROXY_PORT = 8000  # lmdeploy's own default for the proxy
 DEFAULT_HEALTH_CHECK_INTERVAL = 10

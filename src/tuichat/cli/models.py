@@ -1,6 +1,6 @@
 """`tuichat models` (the local models, as a table), `pull` / `rm` (hub downloads) and `quantize` (W4A16 AWQ).
 
-`pull` fetches a repository into the hub's own cache (see tuichat.pull), then prints the model's facts, the fit
+`pull` fetches a repository into the hub's own cache (see tuichat.models.pull), then prints the model's facts, the fit
 estimate on this machine's roomiest GPU and offers a launch profile; `rm` removes a cached model or a folder under a
 models root after saying what it frees, and refuses while a server tuichat started reads from it.
 
@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tuichat import paths
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuSnapshot, format_bytes
-from tuichat.models import (
+from tuichat.models.discovery import (
     AWQ_CACHE_SHARE,
     DiscoveryResult,
     ModelInfo,
@@ -42,7 +41,7 @@ from tuichat.models import (
     profile_notes,
     roomiest_gpu,
 )
-from tuichat.quantize import (
+from tuichat.models.quantize import (
     CALIB_DATASETS,
     DEFAULT_CALIB_DATASET,
     JobStatus,
@@ -52,9 +51,10 @@ from tuichat.quantize import (
     find_orphan_jobs,
     format_elapsed,
 )
+from tuichat.server.gpu import GpuSnapshot, format_bytes
 
 if TYPE_CHECKING:
-    from tuichat.pull import ProgressPrinter
+    from tuichat.models.pull import ProgressPrinter
 
 LMDEPLOY_CACHE_SHARE = 0.8  # lmdeploy's own default for --cache-max-entry-count
 
@@ -264,7 +264,7 @@ def run_pull(
     free_probe: Callable[[Path], int] | None = None,
     progress: ProgressPrinter | None = None,
 ) -> int:
-    from tuichat import pull
+    from tuichat.models import pull
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -318,7 +318,7 @@ def model_facts(info: ModelInfo, snapshot: GpuSnapshot | None) -> list[str]:
 def _settle_pull_profile(name: str) -> str:
     """Check an asked-for profile name before the download, so a clash cannot spoil the end."""
     from tuichat.config import load_config
-    from tuichat.profiles import validate_name
+    from tuichat.server.profiles import validate_name
 
     name = validate_name(name)
     if name in load_config().profiles:
@@ -348,8 +348,8 @@ def _offer_pull_profile(info: ModelInfo, name: str | None, repo_id: str, out: Te
 
 
 def run_rm(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from tuichat.launcher import ServerManager
-    from tuichat.pull import find_removable, remove, uses
+    from tuichat.models.pull import find_removable, remove, uses
+    from tuichat.server.launcher import ServerManager
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -424,7 +424,7 @@ def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextI
     profile_name: str | None = None
     if not args.no_profile:
         from tuichat.config import load_config
-        from tuichat.profiles import validate_name
+        from tuichat.server.profiles import validate_name
 
         taken = set(load_config().profiles)
         if args.profile_name:
@@ -478,7 +478,7 @@ def run_quantize(args: argparse.Namespace, out: TextIO | None = None, err: TextI
 
 
 def _gpu_snapshot() -> GpuSnapshot | None:
-    from tuichat import quantize
+    from tuichat.models import quantize
 
     return quantize.DEFAULT_PROBES.gpu_snapshot()
 

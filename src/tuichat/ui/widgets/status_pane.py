@@ -4,7 +4,7 @@ It only draws: the app samples NVML in a thread worker and `/metrics` over HTTP,
 `StatusView` a second or two apart. Drawing is a handful of `Static` updates with Rich renderables, cheap enough
 to leave the token stream alone (see bench/ for the measured cost with the pane visible).
 
-Behind `lmdeploy serve proxy` the app also hands it a `FleetView` (tuichat.fleet.FleetPoller): the Fleet section
+Behind `lmdeploy serve proxy` the app also hands it a `FleetView` (tuichat.server.fleet.FleetPoller): the Fleet section
 shows a row per node (up or down, unfinished requests, recent latency, and KV cache and running/waiting where the
 node's own /metrics could be read) and stays hidden for a plain server.
 """
@@ -21,9 +21,9 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
-from tuichat.fleet import FleetView, NodeView
-from tuichat.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
-from tuichat.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
+from tuichat.server.fleet import FleetView, NodeView
+from tuichat.server.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
+from tuichat.server.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
 
 BAR_WIDTH = 20
 

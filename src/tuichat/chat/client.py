@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
+from tuichat.chat.sampling import Sampling
+from tuichat.chat.sanitize import StreamCleaner, clean
 from tuichat.errors import TuichatError
-from tuichat.sampling import Sampling
-from tuichat.sanitize import StreamCleaner, clean
 
 DEFAULT_URL = "http://127.0.0.1:23333"
 SSH_HINT = "for a server on another machine, forward its port: ssh -L 23333:127.0.0.1:23333 HOST"

@@ -21,21 +21,21 @@ from tuichat.errors import TuichatError
 
 # Subcommands and the module that implements each (imported only when used).
 SUBCOMMANDS = {
-    "serve": "tuichat.servercli",
-    "ps": "tuichat.servercli",
-    "stop": "tuichat.servercli",
-    "logs": "tuichat.servercli",
-    "profiles": "tuichat.servercli",
-    "doctor": "tuichat.servercli",
-    "history": "tuichat.historycli",
-    "export": "tuichat.historycli",
-    "import": "tuichat.historycli",
-    "models": "tuichat.modelcli",
-    "quantize": "tuichat.modelcli",
-    "pull": "tuichat.modelcli",
-    "rm": "tuichat.modelcli",
+    "serve": "tuichat.cli.server",
+    "ps": "tuichat.cli.server",
+    "stop": "tuichat.cli.server",
+    "logs": "tuichat.cli.server",
+    "profiles": "tuichat.cli.server",
+    "doctor": "tuichat.cli.server",
+    "history": "tuichat.cli.history",
+    "export": "tuichat.cli.history",
+    "import": "tuichat.cli.history",
+    "models": "tuichat.cli.models",
+    "quantize": "tuichat.cli.models",
+    "pull": "tuichat.cli.models",
+    "rm": "tuichat.cli.models",
     "web": "tuichat.web",
-    "batch": "tuichat.batchcli",
+    "batch": "tuichat.cli.batch",
 }
 
 # The key `tuichat web` gives each tab's tuichat (see the module docstring); the same name as tuichat.web's.

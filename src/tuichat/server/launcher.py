@@ -12,8 +12,8 @@ The API key of a launched server lives only in a 0600 file and in the server's m
 through a pipe (see `serve_entry.py`), never its command line or environment, wherever the profile's command is
 a Python program; otherwise the preflight warns that `ps` will show it. It is masked in every log line handed out.
 
-Fleets (tuichat.fleet) use the same machinery: `start_proxy` launches `lmdeploy serve proxy` with its own key, and
-`start(..., fleet=, proxy_url=, extra_keys=)` a node that registers with it and also takes the proxy's key. Their
+Fleets (tuichat.server.fleet) use the same machinery: `start_proxy` launches `lmdeploy serve proxy` with its own key,
+and `start(..., fleet=, proxy_url=, extra_keys=)` a node that registers with it and also takes the proxy's key. Their
 records carry `role` and `fleet`; `running()` lists only servers launched on their own, `fleet_members()` the rest.
 """
 
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 
 from tuichat import paths
+from tuichat.chat.sanitize import clean
 from tuichat.errors import ConfigError, TuichatError
-from tuichat.procgroup import (
+from tuichat.server.procgroup import (
     StopResult,
     group_pids,
     pid_alive,
@@ -51,7 +52,7 @@ from tuichat.procgroup import (
     spawn_group,
     stop_group,
 )
-from tuichat.profiles import (
+from tuichat.server.profiles import (
     Profile,
     entry_prefix,
     looks_like_hub_id,
@@ -63,10 +64,9 @@ from tuichat.profiles import (
     server_env,
     validate_name,
 )
-from tuichat.sanitize import clean
 
 if TYPE_CHECKING:
-    from tuichat.gpu import GpuReader, GpuSnapshot
+    from tuichat.server.gpu import GpuReader, GpuSnapshot
 
 State = Literal["starting", "ready", "failed", "stopping", "stopped"]
 
@@ -435,7 +435,7 @@ def _command_exists(program: str) -> bool:
 def make_gpu_reader() -> GpuReader | None:
     """The NVML reader, or None while gpu.py is missing (tests replace this function with a fake)."""
     try:
-        from tuichat.gpu import NvmlReader
+        from tuichat.server.gpu import NvmlReader
     except ImportError:
         return None
     return NvmlReader()
@@ -552,7 +552,7 @@ class ManagedServer:
         snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
         if snap is None:
             return set()
-        from tuichat.gpu import pids_on_gpu
+        from tuichat.server.gpu import pids_on_gpu
 
         return pids_on_gpu(snap, self.pids())
 
@@ -561,7 +561,7 @@ class ManagedServer:
         snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
         if snap is None or snap.error is not None:
             return None
-        from tuichat.gpu import memory_split
+        from tuichat.server.gpu import memory_split
 
         return sum(s.ours_bytes for s in memory_split(snap, self.pids()))
 
@@ -571,7 +571,7 @@ class ManagedServer:
         snap = snapshot if snapshot is not None else self._manager.gpu_snapshot()
         if snap is None or snap.error is not None:
             return []
-        from tuichat.gpu import memory_split
+        from tuichat.server.gpu import memory_split
 
         return [(s.index, s.ours_bytes) for s in memory_split(snap, self.pids()) if s.ours_bytes > 0]
 
@@ -845,7 +845,7 @@ class ServerManager:
 
     def _check_gpu(self) -> list[Check]:
         try:
-            from tuichat.gpu import gpus_visible
+            from tuichat.server.gpu import gpus_visible
         except ImportError:
             return []
         reader = self.gpu_reader()
@@ -889,7 +889,7 @@ class ServerManager:
         if tp > 1 and profile.executor_backend == "ray" and ray_missing:
             checks.append(Check("error", RAY_MISSING))
         if tp > 1:
-            from tuichat.gpu import visible_gpu_count
+            from tuichat.server.gpu import visible_gpu_count
 
             count, source = visible_gpu_count(self.gpu_reader(), os.environ)
             if count is not None and tp > count:
@@ -1169,7 +1169,7 @@ class ServerManager:
         """Which of `pids` NVML still lists on a GPU; NVML may lag a moment behind a process's exit."""
         if not pids:
             return set()
-        from tuichat.gpu import pids_on_gpu
+        from tuichat.server.gpu import pids_on_gpu
 
         deadline = time.monotonic() + 2.0
         while True:

@@ -1,8 +1,8 @@
 """The model picker: local models with their facts and fit, a profile from any of them, a hub id, or quantizing.
 
-Models come from `tuichat.models.discover` (the configured model roots, the Hugging Face cache and the ModelScope
-cache), run in a thread worker because it walks caches and reads safetensors headers. Broken folders are listed
-below the table as the sentences discovery gives, so one bad download never hides the rest.
+Models come from `tuichat.models.discovery.discover` (the configured model roots, the Hugging Face cache and the
+ModelScope cache), run in a thread worker because it walks caches and reads safetensors headers. Broken folders are
+listed below the table as the sentences discovery gives, so one bad download never hides the rest.
 
 For the highlighted model the detail area shows the fit estimate (`models.fit_estimate`) for the KV-cache share
 of the profile that choosing it would create, against the free memory of the emptiest GPU (read once, in a
@@ -33,8 +33,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from tuichat.config import Config, add_profile, load_config
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuReader, GpuSnapshot, NvmlReader, describe_no_gpu, format_bytes
-from tuichat.models import (
+from tuichat.models.discovery import (
     DiscoveryResult,
     ModelInfo,
     discover,
@@ -47,10 +46,11 @@ from tuichat.models import (
     profile_notes,
     roomiest_gpu,
 )
-from tuichat.profiles import BUILTIN_PROFILES, validate_name
-from tuichat.quantize import OrphanJob, Probes, find_orphan_jobs
-from tuichat.ui.quantize_screen import QuantizeScreen, tilde, tilde_text
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.models.quantize import OrphanJob, Probes, find_orphan_jobs
+from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader, describe_no_gpu, format_bytes
+from tuichat.server.profiles import BUILTIN_PROFILES, validate_name
+from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.quantize import QuantizeScreen, tilde, tilde_text
 
 LMDEPLOY_CACHE_SHARE = 0.8  # lmdeploy's default --cache-max-entry-count, for profiles that do not set one
 _COLUMNS = ("name", "arch", "params", "dtype", "quant", "size", "vlm")

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuichat.chat.sanitize import clean, clean_line
 from tuichat.errors import TuichatError
-from tuichat.sanitize import clean, clean_line
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -32,7 +32,7 @@ def _ago(timestamp: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuichat.store import Store
+    from tuichat.chat.store import Store
 
     try:
         with Store.open() as store:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuichat.errors import TuichatError
-from tuichat.gpu import format_bytes
-from tuichat.models import hf_cache_dir, looks_like_hub_id, modelscope_cache_dir
+from tuichat.models.discovery import hf_cache_dir, looks_like_hub_id, modelscope_cache_dir
+from tuichat.server.gpu import format_bytes
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Room kept beyond the download itself: the cache's small files, lock files and the filesystem's own needs.
@@ -762,7 +762,7 @@ def find_removable(model: str, roots: Sequence[Path], *, env: Mapping[str, str] 
         hit = _hf_cached(text, cache)
         if hit is not None:
             return hit
-    from tuichat.models import discover
+    from tuichat.models.discovery import discover
 
     found = discover(list(roots), include_caches=True, env=env).models
     given = Path(text).expanduser()

@@ -31,9 +31,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Log, ProgressBar, Static
 
+from tuichat.chat.sanitize import clean
 from tuichat.config import Config, load_config
 from tuichat.errors import TuichatError
-from tuichat.launcher import (
+from tuichat.server.launcher import (
     LogFollower,
     ManagedServer,
     Progress,
@@ -42,11 +43,10 @@ from tuichat.launcher import (
     collapse_cr,
     mask_secret,
 )
-from tuichat.procgroup import StopResult
-from tuichat.profiles import BUILTIN_PROFILES, Profile
-from tuichat.sanitize import clean
-from tuichat.ui.profile_editor import ProfileEditorScreen
-from tuichat.ui.screens import ChoiceScreen
+from tuichat.server.procgroup import StopResult
+from tuichat.server.profiles import BUILTIN_PROFILES, Profile
+from tuichat.ui.screens.dialogs import ChoiceScreen
+from tuichat.ui.screens.profile_editor import ProfileEditorScreen
 
 TICK = 0.5  # seconds between log reads, and between state polls while starting or stopping
 SLOW_POLL = 2.0  # seconds between state polls of a ready or stopped server
@@ -291,7 +291,7 @@ class ServerScreen(Screen[ServerAction | None]):
             details.append(Text(f"pid {server.pid} · up {format_uptime(server.uptime)}"))
             details.append(Text(f"serves {server.model_name}", style="dim"))
             if self.gpu_bytes:  # 0 also when NVML cannot see processes (containers): say nothing then
-                from tuichat.gpu import format_bytes
+                from tuichat.server.gpu import format_bytes
 
                 details.append(Text(f"GPU memory {format_bytes(self.gpu_bytes)}"))
             if status is not None and status.message:

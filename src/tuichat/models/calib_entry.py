@@ -1,4 +1,4 @@
-"""AWQ calibration on local text: the quantize job's own entry, `python -m tuichat.calib_entry MODEL ...`.
+"""AWQ calibration on local text: the quantize job's own entry, `python -m tuichat.models.calib_entry MODEL ...`.
 
 lmdeploy 0.18 only calibrates on named sets that `datasets` downloads from a hub at run time, which fails on a
 machine without internet. Its `lmdeploy/lite/apis/calibrate.py` imports `get_calib_loaders` at module level and
@@ -192,7 +192,7 @@ def make_loader(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tuichat.calib_entry",
+        prog="python -m tuichat.models.calib_entry",
         description="lmdeploy lite auto_awq, calibrated on local text instead of a downloaded set.",
     )
     p.add_argument("model")

@@ -1,6 +1,6 @@
 """The quantize form: `lmdeploy lite auto_awq` (W4A16) as a managed job, with its progress, log, cancel and profile.
 
-The work is `tuichat.quantize.QuantizeJob`: it runs lmdeploy in its own process group, writes into a hidden
+The work is `tuichat.models.quantize.QuantizeJob`: it runs lmdeploy in its own process group, writes into a hidden
 staging folder and only renames a finished model into place, so a failed or cancelled run leaves nothing
 behind. This screen only fills in `QuantizeOptions`, asks before an existing output folder is replaced, and
 follows the job from a thread worker that polls it every half second and reads the new lines of its log.
@@ -36,14 +36,11 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, Select, Static
 
 from tuichat import paths
+from tuichat.chat.sanitize import clean
 from tuichat.config import Config, add_profile
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuReader, GpuSnapshot, NvmlReader
-from tuichat.launcher import LogFollower, collapse_cr
-from tuichat.models import free_profile_name, hf_cache_dir, modelscope_cache_dir, profile_name_for
-from tuichat.procgroup import StopResult
-from tuichat.profiles import validate_name
-from tuichat.quantize import (
+from tuichat.models.discovery import free_profile_name, hf_cache_dir, modelscope_cache_dir, profile_name_for
+from tuichat.models.quantize import (
     CALIB_DATASETS,
     DEFAULT_CALIB_DATASET,
     JobStatus,
@@ -54,8 +51,11 @@ from tuichat.quantize import (
     format_elapsed,
     validate_options,
 )
-from tuichat.sanitize import clean
-from tuichat.ui.screens import ConfirmScreen
+from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader
+from tuichat.server.launcher import LogFollower, collapse_cr
+from tuichat.server.procgroup import StopResult
+from tuichat.server.profiles import validate_name
+from tuichat.ui.screens.dialogs import ConfirmScreen
 
 TICK = 0.5  # seconds between polls of the job
 LOG_KEEP = 500  # log lines kept on view; the whole log stays in its file

@@ -11,7 +11,7 @@ killed with `kill -9` frees its claims by dying. While a live process holds a co
 only read it: adding, undoing or deleting its messages is refused with a sentence naming the holder's pid.
 
 Text from outside (an imported file) is cleaned of terminal control sequences on the way in, and everything
-read back for display or export is cleaned again on the way out (see `tuichat.sanitize`).
+read back for display or export is cleaned again on the way out (see `tuichat.chat.sanitize`).
 
 Layout: `conversations` and `messages` tables, an FTS5 index over message text kept in step by triggers,
 and `PRAGMA user_version` naming the schema version; `MIGRATIONS[i]` takes a database from version i to i+1.
@@ -35,8 +35,8 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from tuichat import paths
+from tuichat.chat.sanitize import clean, clean_data, clean_line
 from tuichat.errors import TuichatError
-from tuichat.sanitize import clean, clean_data, clean_line
 
 DEFAULT_TITLE = "New chat"
 TITLE_MAX_CHARS = 48

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tuichat.chat import ChatSession, Turn
-from tuichat.client import ChatClient, ChatError
-from tuichat.conversation import Conversation, Event, ReplyDelta, ReplyFailed, ReplyFinished
+from tuichat.chat.client import ChatClient, ChatError
+from tuichat.chat.conversation import Conversation, Event, ReplyDelta, ReplyFailed, ReplyFinished
+from tuichat.chat.sampling import FIELD_BY_NAME, Sampling, SamplingError, check_value, sampling_from_table
+from tuichat.chat.turns import ChatSession, Turn
 from tuichat.errors import TuichatError
-from tuichat.sampling import FIELD_BY_NAME, Sampling, SamplingError, check_value, sampling_from_table
 
 PENDING_SUFFIX = ".pending"
 MAX_CONCURRENCY = 512
@@ -66,7 +66,7 @@ def resolve_endpoint(
 ) -> Endpoint:
     """A URL (with `api_key`, as for `--url`), or a launch profile that tuichat started and that is running."""
     if profile is not None:
-        from tuichat.launcher import ServerManager
+        from tuichat.server.launcher import ServerManager
 
         manager = ServerManager()
         try:
@@ -94,7 +94,7 @@ def resolve_endpoint(
             )
         finally:
             manager.close()
-    from tuichat.target import normalise_url
+    from tuichat.chat.target import normalise_url
 
     checked = normalise_url(url or "", "--url")
     return Endpoint(checked, api_key or None, model, checked)
@@ -513,7 +513,7 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`tuichat batch ...` without the rest of the CLI (also `python -m tuichat.batchcli batch ...`)."""
+    """`tuichat batch ...` without the rest of the CLI (also `python -m tuichat.cli.batch batch ...`)."""
     parser = argparse.ArgumentParser(prog="tuichat")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))

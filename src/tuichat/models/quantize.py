@@ -17,7 +17,7 @@ so prefixes such as timestamps and other model families keep working.
 
 Calibration comes from local text (`calib_file`, or the user's saved conversations written to a private temp
 file), from a set lmdeploy downloads (`calib_dataset`), or from nothing (`calib_samples = 0`, data-free). Local
-text runs through tuichat's own entry (`python -m tuichat.calib_entry`, see that module) in the job's process
+text runs through tuichat's own entry (`python -m tuichat.models.calib_entry`, see that module) in the job's process
 group, so nothing needs the hub. `preflight` refuses before any GPU work what cannot work (an architecture
 lmdeploy cannot quantize, sizes the group size does not divide, a full disk or GPU, a named set on a machine
 without `datasets` or the hub, too little text).
@@ -48,10 +48,10 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Literal
 
-from tuichat import calib_entry, paths
+from tuichat import paths
 from tuichat.errors import TuichatError
-from tuichat.gpu import GpuSnapshot, format_bytes
-from tuichat.models import (
+from tuichat.models import calib_entry
+from tuichat.models.discovery import (
     ModelInfo,
     config_section,
     fit_estimate,
@@ -61,7 +61,8 @@ from tuichat.models import (
     profile_for,
     roomiest_gpu,
 )
-from tuichat.procgroup import StopResult, group_pids, pid_alive, process_start_ticks, spawn_group, stop_group
+from tuichat.server.gpu import GpuSnapshot, format_bytes
+from tuichat.server.procgroup import StopResult, group_pids, pid_alive, process_start_ticks, spawn_group, stop_group
 
 # lmdeploy 0.18 dropped 'ptb' (the tutorial's choice): `--calib-dataset ptb` exits 2 with "invalid choice".
 DEFAULT_CALIB_DATASET = "wikitext2"
@@ -223,7 +224,7 @@ def _same_python(python: str) -> bool:
 def entry_prefix(python: str) -> list[str]:
     """How to run tuichat's calibration entry under `python`: as a module here, by its file elsewhere."""
     if _same_python(python):
-        return [python, "-m", "tuichat.calib_entry"]
+        return [python, "-m", "tuichat.models.calib_entry"]
     return [python, calib_entry.__file__]
 
 
@@ -257,8 +258,8 @@ def build_argv(opts: QuantizeOptions, work_dir: Path | None = None, calib_path: 
 
 def history_text(store_path: Path | None = None) -> str:
     """The user and assistant turns of every saved conversation (oldest first), without control sequences."""
-    from tuichat import store as store_mod
-    from tuichat.sanitize import clean
+    from tuichat.chat import store as store_mod
+    from tuichat.chat.sanitize import clean
 
     path = store_mod.default_path() if store_path is None else Path(store_path)
     if not path.is_file():
@@ -353,7 +354,7 @@ def _dataset_cached(name: str) -> bool:
 
 
 def _gpu_snapshot() -> GpuSnapshot | None:
-    from tuichat.gpu import NvmlReader
+    from tuichat.server.gpu import NvmlReader
 
     reader = NvmlReader()
     try:

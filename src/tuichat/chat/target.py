@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tuichat.client import DEFAULT_URL
+from tuichat.chat.client import DEFAULT_URL
 from tuichat.config import Config
 from tuichat.errors import TuichatError
 

@@ -2,7 +2,7 @@
 
 Large images cost many tokens: the tutorial's llava step returned empty replies until the image was shrunk or
 session_len raised. So images are downscaled to a configurable longest side before sending and, where the model
-folder tells how it counts image tokens (`tuichat.vision`), further to the largest size that still fits what is
+folder tells how it counts image tokens (`tuichat.chat.vision`), further to the largest size that still fits what is
 left of the session, with a sentence saying so. Pillow is an optional extra (`pip install "tuichat[images]"`).
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuichat.chat import Attachment
+from tuichat.chat.turns import Attachment
+from tuichat.chat.vision import DEFAULT_RESERVE, VisionSpec, plan_image, read_spec
 from tuichat.errors import TuichatError
-from tuichat.models import local_model_folder
-from tuichat.vision import DEFAULT_RESERVE, VisionSpec, plan_image, read_spec
+from tuichat.models.discovery import local_model_folder
 
 SUPPORTED = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"}
 MAX_FILE_BYTES = 50 * 1024 * 1024

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuichat.errors import TuichatError
-from tuichat.models import looks_like_vlm
+from tuichat.models.discovery import looks_like_vlm
 
 # Architectures whose processor follows Qwen2-VL's smart_resize with one token per merged patch.
 _QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
