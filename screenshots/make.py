@@ -17,10 +17,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ["TUICHAT_HOME"] = tempfile.mkdtemp(prefix="tuichat-shots-")
 
+from fakegpu import FakeGpuReader  # noqa: E402
 from standin.harness import run_standin  # noqa: E402
 
 from tuichat.config import load_config  # noqa: E402
-from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess  # noqa: E402
+from tuichat.server.gpu import GpuInfo, GpuProcess  # noqa: E402
 from tuichat.ui.app import AppOptions, make_app  # noqa: E402
 
 GB = 1000**3

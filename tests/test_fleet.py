@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
+from fakegpu import FakeGpuReader
 from standin import fake_proxy
 from standin.harness import STANDIN_COMMAND, free_port, proc_file, run_standin, session_pids, wait_for
 
@@ -25,7 +26,7 @@ from tuichat.config import add_fleet, load_config, remove_fleet
 from tuichat.errors import ConfigError
 from tuichat.server import launcher
 from tuichat.server.fleet import FleetPoller, find_fleet, probe_proxy
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.launcher import ServerManager
 
 GIB = 1 << 30

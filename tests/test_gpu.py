@@ -11,10 +11,10 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from fakegpu import FakeGpuReader
 
 from tuichat.server.gpu import (
     INIT_RETRY_S,
-    FakeGpuReader,
     GpuInfo,
     GpuMemorySplit,
     GpuProcess,

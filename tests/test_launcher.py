@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fakegpu import FakeGpuReader
 from standin.harness import FAKE_PATH, STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
-from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
+from tuichat.server.gpu import GpuInfo, GpuProcess
 from tuichat.server.launcher import (
     LaunchError,
     ManagedServer,

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from apphelpers import screen_text, wait_for
+from fakegpu import FakeGpuReader
 from standin.harness import STANDIN_COMMAND, free_port
 
 from tuichat.config import add_profile, load_config
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.launcher import ServerManager
 from tuichat.server.procgroup import group_pids
 from tuichat.ui.app import AppOptions, TuichatApp, make_app

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 from apphelpers import screen_text, wait_for
+from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
 from tuichat.config import add_profile, load_config
 from tuichat.models.quantize import Probes, default_record_dir, find_orphan_jobs
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.procgroup import group_pids, process_start_ticks, spawn_group
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, column_widths

@@ -15,6 +15,7 @@ from typing import Any
 import fake_lite
 import pytest
 from apphelpers import screen_text, wait_for
+from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, ProgressBar, Select, Static
@@ -22,7 +23,7 @@ from textual.widgets import Input, ProgressBar, Select, Static
 from tuichat.chat.store import Store
 from tuichat.config import load_config
 from tuichat.models.quantize import Probes
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.procgroup import group_pids
 from tuichat.server.profiles import parse_profile
 from tuichat.ui.screens.dialogs import ConfirmScreen

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 from apphelpers import screen_text, wait_for
+from fakegpu import FakeGpuReader
 from standin.harness import STANDIN_COMMAND, free_port
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, Log, ProgressBar
 
 from tuichat.config import Config, add_profile, load_config
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.launcher import ServerManager
 from tuichat.server.procgroup import group_pids
 from tuichat.ui.screens.dialogs import ChoiceScreen

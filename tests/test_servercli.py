@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from fakegpu import FakeGpuReader
 from standin.harness import STANDIN_COMMAND, free_port, pid_alive
 
 from tuichat.cli import server as servercli
 from tuichat.server import launcher
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.launcher import ServerManager
 
 GIB = 1 << 30

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, wait_for
+from fakegpu import FakeGpuReader
 from textual.pilot import Pilot
 
 from tuichat.chat.store import Store, default_path
-from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
+from tuichat.server.gpu import GpuInfo, GpuProcess
 from tuichat.ui.app import TuichatApp
 
 SIZES = [(80, 24), (120, 40)]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from apphelpers import wait_for
+from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
 from textual.screen import Screen
@@ -24,7 +25,7 @@ from textual.widgets import Input
 
 from tuichat.config import load_config
 from tuichat.models.quantize import Probes
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.ui.screens.models import ModelsScreen, ModelsTable
 from tuichat.ui.screens.quantize import QuantizeScreen
 

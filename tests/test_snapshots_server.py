@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 from apphelpers import wait_for
+from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
 from textual.screen import Screen
 from textual.widgets import Input
 
 from tuichat.config import add_profile, load_config
-from tuichat.server.gpu import FakeGpuReader, GpuInfo
+from tuichat.server.gpu import GpuInfo
 from tuichat.server.launcher import ServerManager
 from tuichat.ui.screens.profile_editor import ProfileEditorScreen
 from tuichat.ui.screens.server import ServerScreen

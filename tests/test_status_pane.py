@@ -7,8 +7,9 @@ import os
 
 import httpx
 from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, screen_text, wait_for
+from fakegpu import FakeGpuReader
 
-from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess
+from tuichat.server.gpu import GpuInfo, GpuProcess
 from tuichat.ui.widgets.status_pane import StatusPane
 
 GB = 1000**3

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fakegpu import FakeGpuReader
 from rich.console import Console
 from standin.harness import STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
 from tuichat.cli import server as servercli
 from tuichat.errors import ConfigError
-from tuichat.server.gpu import FakeGpuReader, GpuInfo, GpuProcess, memory_split, visible_gpu_count
+from tuichat.server.gpu import GpuInfo, GpuProcess, memory_split, visible_gpu_count
 from tuichat.server.launcher import LaunchError, ServerManager, ServerStatus, parse_rank
 from tuichat.server.profiles import Profile, parse_profile, profile_to_table, server_args, server_env
 from tuichat.ui.widgets.status_pane import gpu_renderable

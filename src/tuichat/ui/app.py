@@ -87,7 +87,7 @@ class AppOptions:
     store_path: Path | None = None
     use_store: bool = True
     watch_server: bool = True  # poll the GPU and /metrics in the background
-    gpu_reader: GpuReader | None = None  # tests: gpu.FakeGpuReader; default NVML
+    gpu_reader: GpuReader | None = None  # tests: tests/fakegpu.py; default NVML
     poll_interval: float = 2.0  # seconds between GPU and /metrics readings
     cursor_blink: bool = True  # snapshot tests turn it off so a blink cannot change the picture
     manager: ServerManager | None = None  # the launcher (tests pass one with its own state dir)
