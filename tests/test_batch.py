@@ -161,7 +161,9 @@ def test_ctrl_c_keeps_every_finished_row_and_a_rerun_finishes_without_asking_the
         assert proc.returncode == 130 and "Traceback" not in err
         assert "run the same command again" in err
         # a request cut by the Ctrl+C may be kept as a failed row: a re-run asks it again, like any failure
-        first = [r for r in rows(out) + rows(out.with_name("o.jsonl.pending")) if not r.get("error")]
+        pending = rows(out.with_name("o.jsonl.pending"))
+        assert not {r["line"] for r in rows(out)} & {r["line"] for r in pending}  # each finished row kept once
+        first = [r for r in rows(out) + pending if not r.get("error")]
         assert 3 <= len(first) < 12
         asked = s.stats()["requests"]
         rerun = _start(prompts, out, s.url, 4)
