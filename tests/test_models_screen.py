@@ -11,12 +11,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from apphelpers import screen_text, wait_for
 from fakegpu import FakeGpuReader
+from standin import hub as hubstandin
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
@@ -26,7 +28,7 @@ from tuichat.models.quantize import Probes, default_record_dir, find_orphan_jobs
 from tuichat.server.gpu import GpuInfo
 from tuichat.server.procgroup import group_pids, process_start_ticks, spawn_group
 from tuichat.ui.screens.dialogs import ConfirmScreen
-from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, column_widths
+from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, PullScreen, column_widths
 from tuichat.ui.screens.quantize import QuantizeScreen
 
 GB = 1000**3
@@ -407,3 +409,133 @@ async def test_a_vision_model_says_which_image_size_fits_its_profile_session(roo
         assert "Images up to 448x448 (~258 tokens each) fit a 16,384-token session" in text
         await highlight(pilot, screen, "tiny-chat")
         assert "Images up to" not in detail(screen)
+
+
+# ---------------------------------------------------------------- get a model (against the stand-in hub)
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Starts stand-in hubs with the given switches; HF_ENDPOINT points at the last, no token, small chunks."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)  # progress in several steps
+    started: list[hubstandin.HubProcess] = []
+
+    def start(*args: str) -> hubstandin.HubProcess:
+        hub = hubstandin.start(tmp_path / f"hub{len(started)}.log", *args)
+        started.append(hub)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        return hub
+
+    yield start
+    for hub in started:
+        hub.stop()
+
+
+def pulled_snapshot(home: Path) -> Path:
+    return home.parent / "hf" / "hub" / "models--tiny--tiny-chat" / "snapshots" / hubstandin.COMMIT
+
+
+def pull_screen(app: Host) -> PullScreen:
+    assert isinstance(app.screen, PullScreen)
+    return app.screen
+
+
+def pull_text(app: Host) -> str:
+    return " ".join(screen_text(app).split())
+
+
+async def test_g_gets_a_model_shows_its_facts_and_fit_and_p_makes_its_profile(
+    root: Path, home: Path, hub_factory: Any
+) -> None:
+    hub = hub_factory()
+    app, screen = picker()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await scanned(pilot, screen)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: isinstance(app.screen, PullScreen))
+        form = pull_screen(app)
+        await wait_for(pilot, lambda: form.query_one("#pull-repo", Input).has_focus)
+        await pilot.press("enter")  # nothing typed: a sentence, no pull
+        await wait_for(pilot, lambda: "Give a hub id as owner/name" in pull_text(app))
+        await pilot.press(*"tiny/tiny-chat", "enter")
+        await wait_for(pilot, lambda: form.state == "done", timeout=20)
+        await wait_for(pilot, lambda: "p makes a launch profile" in pull_text(app))
+        text = pull_text(app)
+        assert "tiny/tiny-chat is here" in text and "checked against the hub's hashes" in text
+        assert "model.safetensors: 256.2 kB" in text and "sha256 ok" in text
+        assert "architecture: Qwen2ForCausalLM" in text and "dtype bfloat16" in text
+        assert "(AWQ: no), vision-language: no" in text
+        assert "Fit on GPU 0 (Fake H200, 140.0 GB free of 150.0 GB)" in text and "fits." in text
+        assert "(100%)" in text
+        await pilot.press("p")
+        name = screen.query_one("#mdl-name", Input)
+        await wait_for(pilot, lambda: app.screen is screen and name.has_focus)
+        assert name.value == "tiny-chat"
+        assert "A new profile for tiny/tiny-chat" in message(screen)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("tiny-chat")])
+    assert load_config().profiles["tiny-chat"].model == str(pulled_snapshot(home))
+    assert len(hub.downloads()) == 3
+
+
+async def test_esc_stops_a_pull_keeping_the_part_and_enter_resumes_it_with_a_range_request(
+    root: Path, home: Path, hub_factory: Any
+) -> None:
+    hub = hub_factory("--rate", "100000")  # the 256 kB weights take about 2.5 s
+    app, screen = picker()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await scanned(pilot, screen)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: isinstance(app.screen, PullScreen))
+        form = pull_screen(app)
+        await pilot.press(*"tiny/tiny-chat", "enter")
+        await wait_for(
+            pilot,
+            lambda: form.view is not None and form.view.name == "model.safetensors" and form.view.file_have >= 32768,
+            timeout=20,
+        )
+        assert "[2/3] model.safetensors" in pull_text(app) and "left" in pull_text(app)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: form.state == "stopped", timeout=20)
+        text = pull_text(app)
+        assert "1 of 3 files of tiny/tiny-chat are in the cache" in text
+        assert "fetched so far are kept and resume" in text and "Press Enter to go on" in text
+        weights = pulled_snapshot(home) / "model.safetensors"
+        assert not weights.exists() and not (pulled_snapshot(home) / "config.json").exists()
+        [part] = list((home.parent / "hf" / "hub").rglob("*.incomplete"))
+        kept = part.stat().st_size
+        assert kept > 0
+        assert screen.models and all(m.hub_id != "tiny/tiny-chat" for m in screen.models)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: form.state == "done", timeout=20)
+        await wait_for(pilot, lambda: f"resuming model.safetensors at {kept / 1000:.1f} kB" in pull_text(app))
+        await pilot.press("escape")  # done: back to the list, which now has the model
+        await wait_for(pilot, lambda: app.screen is screen)
+        await wait_for(pilot, lambda: "tiny/tiny-chat" in [m.name for m in screen.models])
+    ranges = [r["range"] for r in hub.downloads() if str(r["path"]).endswith("model.safetensors")]
+    assert ranges == [None, f"bytes={kept}-"]
+    assert weights.is_file()
+
+
+async def test_an_unknown_repo_says_so_and_esc_goes_back(root: Path, home: Path, hub_factory: Any) -> None:
+    hub_factory()
+    app, screen = picker()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await scanned(pilot, screen)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: isinstance(app.screen, PullScreen))
+        form = pull_screen(app)
+        await pilot.press(*"tiny/nope", "enter")
+        await wait_for(pilot, lambda: form.state == "failed", timeout=20)
+        assert "tiny/nope was not found on http://127.0.0.1" in pull_text(app)
+        assert form.query_one("#pull-repo", Input).has_focus  # fix the id and try again
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is screen)
+    assert app.results == []

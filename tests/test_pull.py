@@ -1,4 +1,4 @@
-"""`tuichat pull` / `rm` / `models` against a stand-in Hugging Face hub (tests/hubstandin.py, a real subprocess).
+"""`tuichat pull` / `rm` / `models` against a stand-in Hugging Face hub (tests/standin/hub.py, a real subprocess).
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and friends once, at import; tuichat passes the endpoint and cache it
 resolves at each call, so these tests run in-process with a fresh HF_HOME each. The `hub_constants` fixture keeps
@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import hubstandin
 import pytest
+from standin import hub as hubstandin
 
 from tuichat.cli import models as modelcli
 from tuichat.errors import TuichatError
@@ -34,32 +32,11 @@ REPO = "tiny/tiny-chat"
 FILES = hubstandin.model_files()
 
 
-@dataclass
-class Hub:
-    url: str
-    log: Path
-    proc: subprocess.Popen[str]
-
-    def requests(self) -> list[dict[str, object]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    def downloads(self) -> list[dict[str, object]]:
-        return [r for r in self.requests() if r["method"] == "GET" and "/resolve/" in str(r["path"])]
+Hub = hubstandin.HubProcess
 
 
 def start_hub(tmp_path: Path, *args: str) -> Hub:
-    log = tmp_path / "hub.log"
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "hubstandin.py"), "--log", str(log), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the stand-in prints its port as soon as it listens
-    assert line.startswith("PORT "), line
-    return Hub(f"http://127.0.0.1:{int(line.split()[1])}", log, proc)
+    return hubstandin.start(tmp_path / "hub.log", *args)
 
 
 @pytest.fixture
@@ -118,10 +95,6 @@ def assert_complete(cache: Path) -> None:
     for name, data in FILES.items():
         assert hashlib.sha256((snap / name).read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest(), name
     assert (cache / "models--tiny--tiny-chat" / "refs" / "main").read_text() == hubstandin.COMMIT
-
-
-def no_partial_files(cache: Path) -> bool:
-    return not [p for p in cache.rglob("*") if p.name.endswith(".incomplete")]
 
 
 # ---------------------------------------------------------------- pull
@@ -220,29 +193,70 @@ def test_not_enough_disk_is_refused_before_any_download(hub: Hub, hub_env: Path)
 
 
 class StopDuringWeights(ProgressPrinter):
-    """Ctrl+C as the weights start to arrive."""
+    """Ctrl+C once `after` bytes of the weights have arrived."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(io.StringIO())
+        self.after = after
 
     def advance(self, n: int) -> None:
         super().advance(n)
-        if self.file is not None and self.file.name == "model.safetensors":
+        if self.file is not None and self.file.name == "model.safetensors" and self.file_done >= self.after:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_keeps_finished_files_and_the_same_command_resumes(hub: Hub, hub_env: Path) -> None:
-    code, _, err = run_pull(pull_args(), progress=StopDuringWeights(io.StringIO()))
+def partial_files(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.name.endswith(".incomplete")]
+
+
+def test_ctrl_c_keeps_the_partial_file_and_the_same_command_resumes_it_with_a_range_request(
+    hub: Hub, hub_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)  # several chunks in the 256 kB weights
+    code, _, err = run_pull(pull_args(), progress=StopDuringWeights(after=64 * 1024))
 
     assert code == 130
-    assert "1 of 3 files" in err and "Run the same `tuichat pull` again" in err
+    assert "1 of 3 files" in err and "of model.safetensors fetched so far are kept and resume" in err
+    assert "run the same command again: tuichat pull tiny/tiny-chat" in err
     snap = snapshot(hub_env)
     assert (snap / "tokenizer_config.json").exists()
+    # nothing that looks complete: no snapshot entry for the weights, no config, no ref
     assert not (snap / "model.safetensors").exists() and not (snap / "config.json").exists()
-    assert no_partial_files(hub_env)
+    assert not (hub_env / "models--tiny--tiny-chat" / "refs" / "main").exists()
+    [part] = partial_files(hub_env)
+    kept = part.stat().st_size
+    assert 0 < kept < len(FILES["model.safetensors"])
+    assert "No local models found" in models_text()
 
-    code, _, err = run_pull(pull_args(no_profile=True))
+    code, out, err = run_pull(pull_args(no_profile=True))
     assert code == 0, err
     assert_complete(hub_env)
+    assert partial_files(hub_env) == []
+    weights = [r for r in hub.downloads() if str(r["path"]).endswith("model.safetensors")]
+    assert [r["range"] for r in weights] == [None, f"bytes={kept}-"]  # resumed at the kept size, not from zero
+    assert f"resuming model.safetensors at {kept / 1000:.1f} kB" in out
     fetched = [str(r["path"]).rsplit("/", 1)[-1] for r in hub.downloads()]
     assert fetched.count("tokenizer_config.json") == 1  # not downloaded again
+
+
+def test_a_kept_part_that_spoils_the_hash_is_fetched_again_whole(
+    hub: Hub, hub_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    assert run_pull(pull_args(), progress=StopDuringWeights(after=64 * 1024))[0] == 130
+    [part] = partial_files(hub_env)
+    part.write_bytes(b"\xff" * part.stat().st_size)  # a part that is not the start of the file
+
+    code, out, err = run_pull(pull_args(no_profile=True))
+    assert code == 0, err
+    assert_complete(hub_env)
+    assert "did not match its hash after resuming: fetching it again from the start" in out
+    weights = [r["range"] for r in hub.downloads() if str(r["path"]).endswith("model.safetensors")]
+    assert weights[-1] is None
 
 
 def test_unknown_repo_says_so(hub: Hub) -> None:
@@ -258,12 +272,15 @@ def test_gated_repo_without_token_says_how_and_with_token_pulls(
         run_pull(pull_args("tiny/gated-chat"))
     assert "tiny/gated-chat is gated" in str(caught.value) and "HF_TOKEN" in str(caught.value)
     assert not (hub_env / "models--tiny--gated-chat" / "refs" / "main").exists()
+    assert partial_files(hub_env) == []  # a refusal leaves no empty part behind
 
     monkeypatch.setenv("HF_TOKEN", hubstandin.GOOD_TOKEN)
+    before = len(hub.downloads())
     code, out, err = run_pull(pull_args("tiny/gated-chat", no_profile=True))
     assert code == 0, err
     assert hubstandin.GOOD_TOKEN not in out + err
-    assert all(r["token"] for r in hub.downloads() if "gated" in str(r["path"]))
+    with_token = hub.downloads()[before:]
+    assert len(with_token) == len(FILES) and all(r["token"] for r in with_token)
 
 
 def test_unreachable_hub_gives_the_no_internet_sentence_quickly(tmp_path: Path) -> None:
@@ -369,3 +386,30 @@ def test_rm_removes_a_folder_under_a_root_and_refuses_without_yes_off_a_terminal
     out = io.StringIO()
     assert modelcli.run_rm(rm_args("tiny-local", str(root)), out, io.StringIO()) == 0
     assert "frees 256.6 kB" in out.getvalue() and not folder.exists() and root.is_dir()
+
+
+# ---------------------------------------------------------------- for the launcher's preflight
+
+
+def test_is_cached_only_after_a_complete_pull(hub: Hub, hub_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from tuichat.models.pull import is_cached
+
+    assert not is_cached(REPO)
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    assert run_pull(pull_args(), progress=StopDuringWeights(after=16 * 1024))[0] == 130
+    assert not is_cached(REPO)  # stopped half-way: not a model lmdeploy could load
+    assert run_pull(pull_args(no_profile=True))[0] == 0
+    assert is_cached(REPO) and is_cached(REPO, "main") and is_cached(REPO, hubstandin.COMMIT)
+    assert not is_cached(REPO, "v2") and not is_cached("tiny/other") and not is_cached("not a hub id")
+
+
+def test_hub_reachable_follows_hf_endpoint_and_offline_mode(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from standin.harness import free_port
+
+    from tuichat.models.pull import hub_reachable
+
+    assert hub_reachable()
+    assert not hub_reachable({"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1"})
+    assert not hub_reachable({"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, timeout=2.0)

@@ -24,9 +24,11 @@ from textual.screen import Screen
 from textual.widgets import Input
 
 from tuichat.config import load_config
+from tuichat.models.discovery import inspect_model
+from tuichat.models.pull import ProgressView
 from tuichat.models.quantize import Probes
-from tuichat.server.gpu import GpuInfo
-from tuichat.ui.screens.models import ModelsScreen, ModelsTable
+from tuichat.server.gpu import GpuInfo, GpuSnapshot
+from tuichat.ui.screens.models import ModelsScreen, ModelsTable, PullDone, PullScreen
 from tuichat.ui.screens.quantize import QuantizeScreen
 
 SIZES = [(80, 24), (120, 40)]
@@ -90,6 +92,17 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hermetic_home: Path) -
     return tmp_path
 
 
+async def settled(pilot: Pilot[Any]) -> None:
+    """Wait until the screen is still (two screenshots 0.1 s apart are the same), not a fixed pause."""
+    before = None
+    for _ in range(60):
+        await pilot.pause(0.1)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            return
+        before = now
+
+
 def no_blink(pilot: Pilot[Any]) -> None:
     for field in pilot.app.screen.query(Input).results():
         field.cursor_blink = False
@@ -106,7 +119,7 @@ async def models_ready(pilot: Pilot[Any]) -> None:
     assert isinstance(screen, ModelsScreen)
     await wait_for(pilot, lambda: screen.result is not None and screen.snapshot is not None)
     no_blink(pilot)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 async def naming_ready(pilot: Pilot[Any]) -> None:
@@ -119,7 +132,7 @@ async def naming_ready(pilot: Pilot[Any]) -> None:
     await pilot.press("p")
     await wait_for(pilot, lambda: screen.query_one("#mdl-name", Input).has_focus)
     no_blink(pilot)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 ONLINE = Probes(
@@ -148,7 +161,7 @@ def quantize_app(home: Path, model: str, *switches: str) -> Host:
 async def form_ready(pilot: Pilot[Any]) -> None:
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, QuantizeScreen))
     no_blink(pilot)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 async def quantized_ready(pilot: Pilot[Any]) -> None:
@@ -157,15 +170,8 @@ async def quantized_ready(pilot: Pilot[Any]) -> None:
     assert isinstance(screen, QuantizeScreen)
     await pilot.press("ctrl+s")
     await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
-    # the summary (sizes, fit) is drawn after the state turns: under load that can take several frames, so wait
-    # until two screenshots 0.3 s apart are the same instead of a fixed pause
-    before = None
-    for _ in range(40):
-        await pilot.pause(0.3)
-        now = pilot.app.export_screenshot()
-        if now == before:
-            break
-        before = now
+    # the summary (sizes, fit) is drawn after the state turns: under load that can take several frames
+    await settled(pilot)
 
 
 async def refused_ready(pilot: Pilot[Any]) -> None:
@@ -174,7 +180,7 @@ async def refused_ready(pilot: Pilot[Any]) -> None:
     assert isinstance(screen, QuantizeScreen)
     await pilot.press("ctrl+s")
     await wait_for(pilot, lambda: any("already quantized" in m for _, m in screen.messages))
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
@@ -203,3 +209,60 @@ def test_quantize_failed_with_a_hint(snap_compare: Any, home: Path) -> None:
 
 def test_quantize_refused_for_a_quantized_model(snap_compare: Any, home: Path) -> None:
     assert snap_compare(quantize_app(home, "tiny-awq"), terminal_size=(80, 24), run_before=refused_ready)
+
+
+# ---------------------------------------------------------------- get a model
+# The pull is not run here (its speeds, times and the stand-in's port change each run): the screen is given a
+# fixed moment of one, the way its worker hands them over.
+
+PULL_GPU = GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GB, mem_total=150 * GB)
+
+
+def pull_app(home: Path, state: str) -> Host:
+    def make() -> PullScreen:
+        return PullScreen(FakeGpuReader([PULL_GPU]), repo="internlm/internlm2-chat-1_8b")
+
+    app = Host(make)
+    app.state = state  # type: ignore[attr-defined]
+    return app
+
+
+async def pull_ready(pilot: Pilot[Any]) -> None:
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, PullScreen))
+    screen = pilot.app.screen
+    assert isinstance(screen, PullScreen)
+    no_blink(pilot)
+    state = pilot.app.state  # type: ignore[attr-defined]
+    if state != "form":
+        screen._set_state("running")
+        screen.add_line("pulling internlm/internlm2-chat-1_8b (main = 0123456789ab): 12 files, 3.8 GB", "dim")
+        screen.add_line("[1/12] tokenizer_config.json: 2.1 kB in 0 s, git hash ok", "")
+        screen.show_progress(
+            ProgressView(
+                2,
+                12,
+                "model-00001-of-00002.safetensors",
+                1_200_000_000,
+                1_980_000_000,
+                95e6,
+                1_200_002_100,
+                3_780_000_000,
+                95e6,
+            )
+        )
+    if state == "done":
+        snap = Path.home() / "models" / "tiny-chat"
+        info = inspect_model(snap, hub_id="internlm/internlm2-chat-1_8b")
+        screen._finished(
+            "done",
+            f"internlm/internlm2-chat-1_8b is here (3.8 GB in 40 s), every file checked against the hub's hashes: "
+            f"{snap}",
+            PullDone(info, GpuSnapshot(0.0, (PULL_GPU,)), "", None),
+        )
+    await settled(pilot)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
+@pytest.mark.parametrize("state", ["running", "done"])
+def test_get_a_model(snap_compare: Any, home: Path, size: tuple[int, int], state: str) -> None:
+    assert snap_compare(pull_app(home, state), terminal_size=size, run_before=pull_ready)

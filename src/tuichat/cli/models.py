@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tuichat import paths
 from tuichat.errors import TuichatError
 from tuichat.models.discovery import (
-    AWQ_CACHE_SHARE,
     DiscoveryResult,
     ModelInfo,
     discover,
-    fit_estimate,
     free_profile_name,
     hf_cache_dir,
     inspect_model,
@@ -39,8 +37,8 @@ from tuichat.models.discovery import (
     profile_for,
     profile_name_for,
     profile_notes,
-    roomiest_gpu,
 )
+from tuichat.models.fit import model_facts
 from tuichat.models.quantize import (
     CALIB_DATASETS,
     DEFAULT_CALIB_DATASET,
@@ -55,8 +53,6 @@ from tuichat.server.gpu import GpuSnapshot, format_bytes
 
 if TYPE_CHECKING:
     from tuichat.models.pull import ProgressPrinter
-
-LMDEPLOY_CACHE_SHARE = 0.8  # lmdeploy's own default for --cache-max-entry-count
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -275,6 +271,7 @@ def run_pull(
         result = pull.pull(plan, progress, free_probe=free_probe or pull.disk_free)
     except pull.Interrupted as exc:
         err.write(f"\ntuichat: {exc}\n")
+        err.write(f"tuichat: to go on, run the same command again: {_pull_command(args)}\n")
         return 130
     got = (
         f"{format_bytes(result.downloaded_bytes)} in {pull.format_duration(result.elapsed_s)}"
@@ -296,23 +293,15 @@ def run_pull(
     return 0
 
 
-def model_facts(info: ModelInfo, snapshot: GpuSnapshot | None) -> list[str]:
-    """What a user wants to know about a model they just got: what it is, and whether it fits here."""
-    quant = f"quantized: {info.quant_text}" if info.quantization else "not quantized"
-    awq = "yes" if info.model_format == "awq" else "no"
-    lines = [
-        f"architecture: {info.architecture}, {info.params_text} parameters, dtype {info.dtype or 'unknown'}, "
-        f"{quant} (AWQ: {awq}), vision-language: {'yes' if info.is_vlm else 'no'}",
-        f"size: {format_bytes(info.size_bytes)} on disk, weights {format_bytes(info.weights_bytes)}",
-    ]
-    gpu = roomiest_gpu(snapshot) if snapshot is not None and snapshot.error is None else None
-    if gpu is None or gpu.mem_total is None or gpu.mem_used is None:
-        lines.append("fit: no estimate, GPU memory cannot be read on this machine.")
-        return lines
-    share = AWQ_CACHE_SHARE if info.model_format in ("awq", "gptq") else LMDEPLOY_CACHE_SHARE
-    fit = fit_estimate(info.weights_bytes, gpu.mem_total - gpu.mem_used, gpu.mem_total, share)
-    lines.append(f"fit on GPU {gpu.index} ({gpu.name}): {fit.sentence}")
-    return lines
+def _pull_command(args: argparse.Namespace) -> str:
+    words = ["tuichat", "pull", args.repo]
+    if args.revision:
+        words += ["--revision", args.revision]
+    if args.source != "hf":
+        words += ["--source", args.source]
+    for pattern in args.include:
+        words += ["--include", pattern]
+    return shlex.join(words)
 
 
 def _settle_pull_profile(name: str) -> str:

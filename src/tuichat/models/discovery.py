@@ -1,4 +1,4 @@
-"""Local model discovery, a model folder's facts, the fit estimate, and the profile a chosen model gets.
+"""Local model discovery, a model folder's facts, and the profile a chosen model gets (the fit lives in `fit`).
 
 A model is a folder with a `config.json` (Hugging Face layout). They are found under the configured model roots
 (a root may itself be a model, hold models, or hold `org/model` folders; symlinked folders count, as the
@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuichat.errors import TuichatError
-from tuichat.server.gpu import GpuInfo, GpuSnapshot, format_bytes
+
+# The fit estimate moved to tuichat.models.fit; these names stay importable from here for older callers (quantize).
+from tuichat.models.fit import AWQ_CACHE_SHARE as AWQ_CACHE_SHARE
+from tuichat.models.fit import FitEstimate as FitEstimate
+from tuichat.models.fit import fit_estimate as fit_estimate
+from tuichat.models.fit import roomiest_gpu as roomiest_gpu
 
 # Weight files: what the GPU has to hold. Calibration statistics (lmdeploy's *_stats.pth) are not weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -103,15 +108,6 @@ class DiscoveryResult:
 
     models: list[ModelInfo]
     problems: list[str]
-
-
-@dataclass(frozen=True)
-class FitEstimate:
-    """Whether the weights fit beside lmdeploy's KV cache. `kv_bytes` is per GPU."""
-
-    fits: bool
-    kv_bytes: int
-    sentence: str
 
 
 # ---------------------------------------------------------------- discovery
@@ -522,79 +518,9 @@ def looks_like_hub_id(s: str) -> bool:
     return all(_HUB_PART.fullmatch(p) for p in parts)
 
 
-# ---------------------------------------------------------------- fit
-
-
-def roomiest_gpu(snapshot: GpuSnapshot) -> GpuInfo | None:
-    """The GPU with the most free memory (a one-GPU server goes there), among those whose memory is known."""
-    known = [g for g in snapshot.gpus if g.mem_total is not None and g.mem_used is not None]
-    if not known:
-        return None
-    return max(known, key=lambda g: (g.mem_total or 0) - (g.mem_used or 0))
-
-
-def fit_estimate(
-    weights_bytes: int, free_gpu_bytes: int, total_gpu_bytes: int, cache_share: float, tp: int = 1
-) -> FitEstimate:
-    """Weights against free GPU memory, and what the KV cache then gets.
-
-    lmdeploy loads the weights first (split over `tp` GPUs), then gives the KV cache `cache_share` of the memory
-    that is still free. `free_gpu_bytes` and `total_gpu_bytes` are per GPU (the emptiest-of-the-worst one).
-    """
-    if not 0.0 < cache_share <= 1.0:
-        raise TuichatError(
-            f"The KV-cache share must be more than 0 and at most 1 (got {cache_share}): "
-            "it is the share of GPU memory left free after the weights."
-        )
-    tp = max(1, tp)
-    per_gpu = weights_bytes // tp
-    weights_text = format_bytes(weights_bytes)
-    if tp > 1:
-        weights_text += f" ({format_bytes(per_gpu)} on each of {tp} GPUs)"
-    # CUDA context, activations and lmdeploy's own buffers need room beyond weights and cache
-    reserve = max(1_000_000_000, total_gpu_bytes // 50)
-    left = free_gpu_bytes - per_gpu
-    busy = total_gpu_bytes - free_gpu_bytes
-    busy_text = (
-        f"; {format_bytes(busy)} of the GPU's {format_bytes(total_gpu_bytes)} is already in use"
-        if busy > total_gpu_bytes // 10
-        else ""
-    )
-    if per_gpu + reserve > total_gpu_bytes:
-        more = "" if tp > 1 else " or spread it over more GPUs (tp)"
-        return FitEstimate(
-            False,
-            0,
-            f"weights {weights_text} need more than the GPU's {format_bytes(total_gpu_bytes)}; does not fit: "
-            f"use a quantized (AWQ) model{more}.",
-        )
-    if left < reserve:
-        return FitEstimate(
-            False,
-            0,
-            f"weights {weights_text}, but only {format_bytes(free_gpu_bytes)} of GPU memory is free{busy_text}; "
-            "does not fit: stop what holds the GPU, or use a quantized (AWQ) model.",
-        )
-    kv = int(left * cache_share)
-    gpu_word = " per GPU" if tp > 1 else ""
-    share = f"{cache_share:g}"
-    verdict = "fits"
-    if left - kv < reserve:
-        verdict = (
-            f"fits, but leaves under {format_bytes(reserve)} for activations: "
-            "lower the KV-cache share if the server fails to start"
-        )
-    sentence = (
-        f"weights {weights_text}, KV cache gets about {format_bytes(kv)}{gpu_word} at {share} "
-        f"({share} of the {format_bytes(left)} left free after the weights){busy_text}; {verdict}."
-    )
-    return FitEstimate(True, kv, sentence)
-
-
 # ---------------------------------------------------------------- profiles
 
 _PROFILE_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
-AWQ_CACHE_SHARE = 0.4  # the tutorial's value for its W4A16 model
 VLM_SESSION_LEN = 16384  # images count towards session_len; the tutorial's large images overflowed less room
 
 

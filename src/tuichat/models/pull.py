@@ -24,9 +24,10 @@ import importlib
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +42,9 @@ DISK_RESERVE = 200_000_000
 TTY_INTERVAL_S = 0.2
 PLAIN_INTERVAL_S = 5.0
 MODELSCOPE_HINT = 'pip install "tuichat[modelscope]"'
+# A stopped download is kept under this name beside the blob it becomes (the name huggingface_hub 0.x used, so
+# its leftovers resume too); huggingface_hub 2.x itself writes to a per-process name and deletes it on any error.
+PARTIAL_SUFFIX = ".incomplete"
 
 
 class PullError(TuichatError):
@@ -97,6 +101,24 @@ class PullPlan:
             return list(self.files)
         return [f for f in self.files if not (f.cache_key and (self.storage / "blobs" / f.cache_key).is_file())]
 
+    def partial(self, file: RemoteFile) -> Path | None:
+        """Where the part of `file` fetched so far is kept between pulls (None: a file the hub gives no hash for)."""
+        if self.source != "hf" or not file.cache_key:
+            return None
+        return self.storage / "blobs" / (file.cache_key + PARTIAL_SUFFIX)
+
+    def partial_bytes(self, file: RemoteFile) -> int:
+        """Bytes of `file` an earlier, stopped pull left (resumed, not fetched again)."""
+        path = self.partial(file)
+        try:
+            return path.stat().st_size if path is not None else 0
+        except OSError:
+            return 0
+
+    def to_fetch(self) -> int:
+        """Bytes still to download: the missing files less the parts already here."""
+        return sum(max(0, (f.size or 0) - self.partial_bytes(f)) for f in self.missing())
+
 
 @dataclass(frozen=True)
 class PullResult:
@@ -110,6 +132,10 @@ class PullResult:
 # ---------------------------------------------------------------- progress
 
 
+class PullCancelled(Exception):
+    """Raised inside a download when `PullProgress.cancel()` was called (from another thread: the UI's Esc)."""
+
+
 def format_duration(seconds: float) -> str:
     s = max(0, int(seconds + 0.5))
     if s < 60:
@@ -119,40 +145,97 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-@dataclass
-class ProgressPrinter:
-    """Per-file and overall progress: one rewritten line on a terminal, plain lines now and then elsewhere."""
+@dataclass(frozen=True)
+class ProgressView:
+    """One moment of a pull, for a progress bar: the current file and the whole pull."""
 
-    out: TextIO
-    tty: bool = False
-    clock: Callable[[], float] = time.monotonic
-    total: int = 0
-    done: int = 0  # bytes of finished and current files, this run
-    index: int = 0
-    count: int = 0
-    file: RemoteFile | None = None
-    file_done: int = 0
-    _start: float = 0.0
-    _file_start: float = 0.0
-    _last_print: float = field(default=-1e9)
-    _line_open: bool = False
+    index: int  # 1-based position of the current file
+    count: int
+    name: str
+    file_have: int  # bytes of this file on disk now (a resumed part included)
+    file_size: int | None
+    file_rate: float  # bytes a second, this file, this run
+    done: int  # bytes fetched this run, every file
+    total: int  # bytes this run has to fetch
+    rate: float
+
+    @property
+    def left_s(self) -> float | None:
+        if self.rate <= 0 or self.total <= self.done:
+            return None
+        return (self.total - self.done) / self.rate
+
+    @property
+    def percent(self) -> int:
+        return min(100, self.done * 100 // self.total) if self.total else 100
+
+    def file_text(self) -> str:
+        part = format_bytes(self.file_have)
+        if self.file_size:
+            part += f"/{format_bytes(self.file_size)}"
+        return f"[{self.index}/{self.count}] {self.name} {part} {format_bytes(self.file_rate)}/s"
+
+    def overall_text(self) -> str:
+        text = f"all {format_bytes(self.done)}/{format_bytes(self.total)}"
+        if self.total:
+            text += f" ({self.percent}%)"
+        text += f" {format_bytes(self.rate)}/s"
+        left = self.left_s
+        if left is not None:
+            text += f", {format_duration(left)} left"
+        return text
+
+
+class PullProgress:
+    """What a pull reports while it runs: counts bytes and calls `show`, `file_finished` and `note`.
+
+    Front ends subclass it (the CLI's `ProgressPrinter`, the models screen's reporter); the calls come from the
+    thread that pulls. `cancel()` may be called from any thread: the download stops at its next chunk, keeping
+    the part already fetched for the next pull to resume.
+    """
+
+    interval_s = TTY_INTERVAL_S
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.total = 0
+        self.done = 0  # bytes of finished and current files, this run
+        self.index = 0
+        self.count = 0
+        self.file: RemoteFile | None = None
+        self.file_done = 0  # bytes of the current file fetched this run
+        self.file_base = 0  # bytes of the current file already on disk when it started (a resumed part)
+        self._start = 0.0
+        self._file_start = 0.0
+        self._last_show = -1e9
+        self._cancel = threading.Event()
+
+    # -- driven by the pull
 
     def begin(self, total: int, count: int) -> None:
         self.total, self.count = total, count
         self._start = self.clock()
 
     def start_file(self, index: int, file: RemoteFile) -> None:
-        self.index, self.file, self.file_done = index, file, 0
+        self.check_cancelled()
+        self.index, self.file, self.file_done, self.file_base = index, file, 0, 0
         self._file_start = self.clock()
-        self._last_print = -1e9
+        self._last_show = -1e9
+
+    def resumed_at(self, offset: int) -> None:
+        """The current file goes on from `offset` bytes already on disk."""
+        self.file_base = offset
+        if offset and self.file is not None:
+            self.note(f"resuming {self.file.name} at {format_bytes(offset)}: that part was fetched before")
 
     def advance(self, n: int) -> None:
+        self.check_cancelled()
         self.file_done += n
         self.done += n
         now = self.clock()
-        if now - self._last_print >= (TTY_INTERVAL_S if self.tty else PLAIN_INTERVAL_S):
-            self._last_print = now
-            self._emit(self.line(now))
+        if now - self._last_show >= self.interval_s:
+            self._last_show = now
+            self.show(self.view(now))
 
     def finish_file(self, verified: str) -> None:
         file = self.file
@@ -160,39 +243,77 @@ class ProgressPrinter:
             return
         elapsed = self.clock() - self._file_start
         got = f"{format_bytes(self.file_done)} in {format_duration(elapsed)}" if self.file_done else "already here"
-        self._end_line()
-        self.out.write(f"[{self.index}/{self.count}] {file.name}: {got}, {verified}\n")
-        self.out.flush()
+        if self.file_done and self.file_base:
+            got += f" (resumed at {format_bytes(self.file_base)})"
+        self.file_finished(f"[{self.index}/{self.count}] {file.name}: {got}, {verified}")
 
-    def line(self, now: float) -> str:
+    def view(self, now: float | None = None) -> ProgressView:
+        now = self.clock() if now is None else now
         file = self.file
-        name = file.name if file else "?"
-        size = file.size if file and file.size else 0
-        file_rate = self.file_done / max(now - self._file_start, 1e-6)
-        rate = self.done / max(now - self._start, 1e-6)
-        part = f"{format_bytes(self.file_done)}/{format_bytes(size)}" if size else format_bytes(self.file_done)
-        overall = f"{format_bytes(self.done)}/{format_bytes(self.total)}"
-        if self.total:
-            overall += f" ({min(100, self.done * 100 // self.total)}%)"
-        left = ""
-        if rate > 0 and self.total > self.done:
-            left = f", {format_duration((self.total - self.done) / rate)} left"
-        return (
-            f"[{self.index}/{self.count}] {name} {part} {format_bytes(file_rate)}/s | "
-            f"all {overall} {format_bytes(rate)}/s{left}"
+        return ProgressView(
+            index=self.index,
+            count=self.count,
+            name=file.name if file else "?",
+            file_have=self.file_base + self.file_done,
+            file_size=file.size if file else None,
+            file_rate=self.file_done / max(now - self._file_start, 1e-6),
+            done=self.done,
+            total=self.total,
+            rate=self.done / max(now - self._start, 1e-6),
         )
 
-    def note(self, text: str) -> None:
-        self._end_line()
-        self.out.write(text + "\n")
-        self.out.flush()
+    # -- cancelling
 
-    def _emit(self, text: str) -> None:
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise PullCancelled
+
+    # -- what a front end shows
+
+    def show(self, view: ProgressView) -> None:
+        """The current numbers (called at most every `interval_s`)."""
+
+    def file_finished(self, line: str) -> None:
+        """A file is in the cache and checked: one line about it."""
+
+    def note(self, text: str) -> None:
+        """Something worth a line of its own (the plan, a resumed file, a dropped connection)."""
+
+
+class ProgressPrinter(PullProgress):
+    """Per-file and overall progress: one rewritten line on a terminal, plain lines now and then elsewhere."""
+
+    def __init__(self, out: TextIO, tty: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.out = out
+        self.tty = tty
+        self.interval_s = TTY_INTERVAL_S if tty else PLAIN_INTERVAL_S
+        self._line_open = False
+
+    def show(self, view: ProgressView) -> None:
+        text = f"{view.file_text()} | {view.overall_text()}"
         if self.tty:
             self.out.write("\r\x1b[2K" + text)
             self._line_open = True
         else:
             self.out.write(text + "\n")
+        self.out.flush()
+
+    def file_finished(self, line: str) -> None:
+        self._end_line()
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self._end_line()
+        self.out.write(text + "\n")
         self.out.flush()
 
     def _end_line(self) -> None:
@@ -201,7 +322,7 @@ class ProgressPrinter:
             self._line_open = False
 
 
-def _bar_class(progress: ProgressPrinter) -> type:
+def _bar_class(progress: PullProgress) -> type:
     """A stand-in for tqdm that huggingface_hub drives (it only creates, updates and closes its bars)."""
 
     class Bar:
@@ -354,6 +475,34 @@ def _is_transport_error(exc: BaseException) -> bool:
     return False
 
 
+def is_cached(repo_id: str, revision: str | None = None, *, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the Hugging Face cache holds a usable snapshot of `repo_id` (at `revision`: a branch, tag or commit;
+    default main), with its config.json, so lmdeploy can load it without downloading anything."""
+    text = repo_id.strip().strip("/")
+    if not looks_like_hub_id(text):
+        return False
+    storage = hf_cache_dir(env) / ("models--" + text.replace("/", "--"))
+    rev = (revision or "main").strip()
+    try:
+        commit = (storage / "refs" / rev).read_text().strip()
+    except (OSError, ValueError):
+        commit = rev  # a commit given directly, or a ref this cache does not know
+    return bool(commit) and "/" not in commit and (storage / "snapshots" / commit / "config.json").is_file()
+
+
+def hub_reachable(env: Mapping[str, str] | None = None, timeout: float = 4.0) -> bool:
+    """Whether the Hugging Face hub (or the HF_ENDPOINT mirror) answers at all; False in offline mode."""
+    env = os.environ if env is None else env
+    if _hf_offline(env):
+        return False
+    import httpx
+
+    try:
+        return httpx.head(hf_endpoint(env), timeout=timeout, follow_redirects=False).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -443,7 +592,7 @@ def _config_last(files: list[RemoteFile]) -> list[RemoteFile]:
 
 def check_disk(plan: PullPlan, free_probe: Callable[[Path], int] = disk_free) -> int:
     """Bytes still to download; raises when the cache's disk cannot hold them."""
-    need = sum(f.size or 0 for f in plan.missing())
+    need = plan.to_fetch()
     if need == 0:
         return 0
     free = free_probe(plan.cache_dir)
@@ -512,11 +661,15 @@ def _discard(pointer: Path) -> None:
 
 def pull(
     plan: PullPlan,
-    progress: ProgressPrinter,
+    progress: PullProgress,
     *,
     free_probe: Callable[[Path], int] = disk_free,
 ) -> PullResult:
-    """Download what the plan lists into the hub's cache, verifying each file; Ctrl+C raises Interrupted."""
+    """Download what the plan lists into the hub's cache, verifying each file.
+
+    Ctrl+C (KeyboardInterrupt) or `progress.cancel()` raises Interrupted; the part of the file being fetched is
+    kept (as `<blob>.incomplete`, which nothing takes for a finished file) and the next pull resumes it.
+    """
     if plan.source == "modelscope":
         return _pull_modelscope(plan, progress, free_probe)
     need = check_disk(plan, free_probe)
@@ -532,7 +685,7 @@ def pull(
 
 
 @contextlib.contextmanager
-def _resume_notes(progress: ProgressPrinter) -> Iterator[None]:
+def _resume_notes(progress: PullProgress) -> Iterator[None]:
     """huggingface_hub logs a warning (with the URL) each time it resumes a dropped download: say it plainly."""
     import logging
 
@@ -552,14 +705,17 @@ def _resume_notes(progress: ProgressPrinter) -> Iterator[None]:
         logger.removeFilter(translate)
 
 
-def _download_all(plan: PullPlan, progress: ProgressPrinter, bar: type, started: float) -> PullResult:
+def _download_all(plan: PullPlan, progress: PullProgress, bar: type, started: float) -> PullResult:
     from huggingface_hub import hf_hub_download
 
     fetched = 0
     fetched_bytes = 0
     for index, file in enumerate(plan.files, 1):
-        progress.start_file(index, file)
         try:
+            progress.start_file(index, file)
+            checked = _fetch_blob(plan, file, progress, bar)
+            # the snapshot's link (and the ref) as huggingface_hub lays them out; with the blob already in
+            # place it only links it, else (a file without a hash) it downloads the file itself
             local = Path(
                 hf_hub_download(
                     plan.repo_id,
@@ -570,8 +726,10 @@ def _download_all(plan: PullPlan, progress: ProgressPrinter, bar: type, started:
                     tqdm_class=bar,
                 )
             )
-        except KeyboardInterrupt:
-            raise Interrupted(_interrupted_sentence(plan, index - 1)) from None
+        except (KeyboardInterrupt, PullCancelled):
+            raise Interrupted(_interrupted_sentence(plan, index - 1, file)) from None
+        except PullError:
+            raise
         except Exception as exc:
             mapped = hub_error(exc, plan.repo_id, plan.endpoint, plan.revision)
             if mapped is None:
@@ -580,16 +738,82 @@ def _download_all(plan: PullPlan, progress: ProgressPrinter, bar: type, started:
         if progress.file_done:
             fetched += 1
             fetched_bytes += progress.file_done
-        problem = verify(local, file)
+        problem = None if checked else verify(local, file)
         if problem is not None:
             _discard(local)
-            raise PullError(
-                f"{file.name} of {plan.repo_id} arrived corrupt ({problem}), so it was removed from the cache: pull "
-                "again to fetch it anew; if it happens again, the hub or mirror (HF_ENDPOINT) serves a bad copy."
-            )
+            raise _corrupt(plan, file, problem)
         progress.finish_file(_verified_word(file))
     _write_ref(plan)
     return PullResult(plan, plan.snapshot, fetched, fetched_bytes, time.monotonic() - started)
+
+
+def _corrupt(plan: PullPlan, file: RemoteFile, problem: str) -> PullError:
+    return PullError(
+        f"{file.name} of {plan.repo_id} arrived corrupt ({problem}), so it was removed from the cache: pull "
+        "again to fetch it anew; if it happens again, the hub or mirror (HF_ENDPOINT) serves a bad copy."
+    )
+
+
+def _fetch_blob(plan: PullPlan, file: RemoteFile, progress: PullProgress, bar: type) -> bool:
+    """Put `file`'s blob into the cache through a partial file that outlives the process; True when checked.
+
+    huggingface_hub 2.x downloads into a file named per process and deletes it on any error, Ctrl+C included,
+    so a stopped pull would start that file from zero. Here the bytes go into `<blob>.incomplete`, which a
+    later pull continues with an HTTP Range request through the library's own `http_get` (same headers, token,
+    retries and error types). Only a file that matches the hub's hash becomes the blob. Files without a hash
+    (nothing to name the blob by) and files too large for plain HTTP (the hub serves those through Xet only)
+    are left to `hf_hub_download`, which cannot resume them across runs.
+    """
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.file_download import http_get
+
+    # public as huggingface_hub.utils.*, but that package's lazy exports hide them from mypy
+    from huggingface_hub.utils._fixes import WeakFileLock
+    from huggingface_hub.utils._headers import build_hf_headers
+
+    partial = plan.partial(file)
+    if partial is None or file.cache_key is None or (file.size or 0) > constants.MAX_HTTP_DOWNLOAD_SIZE:
+        return False
+    blob = partial.with_name(file.cache_key)
+    if blob.is_file():
+        return False  # already here (another revision shares it): hf_hub_download links it, verify checks it
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = plan.cache_dir / ".locks" / plan.storage.name / f"{file.cache_key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    url = hf_hub_url(plan.repo_id, file.name, revision=plan.commit, endpoint=plan.endpoint)
+    with WeakFileLock(lock):  # the lock huggingface_hub takes for this blob: two pulls never append to one part
+        for attempt in (1, 2):
+            have = plan.partial_bytes(file)
+            if file.size is not None and have > file.size:
+                partial.unlink()  # longer than the file: not a part of it
+                have = 0
+            progress.resumed_at(have)
+            try:
+                with partial.open("ab") as out:
+                    http_get(
+                        url,
+                        out,
+                        resume_size=have,
+                        headers=build_hf_headers(),
+                        expected_size=file.size,
+                        displayed_filename=file.name,
+                        tqdm_class=bar,
+                    )
+            except BaseException:
+                if partial.stat().st_size == 0:
+                    partial.unlink()  # nothing came (a refusal, a stop before the first chunk): nothing to keep
+                raise
+            problem = verify(partial, file)
+            if problem is None:
+                os.replace(partial, blob)
+                return True
+            partial.unlink(missing_ok=True)
+            if not have or attempt == 2:
+                raise _corrupt(plan, file, problem)
+            # the kept part came from an earlier pull and may be what is wrong: fetch the whole file once more
+            progress.note(f"{file.name} did not match its hash after resuming: fetching it again from the start")
+            progress.file_done = 0
+    return False  # not reached: the second attempt returns or raises
 
 
 def _write_ref(plan: PullPlan) -> None:
@@ -601,11 +825,17 @@ def _write_ref(plan: PullPlan) -> None:
     ref.write_text(plan.commit)
 
 
-def _interrupted_sentence(plan: PullPlan, finished: int) -> str:
+def _interrupted_sentence(plan: PullPlan, finished: int, current: RemoteFile | None = None) -> str:
+    kept = ""
+    part = plan.partial_bytes(current) if current is not None else 0
+    if current is not None and part:
+        size = f" of {format_bytes(current.size)}" if current.size else ""
+        kept = f"; the {format_bytes(part)}{size} of {current.name} fetched so far are kept and resume"
+    elif current is not None and plan.partial(current) is None:
+        kept = f"; {current.name} has no hash to resume it by and starts again"
     return (
-        f"Stopped: {finished} of {len(plan.files)} files of {plan.repo_id} are in the cache, the file that was "
-        "downloading is discarded. Run the same `tuichat pull` again to fetch the rest; finished files are not "
-        "downloaded again."
+        f"Stopped: {finished} of {len(plan.files)} files of {plan.repo_id} are in the cache{kept}. Pull it again "
+        "to fetch the rest; nothing already here is downloaded again."
     )
 
 
@@ -660,7 +890,7 @@ def _modelscope_error(exc: BaseException, repo_id: str, endpoint: str) -> PullEr
     return PullError(f"ModelScope refused {repo_id} ({text}): check the id, your login (modelscope login) and retry.")
 
 
-def _pull_modelscope(plan: PullPlan, progress: ProgressPrinter, free_probe: Callable[[Path], int]) -> PullResult:
+def _pull_modelscope(plan: PullPlan, progress: PullProgress, free_probe: Callable[[Path], int]) -> PullResult:
     check_disk(plan, free_probe)
     snap = _modelscope("modelscope.hub.snapshot_download")
     started = time.monotonic()
@@ -675,7 +905,10 @@ def _pull_modelscope(plan: PullPlan, progress: ProgressPrinter, free_probe: Call
             )
         )
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted_sentence(plan, 0).replace("0 of", "some of")) from None
+        raise Interrupted(
+            f"Stopped: some of the {len(plan.files)} files of {plan.repo_id} are in the ModelScope cache. Run the "
+            "same pull again to fetch the rest."
+        ) from None
     except Exception as exc:  # as in plan_modelscope
         raise _modelscope_error(exc, plan.repo_id, plan.endpoint) from None
     for index, file in enumerate(plan.files, 1):

@@ -13,7 +13,8 @@ Run as a real subprocess (stdlib only); it prints `PORT n` once it listens on 12
 
 Repos: `tiny/tiny-chat` (a small Qwen2 model: config.json, tokenizer_config.json, model.safetensors) and
 `tiny/gated-chat` (the same files, gated). Fault switches: `--drop-once FILE` sends half of FILE's first GET and
-closes the connection; `--corrupt FILE` serves FILE with one byte changed (size and headers unchanged). `--log PATH`
+closes the connection; `--corrupt FILE` serves FILE with one byte changed (size and headers unchanged); `--rate N`
+sends file bodies at about N bytes a second (in 8 kB pieces), so a test can stop a pull mid-file. `--log PATH`
 gets one JSON line per request: method, path, Range header, whether a token came (never the token).
 """
 
@@ -24,9 +25,13 @@ import contextlib
 import hashlib
 import json
 import struct
+import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -78,8 +83,9 @@ REPOS = {"tiny/tiny-chat": {"gated": False}, "tiny/gated-chat": {"gated": "manua
 
 
 class Hub:
-    def __init__(self, drop_once: set[str], corrupt: set[str], log: str | None) -> None:
+    def __init__(self, drop_once: set[str], corrupt: set[str], log: str | None, rate: int = 0) -> None:
         self.files = model_files()
+        self.rate = rate
         self.drop_once = set(drop_once)
         self.corrupt = corrupt
         self.log = log
@@ -107,7 +113,7 @@ class Hub:
 
 
 class Handler(BaseHTTPRequestHandler):
-    server_version = "hubstandin/1"
+    server_version = "hub-standin/1"
     protocol_version = "HTTP/1.1"
     hub: Hub
 
@@ -204,7 +210,49 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(data[start:])
+        self.send_body(data[start:])
+
+    def send_body(self, data: bytes) -> None:
+        if not self.hub.rate:
+            self.wfile.write(data)
+            return
+        piece = 8192
+        for at in range(0, len(data), piece):
+            self.wfile.write(data[at : at + piece])
+            self.wfile.flush()
+            time.sleep(piece / self.hub.rate)
+
+
+@dataclass
+class HubProcess:
+    """A running stand-in hub (for tests): its URL and its request log."""
+
+    url: str
+    log: Path
+    proc: subprocess.Popen[str]
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def downloads(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests() if r["method"] == "GET" and "/resolve/" in str(r["path"])]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start(log: Path, *args: str) -> HubProcess:
+    """Run the stand-in as a subprocess with these switches; returns once it listens."""
+    proc = subprocess.Popen([sys.executable, __file__, "--log", str(log), *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the stand-in prints its port as soon as it listens
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"the stand-in hub did not start: {line!r}")
+    return HubProcess(f"http://127.0.0.1:{int(line.split()[1])}", log, proc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-once", action="append", default=[], metavar="FILE")
     parser.add_argument("--corrupt", action="append", default=[], metavar="FILE")
     parser.add_argument("--log", metavar="PATH")
+    parser.add_argument("--rate", type=int, default=0, metavar="BYTES_PER_S")
     args = parser.parse_args(argv)
-    Handler.hub = Hub(set(args.drop_once), set(args.corrupt), args.log)
+    Handler.hub = Hub(set(args.drop_once), set(args.corrupt), args.log, args.rate)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print(f"PORT {server.server_address[1]}", flush=True)
