@@ -341,3 +341,29 @@ def test_windows_line_endings_stay(hermetic_home: Path) -> None:
     assert data.startswith(b"# written on Windows\r\n[ui]\r\ntheme = 'nord'\r\non_quit = \"stop\"\r\n")
     assert b"\n" not in data.replace(b"\r\n", b"")
     assert load_config().sampling.seed == 1
+
+
+def test_save_profile_writes_the_shortest_table_and_keeps_the_rest_of_the_file(hermetic_home: Path) -> None:
+    from tuichat.config import save_profile
+    from tuichat.server.profiles import Profile
+
+    path = hermetic_home / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('# my settings\n[ui]\ntheme = "nord"  # dark\n', encoding="utf-8")
+    save_profile("mine", Profile(model="/models/mine", port="auto", tp=2, stop_timeout=30.0))
+    text = path.read_text(encoding="utf-8")
+    assert '# my settings\n[ui]\ntheme = "nord"  # dark\n' in text
+    assert "port" not in text and "stop_timeout" not in text  # defaults stay out of the file
+    cfg = load_config()
+    assert cfg.profiles["mine"] == Profile(model="/models/mine", tp=2)
+    assert "mine" in cfg.user_profiles and cfg.profile_table("mine") == {"model": "/models/mine", "tp": 2}
+
+
+def test_overwrite_question_for_own_and_built_in_profiles_only(hermetic_home: Path) -> None:
+    from tuichat.config import overwrite_question
+
+    add_profile("mine", {"model": "/models/x"})
+    cfg = load_config()
+    assert "already in config.toml" in (overwrite_question(cfg, "mine") or "")
+    assert "built-in profile" in (overwrite_question(cfg, "internlm2-pytorch") or "")
+    assert overwrite_question(cfg, "free-name") is None

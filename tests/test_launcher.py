@@ -17,13 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import FakeHubCache
 from fakegpu import FakeGpuReader
 from standin.harness import FAKE_PATH, STANDIN_COMMAND, free_port, proc_file, session_pids, wait_for
 
 from tuichat.server.gpu import GpuInfo, GpuProcess
+from tuichat.server.launch import Checked, LaunchEvent, Started, StatusChanged, launch
 from tuichat.server.launcher import (
+    Check,
     LaunchError,
     ManagedServer,
+    PreflightFailed,
     Progress,
     ServerManager,
     ServerStatus,
@@ -384,3 +388,79 @@ def test_another_server_on_the_port_is_not_taken_for_ours(manager: ServerManager
         ours.record = replace(ours.record, port=other.port)  # as if both had picked the same port
         assert ours.poll().state == "starting"  # /health answers 200, but /v1/models refuses our key
         manager.stop(ours, timeout=1.0)
+
+
+# ---------------------------------------------------------------- hub ids not on disk, and the one launch flow
+
+
+def test_hub_id_in_the_cache_needs_no_download(manager: ServerManager, hub_cache: FakeHubCache) -> None:
+    hub_cache.add("owner/cached-model")
+    assert manager.preflight(standin(model="owner/cached-model")) == []
+
+
+def test_hub_id_not_in_the_cache_offers_tuichat_pull_first(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a hub that answers: nothing blocks the download but the fact that lmdeploy would do it silently
+    with socket.socket() as hub:
+        hub.bind(("127.0.0.1", 0))
+        hub.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        checks = manager.preflight(standin(model="owner/not-pulled"))
+        with pytest.raises(PreflightFailed, match="tuichat pull owner/not-pulled") as raised:
+            manager.start("not-pulled", standin(model="owner/not-pulled"))
+    assert [(c.level, c.fix) for c in checks] == [("error", "tuichat pull owner/not-pulled")]
+    assert "not in the Hugging Face cache" in checks[0].message and "silently" in checks[0].message
+    assert raised.value.checks == tuple(checks)
+    assert manager.running() == []
+
+
+def test_hub_id_not_in_the_cache_on_an_offline_box_says_it_is_offline(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (offline,) = manager.preflight(standin(model="owner/not-pulled"))
+    assert offline.level == "error" and offline.fix is None
+    assert "offline: HF_HUB_OFFLINE is set" in offline.message
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    port = free_port()  # nothing listens there: refused at once, like a box with no route to the hub
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    (unreachable,) = manager.preflight(standin(model="owner/not-pulled"))
+    assert f"offline: 127.0.0.1:{port} cannot be reached" in unreachable.message and unreachable.fix is None
+
+
+def test_modelscope_cache_is_checked_when_lmdeploy_uses_modelscope(
+    manager: ServerManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMDEPLOY_USE_MODELSCOPE", "True")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    (missing,) = manager.preflight(standin(model="Shanghai_AI_Laboratory/internlm2-chat-1.8b"))
+    assert missing.fix == "tuichat pull Shanghai_AI_Laboratory/internlm2-chat-1.8b --source modelscope"
+    folder = tmp_path / "ms" / "Shanghai_AI_Laboratory" / "internlm2-chat-1___8b"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert manager.preflight(standin(model="Shanghai_AI_Laboratory/internlm2-chat-1.8b")) == []
+
+
+def test_launch_runs_the_preflight_once_and_reports_each_step(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Profile] = []
+    original = ServerManager.preflight
+
+    def counted(self: ServerManager, profile: Profile, port: int | None = None) -> list[Check]:
+        calls.append(profile)
+        return original(self, profile, port)
+
+    monkeypatch.setattr(ServerManager, "preflight", counted)
+    events: list[LaunchEvent] = []
+    profile = standin("--fake-load-seconds", "0.3", server_name="0.0.0.0")
+    launched = launch(manager, "flow", profile, events.append, timeout=20)
+    assert launched.status is not None and launched.status.state == "ready"
+    assert len(calls) == 1
+    checked, started, *changes = events
+    assert isinstance(checked, Checked) and [c.level for c in checked.checks] == ["warning"]  # 0.0.0.0
+    assert isinstance(started, Started) and started.server is launched.server
+    assert all(isinstance(e, StatusChanged) for e in changes)
+    last = changes[-1]
+    assert isinstance(last, StatusChanged) and last.status.state == "ready"

@@ -2,10 +2,10 @@
 
 The file lives at `paths.config_file()` (`$TUICHAT_HOME/config.toml` when set). Every error names the file and
 the dotted key and says what is allowed, so a typo never turns into a silent default. The user writes this file
-by hand, so a save (`update_config`, `set_value`, `set_sampling`, `add_profile`, `remove_profile`, `add_fleet`,
-`remove_fleet`, `save_config`)
-changes only the keys it is about and keeps comments, blank lines and key order; it never writes a file that
-would fail validation. The file may hold an API key, so it is written atomically and 0600.
+by hand, so a save (`update_config`, `set_value`, `set_sampling`, `save_profile`, `add_profile`,
+`remove_profile`, `add_fleet`, `remove_fleet`, `save_config`) changes only the keys it is about and keeps
+comments, blank lines and key order; it never writes a file that would fail validation.
+The file may hold an API key, so it is written atomically and 0600.
 
     default_profile = "internlm2-w4"
     [server]    url, api_key, model                       (what to attach to when no profile is launched)
@@ -70,9 +70,10 @@ class Config:
     ui: UISettings = field(default_factory=UISettings)
     keys: Mapping[str, str] = field(default_factory=dict)
     model_roots: tuple[str, ...] = ()
-    # The user's own profile tables, kept as written so that saving does not rewrite them.
-    profile_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # every profile, built-in or the user's, in its one typed form
     profiles: Mapping[str, Profile] = field(default_factory=dict)
+    # which of `profiles` the file defines (the rest are built-ins it left alone)
+    user_profiles: frozenset[str] = frozenset()
     # [fleets.NAME] as written, and validated
     fleet_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fleets: Mapping[str, FleetSpec] = field(default_factory=dict)
@@ -80,9 +81,11 @@ class Config:
     # edited by hand while tuichat ran is not overwritten by a save about something else.
     baseline: Mapping[tuple[str, ...], object] | None = field(default=None, compare=False, repr=False)
 
-    @property
-    def user_profiles(self) -> set[str]:
-        return set(self.profile_tables)
+    def profile_table(self, name: str) -> dict[str, object]:
+        """The user's profile `name` as config.toml holds it: its shortest table, derived from the Profile."""
+        from tuichat.server.profiles import profile_to_table
+
+        return profile_to_table(self.profiles[name])
 
 
 _TOP_KEYS = ("default_profile", "server", "sampling", "ui", "keys", "models", "profiles", "fleets")
@@ -195,14 +198,14 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
 
     from tuichat.server import profiles as profiles_mod
 
-    profile_tables: dict[str, dict[str, Any]] = {}
+    user_profiles: set[str] = set()
     merged: dict[str, Profile] = dict(profiles_mod.BUILTIN_PROFILES)
     if "profiles" in raw:
         for name, table in _table(file, "profiles", raw["profiles"]).items():
             if not isinstance(table, dict):
                 raise ConfigError(file, f"profiles.{name}", "must be a table, e.g. [profiles." + name + "]")
             merged[name] = profiles_mod.parse_profile(name, table, file)
-            profile_tables[name] = table
+            user_profiles.add(name)
 
     fleet_tables: dict[str, dict[str, Any]] = {}
     fleets: dict[str, FleetSpec] = {}
@@ -231,8 +234,8 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
         ui=ui,
         keys=keys,
         model_roots=roots,
-        profile_tables=profile_tables,
         profiles=merged,
+        user_profiles=frozenset(user_profiles),
         fleet_tables=fleet_tables,
         fleets=fleets,
     )
@@ -276,8 +279,8 @@ def to_document(cfg: Config) -> dict[str, Any]:
         doc["keys"] = dict(cfg.keys)
     if cfg.model_roots:
         doc["models"] = {"roots": list(cfg.model_roots)}
-    if cfg.profile_tables:
-        doc["profiles"] = {name: dict(table) for name, table in cfg.profile_tables.items()}
+    if cfg.user_profiles:
+        doc["profiles"] = {name: cfg.profile_table(name) for name in sorted(cfg.user_profiles)}
     if cfg.fleet_tables:
         doc["fleets"] = {name: dict(table) for name, table in cfg.fleet_tables.items()}
     return doc
@@ -309,8 +312,8 @@ def _leaves(cfg: Config) -> dict[ConfigKey, object]:
         out[("keys", name)] = value
     if cfg.model_roots:
         out[("models", "roots")] = list(cfg.model_roots)
-    for name, table in cfg.profile_tables.items():
-        out[("profiles", name)] = _plain(table)
+    for name in sorted(cfg.user_profiles):
+        out[("profiles", name)] = _plain(cfg.profile_table(name))
     for name, table in cfg.fleet_tables.items():
         out[("fleets", name)] = _plain(table)
     return out
@@ -498,13 +501,40 @@ def save_config(cfg: Config) -> Path:
     return cfg.path
 
 
-def add_profile(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
-    """Validate `table` as profile `name` and save it into the config file (replacing one of that name)."""
+def save_profile(name: str, profile: Profile, *, path: Path | None = None) -> Path:
+    """The one way a profile reaches config.toml: `profile` as profile `name`, in its shortest table (defaults
+    left out), replacing one of that name. Whether to replace is the caller's question (`overwrite_question`)."""
     from tuichat.server import profiles as profiles_mod
 
     file = path or paths.config_file()
-    profiles_mod.parse_profile(name, table, file)
-    return update_config({("profiles", name): dict(table)}, path=file)
+    table = profiles_mod.profile_to_table(profile)
+    # a Profile built in code skipped the file's checks: it must read back as the same profile
+    if profiles_mod.parse_profile(name, table, file) != profile:
+        raise ConfigError(file, f"profiles.{name}", "does not read back as the profile being saved")
+    return update_config({("profiles", name): table}, path=file)
+
+
+def add_profile(name: str, table: Mapping[str, object], *, path: Path | None = None) -> Path:
+    """Validate `table` as profile `name` and save it through `save_profile` (replacing one of that name)."""
+    from tuichat.server import profiles as profiles_mod
+
+    file = path or paths.config_file()
+    return save_profile(name, profiles_mod.parse_profile(name, table, file), path=file)
+
+
+def overwrite_question(cfg: Config, name: str) -> str | None:
+    """The question to ask before a save as `name` replaces a profile (the user's own or a built-in), or None
+    when the name is free. `cfg` is the config as the asking screen or command last loaded it."""
+    from tuichat.server import profiles as profiles_mod
+
+    if name in cfg.user_profiles:
+        return f"A profile called {name} is already in config.toml: replace it?"
+    if name in profiles_mod.BUILTIN_PROFILES:
+        return (
+            f"{name} is a built-in profile: save yours under that name? It takes the built-in's place "
+            "(remove it from config.toml to get the built-in back)."
+        )
+    return None
 
 
 def remove_profile(name: str, *, path: Path | None = None) -> Path:
@@ -512,7 +542,7 @@ def remove_profile(name: str, *, path: Path | None = None) -> Path:
     from tuichat.server import profiles as profiles_mod
 
     cfg = load_config(path)
-    if name not in cfg.profile_tables:
+    if name not in cfg.user_profiles:
         raise ConfigError(cfg.path, f"profiles.{name}", "is not a profile of this file (built-ins stay)")
     changes: dict[ConfigKey, object] = {("profiles", name): None}
     if cfg.default_profile == name and name not in profiles_mod.BUILTIN_PROFILES:

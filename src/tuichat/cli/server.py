@@ -25,9 +25,11 @@ from typing import Any
 from tuichat import paths
 from tuichat.chat.sanitize import clean
 from tuichat.errors import TuichatError
+from tuichat.server.launch import Checked, LaunchEvent, Started, launch
 from tuichat.server.launcher import (
     LogFollower,
     ManagedServer,
+    PreflightFailed,
     ServerManager,
     ServerStatus,
     collapse_cr,
@@ -215,25 +217,74 @@ def _serve(args: argparse.Namespace, manager: ServerManager) -> int:
             with _stop_signals():
                 return _serve_fleet(args, manager, cfg.fleets[args.profile], dict(cfg.profiles))
     name, profile = _pick_profile(args.profile)
-    for check in manager.preflight(profile):
-        if check.level == "warning":
-            _err(f"Warning: {check.message}")
     with _stop_signals():
         return _serve_started(args, manager, name, profile)
 
 
+def _offer_fixes(failed: PreflightFailed) -> bool:
+    """On a terminal, offer to run the commands that fix a blocked launch (`tuichat pull ID`); True when every
+    error had one and each ran to its end, so the launch can be tried again."""
+    errors = [c for c in failed.checks if c.level == "error"]
+    if not errors or any(c.fix is None for c in errors) or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    for check in errors:
+        assert check.fix is not None
+        _err(check.message)
+        try:
+            answer = input(f"Run `{check.fix}` now? [Y/n] ").strip().lower()
+        except EOFError:
+            return False
+        if answer not in ("", "y", "yes"):
+            return False
+        if _run_fix(check.fix) != 0:
+            return False
+    return True
+
+
+def _run_fix(command: str) -> int:
+    """Run a preflight's fix command (a tuichat subcommand) in this process, with its own progress output."""
+    import shlex
+
+    from tuichat.cli.main import main
+
+    words = shlex.split(command)
+    return main(words[1:]) if words[:1] == ["tuichat"] else 1
+
+
 def _serve_started(args: argparse.Namespace, manager: ServerManager, name: str, profile: Profile) -> int:
-    server = manager.start(name, profile)
-    ready = False
-    # one handler around everything after the launch: a Ctrl+C at any moment must not leave the server behind
-    try:
-        _err(f"Starting {name} ({profile.model}) at {server.url}; log: {server.log_path}")
-        status = server.wait_ready(args.timeout, _ProgressPrinter())
+    printer = _ProgressPrinter()
+    spawned: list[ManagedServer] = []
+
+    def on_event(event: LaunchEvent) -> None:
+        if isinstance(event, Checked):
+            for check in event.checks:
+                _err(f"Warning: {check.message}")
+        elif isinstance(event, Started):
+            spawned.append(event.server)
+            _err(f"Starting {name} ({profile.model}) at {event.server.url}; log: {event.server.log_path}")
+        else:
+            printer(event.status)
+
+    def start() -> ManagedServer:
+        launched = launch(manager, name, profile, on_event, timeout=args.timeout)
+        server, status = launched.server, launched.status
+        assert status is not None  # a waited launch always has one
         if status.state != "ready":
             if status.state == "starting":  # timed out: do not leave a half-started server behind
                 _stop_now(manager, server)
             _report_failure(server, status)
-            return 1
+            raise _Failed
+        return server
+
+    ready = False
+    # one handler around everything after the spawn: a Ctrl+C at any moment must not leave the server behind
+    try:
+        try:
+            server = start()
+        except PreflightFailed as failed:
+            if not _offer_fixes(failed):
+                raise
+            server = start()
         ready = True
         _out(f"{name} is ready at {server.url} (model {server.model_name}); API key in {server.key_file}")
         if args.detach:
@@ -249,12 +300,20 @@ def _serve_started(args: argparse.Namespace, manager: ServerManager, name: str, 
                 _err(status.message or f"{name} stopped.")
                 return 0
             time.sleep(1.0)
+    except _Failed:
+        return 1
     except KeyboardInterrupt:
-        result = _stop_now(manager, server)
+        if not spawned:
+            return 130
+        result = _stop_now(manager, spawned[-1])
         _err(result.describe(name))
         if not ready:
             return 130
         return 0 if result.clean else 1
+
+
+class _Failed(Exception):
+    """The server did not become ready; what happened was already reported."""
 
 
 def _serve_fleet(args: argparse.Namespace, manager: ServerManager, spec: Any, profiles: dict[str, Profile]) -> int:

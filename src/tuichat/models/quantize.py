@@ -43,12 +43,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from subprocess import Popen
 from typing import Literal
 
 from tuichat import paths
+from tuichat.durations import format_clock
 from tuichat.errors import TuichatError
 from tuichat.models import calib_entry
 from tuichat.models.discovery import (
@@ -58,11 +59,11 @@ from tuichat.models.discovery import (
     hf_cache_dir,
     inspect_model,
     looks_like_hub_id,
-    profile_for,
     roomiest_gpu,
 )
 from tuichat.server.gpu import GpuSnapshot, format_bytes
 from tuichat.server.procgroup import StopResult, group_pids, pid_alive, process_start_ticks, spawn_group, stop_group
+from tuichat.server.profiles import AWQ_CACHE_SHARE, Profile, profile_for_model, profile_to_table
 
 # lmdeploy 0.18 dropped 'ptb' (the tutorial's choice): `--calib-dataset ptb` exits 2 with "invalid choice".
 DEFAULT_CALIB_DATASET = "wikitext2"
@@ -768,9 +769,8 @@ class JobStatus:
         return f"[{format_elapsed(self.elapsed_s)}] {self.message}"
 
 
-def format_elapsed(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+# the job's counter is the project's one clock format; the old name stays for the callers that import it
+format_elapsed = format_clock
 
 
 def _dir_is_empty(path: Path) -> bool:
@@ -1092,17 +1092,20 @@ class QuantizeJob:
                 return status
             time.sleep(interval)
 
-    def profile(self, name: str | None = None) -> tuple[str, dict[str, object]]:
-        """The profile for the finished model: model_format 'awq' and a KV-cache share of 0.4."""
+    def make_profile(self, name: str | None = None) -> tuple[str, Profile]:
+        """The profile for the finished model: model_format 'awq' and AWQ's KV-cache share."""
         status = self.poll()
         if status.state != "done":
             raise TuichatError("The quantize job has not finished successfully, so there is no model to profile.")
-        profile_name, table = profile_for(inspect_model(self.out), name)
-        table["model_format"] = "awq"
-        table["cache_max_entry_count"] = 0.4
-        return profile_name, table
+        profile_name, base = profile_for_model(inspect_model(self.out), name)
+        return profile_name, replace(base, model_format="awq", cache_max_entry_count=AWQ_CACHE_SHARE)
 
-    def summary(self, snapshot: GpuSnapshot | None, cache_share: float = 0.4) -> list[str]:
+    def profile(self, name: str | None = None) -> tuple[str, dict[str, object]]:
+        """`make_profile` as a TOML table, for callers not yet moved onto the Profile."""
+        profile_name, made = self.make_profile(name)
+        return profile_name, profile_to_table(made)
+
+    def summary(self, snapshot: GpuSnapshot | None, cache_share: float = AWQ_CACHE_SHARE) -> list[str]:
         """Sentences for a finished job: calibration, weights before and after, the fit of both, how to serve."""
         status = self.poll()
         if status.state != "done":

@@ -33,10 +33,11 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from tuichat.server.gpu import GpuReader, GpuSnapshot
 
 State = Literal["starting", "ready", "failed", "stopping", "stopped"]
+Role = Literal["server", "node", "proxy"]
 
 PIP_HINT = 'pip install "tuichat[lmdeploy]"'
 AUTO_PORT_FIRST = 23333  # lmdeploy's own default: keeps `ssh -L 23333:...` recipes working
@@ -91,6 +93,16 @@ class Check:
 
     level: Literal["error", "warning"]
     message: str
+    # a command that fixes it, where one does (`tuichat pull ID`): a front end may offer to run it
+    fix: str | None = None
+
+
+class PreflightFailed(LaunchError):
+    """The preflight found errors: `checks` holds every finding (warnings too), for a front end to show."""
+
+    def __init__(self, message: str, checks: tuple[Check, ...]) -> None:
+        super().__init__(message)
+        self.checks = checks
 
 
 @dataclass(frozen=True)
@@ -939,14 +951,18 @@ class ServerManager:
         fleet: str | None = None,
         proxy_url: str | None = None,
         extra_keys: tuple[str, ...] = (),
+        on_checks: Callable[[tuple[Check, ...]], None] | None = None,
     ) -> ManagedServer:
         """Launch `profile` as server `name` and return at once; poll() or wait_ready() follow the start.
 
-        For a node of a fleet: `proxy_url` is the proxy it registers with (`--proxy-url`), and `extra_keys` the
-        keys it accepts besides its own (the proxy's: the proxy forwards the client's Authorization header).
+        The preflight runs here, once, on the port the launch really takes: `on_checks` sees its findings before
+        the spawn (errors raise PreflightFailed instead). For a node of a fleet: `proxy_url` is the proxy it
+        registers with (`--proxy-url`), and `extra_keys` the keys it accepts besides its own (the proxy's: the
+        proxy forwards the client's Authorization header). `tuichat.server.launch.launch` adds the wait.
         """
         args = _server_args_for(profile, proxy_url)
-        return self._launch(name, profile, args, role="node" if fleet else "server", fleet=fleet, extra_keys=extra_keys)
+        role: Role = "node" if fleet else "server"
+        return self._launch(name, profile, args, role=role, fleet=fleet, extra_keys=extra_keys, on_checks=on_checks)
 
     def start_proxy(
         self,
@@ -982,10 +998,11 @@ class ServerManager:
         profile: Profile,
         make_args: Callable[[Profile, int], list[str]],
         *,
-        role: str,
+        role: Role,
         fleet: str | None,
         extra_keys: tuple[str, ...] = (),
         env_extra: dict[str, str] | None = None,
+        on_checks: Callable[[tuple[Check, ...]], None] | None = None,
     ) -> ManagedServer:
         try:
             validate_name(name)
@@ -999,10 +1016,12 @@ class ServerManager:
                     f"`tuichat stop {existing.fleet or name}`."
                 )
             port = self.pick_port(profile)
-            checks = self.preflight(profile, port) if role != "proxy" else self.preflight_proxy(profile, port)
+            checks = tuple(self.preflight(profile, port) if role != "proxy" else self.preflight_proxy(profile, port))
             problems = [c.message for c in checks if c.level == "error"]
             if problems:
-                raise LaunchError(f"Cannot start {name}: " + " ".join(problems))
+                raise PreflightFailed(f"Cannot start {name}: " + " ".join(problems), checks)
+            if on_checks is not None:
+                on_checks(checks)
 
             # the prefix keeps a key from starting with "-", which argparse would take for a flag
             key = profile.api_key or "tuichat-" + secrets.token_urlsafe(32)
@@ -1219,12 +1238,85 @@ def _check_model(profile: Profile) -> list[Check]:
     if path.exists():
         return [Check("error", f"The model {model} is a file; `model` must be a folder or a hub id like owner/name.")]
     if looks_like_hub_id(model) and not model.startswith((".", "~", os.sep)):
-        return []
+        return _check_hub_cache(model, os.environ)
     return [
         Check(
             "error",
             f"The model folder {model} does not exist, and {model!r} is not a hub id like owner/name: fix "
             "the profile's `model`.",
+        )
+    ]
+
+
+HUB_PROBE_TIMEOUT = 1.5  # seconds: long enough for a slow route, short enough that an offline box never hangs
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_cached(repo_id: str, environ: Mapping[str, str]) -> bool:
+    """Whether the hub cache lmdeploy will read (Hugging Face's, or ModelScope's with LMDEPLOY_USE_MODELSCOPE)
+    holds a snapshot of `repo_id` with its config.json: then lmdeploy starts from disk, without the network."""
+    from tuichat.models.discovery import hf_cache_dir, modelscope_cache_dir
+
+    owner, name = repo_id.split("/", 1)
+    if environ.get("LMDEPLOY_USE_MODELSCOPE", "").strip().lower() in _TRUE:
+        root = modelscope_cache_dir(environ)
+        # ModelScope writes both layouts over its versions, and escapes dots in names as "___"
+        candidates = [root / owner / name, root / owner / name.replace(".", "___"), root / "models" / owner / name]
+        return any((c / "config.json").is_file() for c in candidates)
+    snapshots = hf_cache_dir(environ) / f"models--{owner}--{name}" / "snapshots"
+    try:
+        return any((snap / "config.json").is_file() for snap in snapshots.iterdir())
+    except OSError:
+        return False
+
+
+def hub_unreachable(environ: Mapping[str, str], timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the hub cannot be reached from here (offline mode, or no route to its endpoint), or None when a TCP
+    connection to it opens within `timeout`. Only a connection: no request, no token, nothing downloaded."""
+    if environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return "HF_HUB_OFFLINE is set, so nothing is downloaded on this machine"
+    endpoint = (environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+    parts = urlsplit(endpoint)
+    host = parts.hostname
+    if not host:
+        return f"HF_ENDPOINT ({endpoint}) is not a URL"
+    try:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:
+        return f"HF_ENDPOINT ({endpoint}) has a bad port"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        return f"{host}:{port} cannot be reached ({why})"
+
+
+def _check_hub_cache(repo_id: str, environ: Mapping[str, str]) -> list[Check]:
+    """A hub id not on disk would be downloaded by lmdeploy inside its start-up, silently (or fail offline):
+    say so before the launch, and name the command that fetches it with progress."""
+    if hub_cached(repo_id, environ):
+        return []
+    modelscope = environ.get("LMDEPLOY_USE_MODELSCOPE", "").strip().lower() in _TRUE
+    pull = f"tuichat pull {repo_id}" + (" --source modelscope" if modelscope else "")
+    where = "ModelScope's cache" if modelscope else "the Hugging Face cache"
+    offline = None if modelscope else hub_unreachable(environ)
+    if offline is not None:
+        return [
+            Check(
+                "error",
+                f"{repo_id} is not in {where} on this machine, and this machine is offline: {offline}. "
+                "Download the model where there is internet, copy its folder here and point the profile's "
+                "`model` at it (or set HF_ENDPOINT to a mirror you can reach).",
+            )
+        ]
+    return [
+        Check(
+            "error",
+            f"{repo_id} is not in {where} on this machine, so lmdeploy would download it silently during "
+            f"start-up: run `{pull}` first (progress, resume, disk and hash checks), then start again.",
+            fix=pull,
         )
     ]
 

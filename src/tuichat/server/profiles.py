@@ -27,6 +27,10 @@ from typing import Literal
 
 from tuichat.errors import ConfigError
 
+# the KV-cache shares live once, beside the fit estimate that uses them; re-exported for profile builders
+from tuichat.models.fit import AWQ_CACHE_SHARE as AWQ_CACHE_SHARE
+from tuichat.models.fit import LMDEPLOY_CACHE_SHARE as LMDEPLOY_CACHE_SHARE
+
 DEFAULT_SERVER_NAME = "127.0.0.1"
 DEFAULT_STOP_TIMEOUT = 30.0
 # Long enough for a hub download of a mid-sized model plus CUDA-graph warm-up; a start-up that takes longer is
@@ -307,23 +311,56 @@ def _parse_value(c: _Checker, key: str, raw: object) -> object:
 # ---------------------------------------------------------------- writing back
 
 _DEFAULTS = Profile(model="")
+_WHOLE_SECONDS = ("stop_timeout", "start_timeout")
+
+
+def _settings(p: Profile, *, keep_defaults: bool) -> dict[str, object]:
+    """The one loop over a profile's fields that every table form of it is cut from."""
+    table: dict[str, object] = {}
+    for f in fields(Profile):
+        value = getattr(p, f.name)
+        if value is None or (not keep_defaults and f.name != "model" and value == getattr(_DEFAULTS, f.name)):
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        elif f.name in _WHOLE_SECONDS and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        table[f.name] = value
+    return table
 
 
 def profile_to_table(p: Profile) -> dict[str, object]:
     """The TOML table for `p`: `model` plus every key that differs from the default, in a stable order."""
-    table: dict[str, object] = {}
-    for f in fields(Profile):
-        value = getattr(p, f.name)
-        if f.name != "model" and value == getattr(_DEFAULTS, f.name):
-            continue
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = list(value)
-        elif f.name in ("stop_timeout", "start_timeout") and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        table[f.name] = value
-    return table
+    return _settings(p, keep_defaults=False)
+
+
+def profile_from_table(name: str, table: Mapping[str, object], file: Path | str = "") -> Profile:
+    """A table from anywhere (a form, a job, a record) as a checked Profile; the same rules as the config file."""
+    return parse_profile(name, table, file)
+
+
+def cache_share(p: Profile) -> float:
+    """The KV-cache share the server will really use: the profile's, or lmdeploy's default."""
+    return p.cache_max_entry_count if p.cache_max_entry_count is not None else LMDEPLOY_CACHE_SHARE
+
+
+def awq_profile(model: str, *, model_name: str | None = None) -> Profile:
+    """The profile of a 4-bit AWQ model: TurboMind reads the format from the flag, and the smaller KV-cache share."""
+    return Profile(model=model, model_format="awq", cache_max_entry_count=AWQ_CACHE_SHARE, model_name=model_name)
+
+
+def profile_for_model(model: object, name: str | None = None) -> tuple[str, Profile]:
+    """A profile name and the checked Profile that suits `model` (a `ModelInfo`, a model folder or a hub id).
+
+    The builder screens and commands call: it wraps the model inspection's settings (format, AWQ's cache share,
+    a VLM's session length) in a Profile, so no caller handles a raw table.
+    """
+    from tuichat.models.discovery import ModelInfo, profile_for
+
+    if not isinstance(model, ModelInfo | str):
+        raise TypeError(f"profile_for_model takes a ModelInfo or a str, not {type(model).__name__}")
+    chosen, table = profile_for(model, name)
+    return chosen, parse_profile(chosen, table, "")
 
 
 # ---------------------------------------------------------------- launching
@@ -515,7 +552,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         model=W4_MODEL_DIR,
         backend="turbomind",
         model_format="awq",
-        cache_max_entry_count=0.4,
+        cache_max_entry_count=AWQ_CACHE_SHARE,
         model_name=W4_MODEL_NAME,
     ),
 }

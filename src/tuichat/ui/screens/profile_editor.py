@@ -3,7 +3,7 @@
 The form only turns what was typed into TOML values (numbers where they parse, lists through shlex); every rule
 about what is allowed lives in `tuichat.server.profiles.parse_profile`, so the editor, the config loader and
 `tuichat profiles` can never disagree. A ConfigError is shown next to the field its key names. Saving goes
-through `config.add_profile` (atomic, 0600: the table may hold an API key, which the form never echoes).
+through `config.save_profile` (atomic, 0600: the table may hold an API key, which the form never echoes).
 Built-in profiles are never changed in place: saving one writes a user profile of the same name that takes
 its place, and the form says so before and after.
 """
@@ -11,25 +11,27 @@ its place, and the form says so before and after.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Checkbox, Footer, Input, Label, Select, Static
 
-from tuichat.config import Config, add_profile
+from tuichat.config import Config, overwrite_question, save_profile
 from tuichat.errors import ConfigError
 from tuichat.server.profiles import (
     BUILTIN_PROFILES,
     DTYPES,
     LOG_LEVELS,
     MODEL_FORMATS,
+    Profile,
     parse_profile,
     profile_to_table,
 )
@@ -82,6 +84,23 @@ _OPTION_LABELS = {
         "8": "8 (KV int8: ~2x the tokens, near-lossless)",
     }
 }
+
+
+def ask_before_overwriting(
+    screen: Screen[Any], config: Config, name: str, go_on: Callable[[], None], *, editing: str | None = None
+) -> None:
+    """The one "replace that profile?" step of every screen that saves a profile: `go_on()` runs at once when
+    `name` is free (or is the profile being edited), else only after the user said yes."""
+    question = None if name == editing else overwrite_question(config, name)
+    if question is None:
+        go_on()
+        return
+
+    def answer(yes: bool | None) -> None:
+        if yes:
+            go_on()
+
+    screen.app.push_screen(ConfirmScreen(question), answer)
 
 
 class FieldError(Exception):
@@ -369,24 +388,7 @@ class ProfileEditorScreen(ModalScreen[str | None]):
         except ConfigError as exc:
             self.show_error(self._field_of(exc.key, name), exc.message)
             return
-        table = profile_to_table(profile)  # the shortest table: defaults typed out (port "auto") stay out
-        replacing_other = name != self.original_name and name in self.config.user_profiles
-        new_shadow = name in BUILTIN_PROFILES and name not in self.config.user_profiles
-        if replacing_other or (new_shadow and name != self.original_name):
-            question = (
-                f"A profile called {name} is already in config.toml: replace it?"
-                if replacing_other
-                else f"{name} is a built-in profile: save yours under that name? It takes the built-in's place "
-                "(remove it from config.toml to get the built-in back)."
-            )
-
-            def answer(yes: bool | None) -> None:
-                if yes:
-                    self._write(name, table)
-
-            self.app.push_screen(ConfirmScreen(question), answer)
-            return
-        self._write(name, table)
+        ask_before_overwriting(self, self.config, name, lambda: self._write(name, profile), editing=self.original_name)
 
     @staticmethod
     def _field_of(key: str, name: str) -> str:
@@ -398,9 +400,9 @@ class ProfileEditorScreen(ModalScreen[str | None]):
             return "name"
         return key
 
-    def _write(self, name: str, table: dict[str, object]) -> None:
+    def _write(self, name: str, profile: Profile) -> None:
         try:
-            add_profile(name, table, path=self.config.path)
+            save_profile(name, profile, path=self.config.path)
         except ConfigError as exc:
             self._say(f"Not saved: {exc}. Fix config.toml, then save again.", "error")
             return

@@ -37,7 +37,7 @@ from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, 
 
 from tuichat import paths
 from tuichat.chat.sanitize import clean
-from tuichat.config import Config, add_profile
+from tuichat.config import Config, save_profile
 from tuichat.errors import TuichatError
 from tuichat.models.discovery import free_profile_name, hf_cache_dir, modelscope_cache_dir, profile_name_for
 from tuichat.models.quantize import (
@@ -615,8 +615,8 @@ class QuantizeScreen(Screen[str | None]):
         if status.state != "done" or name is None:
             return None, None
         try:
-            profile_name, table = job.profile(name)
-            add_profile(profile_name, table, path=self.config.path)
+            profile_name, profile = job.make_profile(name)
+            save_profile(profile_name, profile, path=self.config.path)
         except TuichatError as exc:
             return None, f"The model is ready, but its profile was not saved: {exc}"
         except OSError as exc:

@@ -33,10 +33,13 @@ from textual.widgets import Footer, Input, Label, Log, ProgressBar, Static
 
 from tuichat.chat.sanitize import clean
 from tuichat.config import Config, load_config
+from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
+from tuichat.server.launch import Checked, LaunchEvent, launch
 from tuichat.server.launcher import (
     LogFollower,
     ManagedServer,
+    PreflightFailed,
     Progress,
     ServerManager,
     ServerStatus,
@@ -81,15 +84,6 @@ def progress_label(progress: Progress) -> str:
     """`Loading weights from safetensors 3/5`: tqdm's label and its step count, when the bar shows one."""
     found = _COUNTS.search(progress.text)
     return f"{progress.label} {found.group(1)}/{found.group(2)}" if found else progress.label
-
-
-def format_uptime(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def tidy_line(line: str, secrets: tuple[str, ...]) -> str:
@@ -288,7 +282,7 @@ class ServerScreen(Screen[ServerAction | None]):
         show_bar = False
         if state == "ready" and server is not None:
             line.append(f"  {server.url}")
-            details.append(Text(f"pid {server.pid} · up {format_uptime(server.uptime)}"))
+            details.append(Text(f"pid {server.pid} · up {format_duration(server.uptime)}"))
             details.append(Text(f"serves {server.model_name}", style="dim"))
             if self.gpu_bytes:  # 0 also when NVML cannot see processes (containers): say nothing then
                 from tuichat.server.gpu import format_bytes
@@ -563,19 +557,20 @@ class ServerScreen(Screen[ServerAction | None]):
 
     @work(thread=True, group="server-action", exit_on_error=False)
     def _launch(self, name: str, profile: Profile, old: ManagedServer | None) -> None:
+        found: list[tuple[str, str]] = []
         try:
             if old is not None:
                 result = self.manager.stop(old)
                 self._post(self._stopped, old, result, True)
                 if result.survivors:
                     return
-            checks = self.manager.preflight(profile)
-            found: list[tuple[str, str]] = [(c.level, c.message) for c in checks]
-            if any(c.level == "error" for c in checks):
-                found.append(("info", f"{name} was not started: fix the profile (e edits it), then press s."))
-                self._post(self._not_started, found)
-                return
-            server = self.manager.start(name, profile)
+            launched = launch(self.manager, name, profile, lambda event: self._note_event(event, found), wait=False)
+        except PreflightFailed as failed:
+            found = [(c.level, c.message) for c in failed.checks]
+            found += [("hint", f"Run `{c.fix}` in a shell first.") for c in failed.checks if c.fix is not None]
+            found.append(("info", f"{name} was not started: fix the profile (e edits it), then press s."))
+            self._post(self._not_started, found)
+            return
         except TuichatError as exc:
             self._post(self._not_started, [("error", str(exc))])
             return
@@ -585,7 +580,13 @@ class ServerScreen(Screen[ServerAction | None]):
         except Exception as exc:  # a sentence, never a traceback
             self._post(self._not_started, [("error", f"Cannot start {name}: {exc}.")])
             return
-        self._post(self._started, name, server, [m for m in found if m[0] == "warning"])
+        self._post(self._started, name, launched.server, found)
+
+    @staticmethod
+    def _note_event(event: LaunchEvent, found: list[tuple[str, str]]) -> None:
+        # the start-up itself is followed by the panel's own timer, beside its log: only the warnings matter here
+        if isinstance(event, Checked):
+            found += [(c.level, c.message) for c in event.checks]
 
     def _not_started(self, messages: list[tuple[str, str]]) -> None:
         self.busy = None
