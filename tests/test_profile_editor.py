@@ -79,7 +79,7 @@ async def test_new_profile_is_saved_and_loads_back(hermetic_home: Path) -> None:
         enable_prefix_caching=True,
     )
     # blank fields stay out of the file, and "auto" (the default port) too
-    assert dict(config.profile_tables["mine"]) == {
+    assert config.profile_table("mine") == {
         "model": "owner/some-model",
         "backend": "turbomind",
         "tp": 2,
