@@ -19,7 +19,15 @@ import pytest
 import tomli_w
 from fakegpu import FakeGpuReader
 from standin import fake_proxy
-from standin.harness import STANDIN_COMMAND, free_port, proc_file, run_standin, session_pids, wait_for
+from standin.harness import (
+    STANDIN_COMMAND,
+    free_port,
+    group_pids,
+    proc_file,
+    run_standin,
+    session_pids,
+    wait_for,
+)
 
 from tuichat.cli import server as servercli
 from tuichat.config import add_fleet, load_config, remove_fleet
@@ -54,10 +62,23 @@ def _node(*extra: str) -> dict[str, object]:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("TUICHAT_HOME", str(tmp_path))
+    # the nodes' model is a hub id: a cached snapshot of it, so the launcher's preflight neither downloads nor
+    # finds the machine offline
+    snapshot = tmp_path / "hub" / "models--internlm--internlm2-chat-1_8b" / "snapshots" / "0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     gpu = FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GIB, mem_total=140 * GIB)])
     monkeypatch.setattr(launcher, "make_gpu_reader", lambda: gpu)
     config = {
-        "profiles": {"n1": _node(), "n2": _node(), "broken": _node("--fake-crash-while-loading")},
+        "profiles": {
+            "n1": _node(),
+            "n2": _node(),
+            "broken": _node("--fake-crash-while-loading"),
+            "slow": _node("--fake-rate", "20", "--fake-tokens-per-chunk", "1"),
+            "slow2": _node("--fake-rate", "20", "--fake-tokens-per-chunk", "1"),
+            "stubborn": {**_node("--fake-ignore-signals"), "stop_timeout": 1},
+        },
         "fleets": {
             "pair": {
                 "nodes": ["n1", "n2"],
@@ -66,6 +87,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
                 "health_check_interval": 1,
             },
             "bad": {"nodes": ["n1", "broken"], "proxy_port": free_port(), "proxy_command": PROXY_COMMAND},
+            "hard": {"nodes": ["n1", "stubborn"], "proxy_port": free_port(), "proxy_command": PROXY_COMMAND},
+            "slowpair": {
+                "nodes": ["slow", "slow2"],
+                "proxy_port": free_port(),
+                "proxy_command": PROXY_COMMAND,
+                "health_check_interval": 30,  # long: what shows the dead node down is tuichat, not the proxy
+            },
         },
     }
     (tmp_path / "config.toml").write_text(tomli_w.dumps(config))
@@ -371,3 +399,207 @@ def test_tuichat_fleet_that_is_not_running_says_how_to_start_it(home: Path) -> N
 
     with pytest.raises(TuichatError, match=r"fleet 'pair' is not running: start it with `tuichat serve pair --detach`"):
         make_app(AppOptions(profile="pair"))
+
+
+def test_stop_a_fleet_with_a_node_that_ignores_sigterm_kills_it_after_the_grace_time(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("serve", "hard", "--detach", "--timeout", "30") == 0
+    manager = ServerManager()
+    fleet = find_fleet(manager, "hard")
+    assert fleet is not None
+    stubborn = next(n for n in fleet.nodes if n.name == "hard.stubborn")
+    group = session_pids(stubborn.pid)
+    assert len(group) >= 2  # the server and its engine child, both deaf to SIGINT and SIGTERM
+    every = _all_pids(manager, "hard")
+    capsys.readouterr()
+
+    assert _cli("stop", "hard") == 0
+    out, err = capsys.readouterr()
+    said = out + err
+    assert "hard.stubborn stopped after SIGKILL" in said, said  # SIGINT, SIGTERM, then SIGKILL at stop_timeout
+    assert "hard.n1 stopped after SIGINT" in said, said  # the well-behaved node went at the first signal
+    assert "still alive" not in said
+    # no process left: every pid of each group, the stubborn engine child included, is gone (not even a zombie)
+    wait_for(lambda: not any(session_pids(p) for p in every), timeout=10, message="every process of the fleet gone")
+    assert group <= every and not group_pids(stubborn.pgid)
+    assert find_fleet(ServerManager(), "hard") is None
+
+
+async def test_a_node_dying_mid_reply_keeps_the_partial_reply_and_chat_goes_on_through_the_other(home: Path) -> None:
+    import time
+
+    import apphelpers
+
+    from tuichat.ui.app import AppOptions, make_app
+    from tuichat.ui.widgets.chat import PromptArea
+
+    assert _cli("serve", "slowpair", "--detach", "--timeout", "30") == 0
+    fleet = find_fleet(ServerManager(), "slowpair")
+    assert fleet is not None and fleet.url is not None
+    gpu = FakeGpuReader([GpuInfo(0, "Fake H200", "GPU-0", mem_used=10 * GIB, mem_total=140 * GIB)])
+    app = make_app(AppOptions(profile="slowpair", gpu_reader=gpu, poll_interval=0.2, cursor_blink=False))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await apphelpers.wait_for(pilot, lambda: "2 of 2 nodes up" in apphelpers.screen_text(app), timeout=20)
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        # whichever node the proxy picks sends 3 words, then dies as a crashed server does (connection reset)
+        prompt.text = "count [[fault:die=3]]"
+        await pilot.press("enter")
+        await apphelpers.wait_for(pilot, lambda: not app.streaming and len(app.chat) >= 2, timeout=20)
+        died_at = time.monotonic()
+        reply = app.chat.turns[1]
+        assert reply.role == "assistant" and reply.state == "interrupted"  # kept, and marked as cut short
+        assert reply.content.startswith("w1 w2")
+        assert any(t.role == "error" for t in app.chat.turns[2:])
+        assert "Traceback" not in apphelpers.screen_text(app)
+        dead = [n for n in fleet.nodes if not n.is_alive()]
+        alive = [n for n in fleet.nodes if n.is_alive()]
+        assert len(dead) == 1 and len(alive) == 1
+
+        # the dead node is shown down within seconds, long before the proxy's own 30 s health check
+        await apphelpers.wait_for(pilot, lambda: "1 of 2 nodes up" in apphelpers.screen_text(app), timeout=5)
+        assert time.monotonic() - died_at < 5
+        dead_label = dead[0].name.split(".", 1)[1]
+        row = next(line for line in apphelpers.screen_text(app).splitlines() if dead_label + " " in line)
+        assert "down" in row
+
+        before = {u: len(s["latency"]) for u, s in httpx.get(f"{fleet.url}/nodes/status", timeout=5).json().items()}
+        assert set(before) == {alive[0].url}  # taken off the proxy: the next message cannot go to it
+        turns = len(app.chat)
+        prompt.text = "and now?"
+        await pilot.press("enter")
+        await apphelpers.wait_for(pilot, lambda: not app.streaming and len(app.chat) == turns + 2, timeout=20)
+        last = app.chat.turns[-1]
+        assert last.role == "assistant" and last.state != "interrupted" and last.content.startswith("w1 w2")
+        after = httpx.get(f"{fleet.url}/nodes/status", timeout=5).json()
+        assert len(after[alive[0].url]["latency"]) == before[alive[0].url] + 1  # served by the survivor
+    assert _cli("stop", "slowpair") == 0
+
+
+# --- which node served each reply (the proxy does not say: the nodes' own counters do) ------------------------
+
+METRICS_TEXT = """# HELP lmdeploy:prompt_tokens_total Number of prefill tokens processed.
+# TYPE lmdeploy:prompt_tokens_total counter
+lmdeploy:prompt_tokens_total{{engine="0",model_name="m"}} {prompt}
+# HELP lmdeploy:generation_tokens_total Number of generation tokens processed.
+# TYPE lmdeploy:generation_tokens_total counter
+lmdeploy:generation_tokens_total{{engine="0",model_name="m"}} {gen}
+# HELP lmdeploy:request_success_total Count of successfully processed requests.
+# TYPE lmdeploy:request_success_total counter
+lmdeploy:request_success_total{{engine="0",finished_reason="stop",model_name="m"}} {stop}
+lmdeploy:request_success_total{{engine="0",finished_reason="length",model_name="m"}} 1.0
+"""
+
+
+def test_a_nodes_work_counters_are_read_from_its_metrics() -> None:
+    from tuichat.server.attribution import NodeCounters, read_counters
+    from tuichat.server.metrics import MetricsError
+
+    counters = read_counters(METRICS_TEXT.format(prompt=120.0, gen=40.0, stop=3.0))
+    assert counters == NodeCounters(requests=4.0, prompt_tokens=120.0, generation_tokens=40.0)
+    later = read_counters(METRICS_TEXT.format(prompt=130.0, gen=40.0, stop=3.0))
+    assert later.moved_since(counters) is True  # a prefill alone (a reply cut off before its first token) counts
+    assert counters.moved_since(counters) is False
+    assert NodeCounters().moved_since(counters) is None  # nothing to compare: no guess
+    with pytest.raises(MetricsError):
+        read_counters("<html>not metrics</html>")
+
+
+def _readings(**nodes: tuple[bool, float | None]) -> dict[str, object]:
+    from tuichat.server.attribution import NodeCounters, NodeReading
+
+    return {
+        f"http://{label}": NodeReading(label, up, None if work is None else NodeCounters(work, work * 10, work * 5))
+        for label, (up, work) in nodes.items()
+    }
+
+
+def test_a_reply_is_attributed_to_the_one_node_whose_counters_moved() -> None:
+    from tuichat.server.attribution import ReplyLedger
+
+    ledger = ReplyLedger()
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 7)), 0.0, 0.1)
+    ledger.started("r1", at=1.0)
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 7)), 1.5, 1.6)  # during the reply: not a closing reading
+    ledger.ended("r1", at=2.0)
+    assert ledger.get("r1") is not None and ledger.get("r1").describe() == "waiting for the nodes' counters…"  # type: ignore[union-attr]
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 8)), 1.9, 2.5)  # begun before the end: still not closing
+    assert ledger.get("r1").certainty == "pending"  # type: ignore[union-attr]
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 8)), 2.1, 2.2)
+    served = ledger.get("r1")
+    assert served is not None and served.certainty == "one" and served.describe() == "n2"
+    # the next reply, read from the same baseline as the last one closed with, goes to n1
+    ledger.started("r2", at=3.0)
+    ledger.ended("r2", at=4.0)
+    ledger.observe(_readings(n1=(True, 6), n2=(True, 8)), 4.1, 4.2)
+    assert [e.describe() for e in ledger.entries()] == ["n2", "n1"]
+
+
+def test_overlapping_replies_are_ambiguous_and_say_so() -> None:
+    from tuichat.server.attribution import ReplyLedger
+
+    ledger = ReplyLedger()
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 7)), 0.0, 0.1)
+    ledger.started("a", at=1.0)
+    ledger.started("b", at=1.2)  # e.g. another tuichat or a batch on the same fleet
+    ledger.ended("a", at=2.0)
+    ledger.ended("b", at=2.1)
+    ledger.observe(_readings(n1=(True, 6), n2=(True, 8)), 3.0, 3.1)
+    assert [e.describe() for e in ledger.entries()] == ["one of n1, n2", "one of n1, n2"]
+    assert {e.certainty for e in ledger.entries()} == {"several"}
+
+
+def test_a_node_that_died_during_a_reply_is_named_as_having_served_it() -> None:
+    from tuichat.server.attribution import ReplyLedger
+
+    ledger = ReplyLedger()
+    ledger.observe(_readings(n1=(True, 5), n2=(True, 7)), 0.0, 0.1)
+    ledger.started("r", at=1.0)
+    ledger.ended("r", at=2.0)
+    ledger.observe(_readings(n1=(False, None), n2=(True, 7)), 2.5, 2.6)
+    served = ledger.get("r")
+    assert served is not None and served.certainty == "one" and served.describe() == "n1 (went down)"
+
+
+def test_no_reading_before_or_unreadable_counters_leave_a_reply_unknown() -> None:
+    from tuichat.server.attribution import ReplyLedger
+
+    ledger = ReplyLedger()
+    ledger.started("early", at=0.5)
+    ledger.ended("early", at=0.8)
+    ledger.observe(_readings(n1=(True, None), n2=(True, None)), 1.0, 1.1)  # no node key: no /metrics
+    ledger.started("blind", at=2.0)
+    ledger.ended("blind", at=3.0)
+    ledger.observe(_readings(n1=(True, None), n2=(True, None)), 3.5, 3.6)
+    early, blind = ledger.entries()
+    assert early.describe() == "unknown (no reading of the nodes from before it)"
+    assert blind.describe() == "unknown (the nodes' /metrics could not be read with their keys)"
+    ledger.forget("blind")
+    assert [e.key for e in ledger.entries()] == ["early"]
+
+
+def test_replies_through_a_real_fleet_are_attributed_to_the_node_that_logged_them(home: Path) -> None:
+    """End to end with two stand-in nodes: each reply's attribution matches the node whose own log shows it."""
+    from tuichat.server.attribution import ReplyLedger
+    from tuichat.server.fleet import observe
+
+    assert _cli("serve", "pair", "--detach", "--timeout", "30") == 0
+    fleet = find_fleet(ServerManager(), "pair")
+    assert fleet is not None and fleet.url is not None and fleet.api_key
+    ledger = ReplyLedger()
+    model = "internlm/internlm2-chat-1_8b"
+    with fleet.poller(supervise=False) as poller:
+        observe(ledger, poller.poll())
+        for i in range(4):
+            ledger.started(i)
+            assert _chat(fleet.url, fleet.api_key, model).strip()
+            ledger.ended(i)
+            observe(ledger, poller.poll())
+    served = [e.describe() for e in ledger.entries()]
+    assert all(e.certainty == "one" for e in ledger.entries()), served
+    # the stand-in nodes count the requests they served: the attribution adds up to the same per node
+    for node in fleet.nodes:
+        completed = httpx.get(f"{node.url}/standin/stats", timeout=5).json()["completed"]
+        assert served.count(node.name.split(".", 1)[1]) == completed, (served, node.name, completed)
+    assert _cli("stop", "pair") == 0

@@ -85,12 +85,30 @@ async def test_generation_rate_comes_from_the_counter_and_kv_shows_in_the_status
         assert app.status_view.kv_history[-1] == 60.0
 
 
+class BrokenReader(FakeGpuReader):
+    """A reader that raises (as a broken NVML does) until `broken` is cleared."""
+
+    broken = True
+
+    def read(self):  # type: ignore[no-untyped-def]
+        if self.broken:
+            self.reads += 1
+            raise RuntimeError("NVML exploded")
+        return super().read()
+
+
 async def test_a_failing_gpu_reading_shows_as_unavailable() -> None:
-    reader = two_gpus()
-    reader.fail_next(RuntimeError("NVML exploded"))
+    good = two_gpus()
+    reader = BrokenReader(good._gpus)
     app = app_for(ScriptedServer(), gpu_reader=reader, poll_interval=0.05)
     async with app.run_test(size=(180, 45)) as pilot:
-        await wait_for(pilot, lambda: "GPU0" in screen_text(app), timeout=5)
+        # the reader's exception becomes a sentence in the GPU section, with what it means for the user
+        await wait_for(
+            pilot, lambda: "GPU reading failed: NVML exploded" in (t := screen_text(app)) and "Chat still works" in t
+        )
+        assert "GPU0" not in screen_text(app)
+        reader.broken = False  # the next reading works again: the GPUs come back without a restart
+        await wait_for(pilot, lambda: "GPU0 H200" in (t := screen_text(app)) and "NVML exploded" not in t, timeout=5)
 
 
 async def test_reply_stats_and_context_meter_learn_from_usage_and_errors() -> None:

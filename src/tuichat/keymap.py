@@ -59,6 +59,10 @@ BINDINGS: tuple[KeyBinding, ...] = (
     KeyBinding("history", "f4", "Chats", CHAT, "Saved chats: open, rename, delete, search"),
     KeyBinding("server", "f5", "Server", CHAT, "Server panel: start, stop, restart, profiles, log"),
     KeyBinding("models", "f9", "Models", CHAT, "Local models: fit estimate, make a profile, W4A16 quantize"),
+    # F7 is the prompt's (TextArea: select all); F10 and Shift+F5 (next to the server panel's F5) pass tmux and screen
+    KeyBinding(
+        "fleet", "f10,shift+f5", "Fleet", CHAT, "Fleet screen: every node behind the proxy, and which served each reply"
+    ),
     KeyBinding("attach_image", "f8", "Image", CHAT, "Attach an image (or type /image PATH)"),
     KeyBinding("clear_attachments", "shift+f8", "Drop images", CHAT, "Remove the attached images (or /image clear)"),
     KeyBinding(
@@ -111,11 +115,16 @@ BINDINGS: tuple[KeyBinding, ...] = (
     KeyBinding("models_quantize", "q", "Quantize", "models"),
     KeyBinding("models_hub_id", "slash", "Hub id", "models"),
     KeyBinding("models_rescan", "r", "Rescan", "models"),
+    KeyBinding("models_get", "g", "Get model", "models"),
     KeyBinding("models_back", "escape", "Back", "models"),
+    KeyBinding("pull_start", "enter", "Get", "pull"),
+    KeyBinding("pull_profile", "p", "Profile", "pull"),
+    KeyBinding("pull_stop_or_back", "escape", "Stop/Back", "pull"),
     KeyBinding("quantize_start", "ctrl+s", "Start", "quantize", priority=True),
     KeyBinding("quantize_cancel", "c", "Cancel job", "quantize"),
     KeyBinding("quantize_done", "enter", "Done", "quantize", priority=True),
     KeyBinding("quantize_back", "escape", "Back", "quantize"),
+    KeyBinding("fleet_back", "escape", "Back", "fleet"),
 )
 
 BY_ID: dict[str, KeyBinding] = {b.id: b for b in BINDINGS}

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import httpx
 
 from tuichat.errors import ConfigError, TuichatError
+from tuichat.server.attribution import NodeCounters, NodeReading, ReplyLedger, read_counters
 from tuichat.server.launcher import LaunchError, ManagedServer, ServerManager, ServerStatus
 from tuichat.server.metrics import parse_metrics
 from tuichat.server.procgroup import StopResult
@@ -463,6 +464,8 @@ class NodeView:
     running: int | None = None
     waiting: int | None = None
     note: str | None = None
+    counters: NodeCounters | None = None  # work done so far, for telling which node served a reply
+    health_since: float | None = None  # monotonic time the node was first seen in its current health
 
 
 @dataclass(frozen=True)
@@ -473,10 +476,28 @@ class FleetView:
     name: str | None = None
     nodes: tuple[NodeView, ...] = ()
     error: str | None = None
+    polled_from: float = 0.0  # time.monotonic() when the poll began, and when every node had been read
+    polled_to: float = 0.0
 
     @property
     def up(self) -> int:
         return sum(1 for n in self.nodes if n.health == "up" and n.registered)
+
+
+def node_label(node: NodeView) -> str:
+    """The short name a person reads: the profile of a node tuichat launched (the fleet is shown apart), else its
+    host:port."""
+    if node.name:
+        return node.name.split(".", 1)[-1]
+    return node.url.removeprefix("http://").removeprefix("https://")
+
+
+def observe(ledger: ReplyLedger, view: FleetView) -> None:
+    """Hand one poll to a reply ledger (see tuichat.server.attribution)."""
+    if view.error is not None and not any(n.registered for n in view.nodes):
+        return  # the proxy did not answer: this poll says nothing about the nodes' work
+    readings = {n.url: NodeReading(node_label(n), n.health == "up", n.counters) for n in view.nodes}
+    ledger.observe(readings, view.polled_from, view.polled_to)
 
 
 def probe_proxy(url: str, api_key: str | None = None, *, timeout: float = 2.0) -> bool:
@@ -522,6 +543,7 @@ class FleetPoller:
         self.name = name or (supervised.name if supervised is not None else None)
         self._http = httpx.Client(trust_env=False, timeout=timeout)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fleet-poll")
+        self._health_since: dict[str, tuple[str, float]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -534,6 +556,20 @@ class FleetPoller:
         self.close()
 
     def poll(self) -> FleetView:
+        start = time.monotonic()
+        view = self._poll()
+        nodes = tuple(self._since(n) for n in view.nodes)
+        return replace(view, nodes=nodes, polled_from=start, polled_to=time.monotonic())
+
+    def _since(self, node: NodeView) -> NodeView:
+        """Stamp a node with the time its health last changed (as this poller saw it)."""
+        seen = self._health_since.get(node.url)
+        if seen is None or seen[0] != node.health:
+            seen = (node.health, time.monotonic())
+            self._health_since[node.url] = seen
+        return replace(node, health_since=seen[1])
+
+    def _poll(self) -> FleetView:
         try:
             resp = self._http.get(f"{self.url}/nodes/status")
         except httpx.HTTPError as exc:
@@ -612,7 +648,13 @@ class FleetPoller:
                 resp = self._http.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
                 if resp.status_code == 200:
                     m = parse_metrics(resp.text)
-                    view = replace(view, kv_cache_usage=m.kv_cache_usage, running=m.running, waiting=m.waiting)
+                    view = replace(
+                        view,
+                        kv_cache_usage=m.kv_cache_usage,
+                        running=m.running,
+                        waiting=m.waiting,
+                        counters=read_counters(resp.text),
+                    )
         return view
 
     def _health(self, url: str) -> Literal["up", "down", "starting", "unknown"]:

@@ -11,7 +11,7 @@ node's own /metrics could be read) and stays hidden for a plain server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -21,7 +21,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
-from tuichat.server.fleet import FleetView, NodeView
+from tuichat.server.fleet import FleetView, node_label
 from tuichat.server.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
 from tuichat.server.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
 
@@ -133,12 +133,6 @@ def server_renderable(view: StatusView) -> RenderableType:
 _HEALTH_STYLE = {"up": "green", "down": "bold red", "starting": "yellow", "unknown": "dim"}
 
 
-def _node_label(node: NodeView) -> str:
-    if node.name:
-        return node.name.split(".", 1)[-1]  # FLEET.PROFILE: the fleet is in the title already
-    return node.url.removeprefix("http://").removeprefix("https://")
-
-
 def fleet_renderable(view: FleetView) -> RenderableType:
     """A row per node: health, what the proxy counts for it, and its KV cache where its /metrics was read."""
     parts: list[RenderableType] = []
@@ -156,7 +150,7 @@ def fleet_renderable(view: FleetView) -> RenderableType:
     table.add_column()
     for node in view.nodes:
         state = node.health if node.registered else f"{node.health}, unregistered"
-        name = Text(_node_label(node), style="bold")
+        name = Text(node_label(node), style="bold")
         facts = Text()
         if node.unfinished is not None:
             facts.append(f"{node.unfinished} unfin")
@@ -275,7 +269,9 @@ class StatusPane(VerticalScroll):
         rate = round(view.gen_rate) if view.gen_rate is not None else None
         if self._changed("server", (view.metrics, view.metrics_error, rate, view.kv_capacity)):
             self.query_one("#server-view", Static).update(server_renderable(view))
-        if self._changed("fleet", view.fleet):
+        # the poll's own timestamps change every time: only what the section draws decides a redraw
+        fleet_key = replace(view.fleet, polled_from=0.0, polled_to=0.0) if view.fleet is not None else None
+        if self._changed("fleet", fleet_key):
             shown = view.fleet is not None
             self.query_one("#fleet-title").display = shown
             fleet_view = self.query_one("#fleet-view", Static)
