@@ -507,3 +507,19 @@ async def test_a_holder_that_quit_meanwhile_no_longer_blocks_the_pick(store: Sto
         await pilot.press("enter")
         await wait_for(pilot, lambda: bool(app.results))
     assert app.results == [HistoryChoice(busy, None)]
+
+
+async def test_the_two_sides_of_a_compare_run_are_marked_and_listed_together(store: Store) -> None:
+    a = chat(store, "Which format is faster", "BF16.")
+    b = chat(store, "Which format is faster", "W4A16.")
+    chat(store, "Unrelated newer chat", "Sure.")
+    store.add_message(a, "user", "and now?")  # a is the newest: b must still follow it
+    store.link_pair(a, b, ("bf16", "w4a16"))
+    app = Host(store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot)
+        assert rows(app) == [
+            "⇄ A bf16 · Which format is faster",
+            "⇄ B w4a16 · Which format is faster",
+            "Unrelated newer chat",
+        ]

@@ -393,3 +393,23 @@ def test_unknown_profile_exits_1_with_a_sentence(capsys: pytest.CaptureFixture[s
     assert "no profile called 'no-such-profile'" in err
     assert "tuichat profiles" in err
     assert "Traceback" not in err
+
+
+def test_history_shows_the_two_sides_of_a_compare_run_together(capsys: pytest.CaptureFixture[str]) -> None:
+    with Store.open() as store:
+        a = store.create_conversation(profile="bf16")
+        store.add_message(a, "user", "Which format is faster?")
+        b = store.create_conversation(profile="w4a16")
+        store.add_message(b, "user", "Which format is faster?")
+        plain = store.create_conversation()
+        store.add_message(plain, "user", "A plain question")  # newest: between the pair if ordered by time alone
+        store.add_message(a, "assistant", "BF16 is exact.")
+        store.link_pair(a, b, ("bf16", "w4a16"))
+    code, out, err = run(capsys, "history")
+    assert code == 0 and err == ""
+    _, *rows = out.splitlines()
+    assert [r.split()[0] for r in rows[:3]] == [str(a), str(b), str(plain)]
+    assert "⇄ A bf16 · Which format is faster?" in rows[0]
+    assert "⇄ B w4a16 · Which format is faster?" in rows[1]
+    assert "⇄" not in rows[2]
+    assert "one `tuichat compare` run" in rows[3]

@@ -19,8 +19,8 @@ import tuichat
 SRC = Path(tuichat.__file__).parent
 ROOT = SRC.parent.parent
 FORBIDDEN = ("textual", "rich", "tuichat.ui")
-# The CLI's one entry to the UI, imported lazily inside a function: the chat app (`tuichat`).
-ALLOWED = {("cli.main", "tuichat.ui.app")}
+# The CLI's entries to the UI, imported lazily inside a function: the chat app (`tuichat`) and `tuichat compare`.
+ALLOWED = {("cli.main", "tuichat.ui.app"), ("cli.main", "tuichat.ui.compare_app")}
 
 
 def domain_modules() -> list[Path]:

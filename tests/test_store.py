@@ -611,7 +611,7 @@ def test_a_version_1_history_is_migrated_keeping_its_data(db_path: Path) -> None
         assert migrated.add_message(1, "user", "thanks") == 5
         migrated.update_conversation(1, profile="default")
     check = sqlite3.connect(db_path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 3
+    assert check.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 4
     check.close()
 
 
@@ -639,3 +639,71 @@ def test_a_file_that_is_not_a_history_is_refused(db_path: Path) -> None:
     foreign.close()
     with pytest.raises(TuichatError, match="not a tuichat history"):
         Store.open(other)
+
+
+# -- compare pairs (schema v4) -------------------------------------------------------------------------------
+
+
+def test_two_compared_conversations_are_a_pair_until_either_is_deleted(store: Store) -> None:
+    a = store.create_conversation(profile="bf16")
+    b = store.create_conversation(profile="w4a16")
+    lone = store.create_conversation()
+    store.link_pair(a, b, ("bf16", "w4a16"))
+    first, second, other = (store.get_conversation(i) for i in (a, b, lone))
+    assert first is not None and second is not None and other is not None
+    assert (first.partner_id, first.compare_side, first.compare_label) == (b, "A", "bf16")
+    assert (second.partner_id, second.compare_side, second.compare_label) == (a, "B", "w4a16")
+    assert other.partner_id is None
+    assert {c.id: c.partner_id for c in store.list_conversations()} == {a: b, b: a, lone: None}
+    assert f"side A of a pair with conversation {b}" in store.export(a)
+    store.delete(b)
+    kept = store.get_conversation(a)
+    assert kept is not None and kept.partner_id is None and kept.compare_side is None
+
+
+def v3_history(path: Path, titles: list[tuple[int, str, str | None]]) -> None:
+    """A schema-v3 history holding conversations with the given (id, title, profile), one message each."""
+    with Store.open(path) as fresh:
+        assert fresh is not None
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE comparisons")
+    db.execute("PRAGMA user_version = 3")
+    for conv_id, title, profile in titles:
+        db.execute(
+            "INSERT INTO conversations (id, title, created, updated, profile) VALUES (?, ?, 1.0, 2.0, ?)",
+            (conv_id, title, profile),
+        )
+        db.execute(
+            "INSERT INTO messages (conversation_id, role, content, state, created) VALUES (?, 'user', ?, 'done', 1.0)",
+            (conv_id, f"question {conv_id}"),
+        )
+    db.commit()
+    db.close()
+
+
+def test_a_v3_pair_marked_in_its_titles_becomes_a_link_and_nothing_is_lost(db_path: Path) -> None:
+    v3_history(
+        db_path,
+        [
+            (1, "Which is faster ⇄ #2 B w4a16", "bf16"),
+            (2, "Which is faster ⇄ #1 A bf16", "w4a16"),
+            (3, "Renamed by hand", "w4"),
+            (4, "Older run ⇄ #3 A w4", "bf16"),  # its partner's title lost the mark
+            (5, "Orphan ⇄ #99 B gone", None),  # its partner was deleted
+            (6, "A plain chat", None),
+        ],
+    )
+    with Store.open(db_path) as migrated:
+        convs = {c.id: c for c in migrated.list_conversations()}
+        assert {i: (c.title, c.partner_id, c.compare_side, c.compare_label) for i, c in convs.items()} == {
+            1: ("Which is faster", 2, "A", "bf16"),
+            2: ("Which is faster", 1, "B", "w4a16"),
+            3: ("Renamed by hand", 4, "A", "w4"),
+            4: ("Older run", 3, "B", "bf16"),
+            5: ("Orphan ⇄ #99 B gone", None, None, None),
+            6: ("A plain chat", None, None, None),
+        }
+        assert all([m.content for m in migrated.messages(i)] == [f"question {i}"] for i in convs)
+    check = sqlite3.connect(db_path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 4
+    check.close()

@@ -13,8 +13,12 @@ only read it: adding, undoing or deleting its messages is refused with a sentenc
 Text from outside (an imported file) is cleaned of terminal control sequences on the way in, and everything
 read back for display or export is cleaned again on the way out (see `tuichat.chat.sanitize`).
 
+Two conversations of one `tuichat compare` run are a pair: each has a row in `comparisons` naming its partner, its
+side (A or B) and the label the compare screen gave it, so the history can show them together.
+
 Layout: `conversations` and `messages` tables, an FTS5 index over message text kept in step by triggers,
-and `PRAGMA user_version` naming the schema version; `MIGRATIONS[i]` takes a database from version i to i+1.
+`claims`, `comparisons`, and `PRAGMA user_version` naming the schema version; `MIGRATIONS[i]` takes a database
+from version i to i+1.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -70,6 +75,11 @@ class Conversation:
     profile: str | None
     lmdeploy_version: str | None
     message_count: int
+    # Set when this conversation is one side of a compare run: the other side's id, and this side's letter
+    # (A or B) and label (its profile or URL).
+    partner_id: int | None = None
+    compare_side: str | None = None
+    compare_label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +209,56 @@ def _migrate_v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
+# How a v3 compare run marked its pair: `link_compared` appended " ⇄ #<partner id> <partner side> <partner label>"
+# to each title.
+_V3_PAIR_TITLE = re.compile(r"^(?P<title>.*?) ⇄ #(?P<partner>\d+) (?P<side>[AB]) ?(?P<label>.*)$")
+COMPARE_SIDES = ("A", "B")
+
+
+def _migrate_v4(db: sqlite3.Connection) -> None:
+    # v4: the two conversations of a compare run are linked by rows, not by their titles. One row per side;
+    # deleting either conversation removes both rows, so no link ever points at a conversation that is gone.
+    _run_script(
+        db,
+        """
+        CREATE TABLE comparisons (
+            conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+            partner_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            side TEXT NOT NULL,
+            label TEXT NOT NULL
+        );
+        CREATE INDEX comparisons_by_partner ON comparisons(partner_id);
+        """,
+    )
+    rows = db.execute("SELECT id, title, profile, server_url FROM conversations WHERE title LIKE '% ⇄ #%'").fetchall()
+    found: dict[int, tuple[int, str, str]] = {}  # partner id -> (the conversation naming it, partner side, label)
+    titles: dict[int, str] = {}
+    for conv_id, title, _profile, _url in rows:
+        match = _V3_PAIR_TITLE.match(title)
+        if match is None:
+            continue
+        partner = int(match["partner"])
+        if partner == conv_id or db.execute("SELECT 1 FROM conversations WHERE id = ?", (partner,)).fetchone() is None:
+            continue  # its partner was deleted: the title is all that is left of the pair, so it stays
+        found[partner] = (conv_id, match["side"], match["label"].strip())
+        titles[conv_id] = match["title"].strip() or DEFAULT_TITLE
+    for partner, (conv_id, side, label) in found.items():
+        db.execute(
+            "INSERT OR REPLACE INTO comparisons (conversation_id, partner_id, side, label) VALUES (?, ?, ?, ?)",
+            (partner, conv_id, side, label),
+        )
+        if conv_id not in found:  # the other title lost its mark (renamed): its side is the other letter
+            own = db.execute("SELECT profile, server_url FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+            other_side = COMPARE_SIDES[1 - COMPARE_SIDES.index(side)]
+            db.execute(
+                "INSERT OR REPLACE INTO comparisons (conversation_id, partner_id, side, label) VALUES (?, ?, ?, ?)",
+                (conv_id, partner, other_side, own[0] or own[1] or ""),
+            )
+    for conv_id, title in titles.items():
+        db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conv_id))
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -591,6 +650,26 @@ class Store:
         with self._lock:
             return [_conversation(row) for row in self._db.execute(sql, params)]
 
+    def link_pair(self, first: int, second: int, labels: tuple[str, str] = ("", "")) -> None:
+        """Record `first` (side A) and `second` (side B) as the two sides of one compare run; `labels` name each
+        side (profile or URL). Linking again replaces the old link of either."""
+        if first == second:
+            raise ValueError("a conversation cannot be compared with itself")
+        with self._write() as db:
+            for conv_id, partner, side, label in (
+                (first, second, "A", labels[0]),
+                (second, first, "B", labels[1]),
+            ):
+                db.execute(
+                    "INSERT OR REPLACE INTO comparisons (conversation_id, partner_id, side, label) VALUES (?, ?, ?, ?)",
+                    (conv_id, partner, side, clean_line(label)),
+                )
+
+    def unlink_pair(self, conv_id: int) -> None:
+        """Forget that `conv_id` was compared (both rows of its pair); the conversations stay."""
+        with self._write() as db:
+            db.execute("DELETE FROM comparisons WHERE conversation_id = ? OR partner_id = ?", (conv_id, conv_id))
+
     def last_conversation(self) -> Conversation | None:
         found = self.list_conversations(limit=1)
         return found[0] if found else None
@@ -833,7 +912,8 @@ class Store:
 
 _CONVERSATION_SELECT = (
     "SELECT c.id, c.title, c.created, c.updated, c.model, c.server_url, c.profile, c.lmdeploy_version, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) FROM conversations c"
+    "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), p.partner_id, p.side, p.label "
+    "FROM conversations c LEFT JOIN comparisons p ON p.conversation_id = c.id"
 )
 
 
@@ -871,7 +951,7 @@ def _label(value: str | None) -> str | None:
 
 def _conversation(row: tuple[Any, ...]) -> Conversation:
     """A conversation row, its labels cleaned: they are drawn in lists, headers and exports."""
-    conv_id, title, created, updated, model, server_url, profile, version, count = row
+    conv_id, title, created, updated, model, server_url, profile, version, count, partner, side, label = row
     return Conversation(
         conv_id,
         clean_line(title) or DEFAULT_TITLE,
@@ -882,6 +962,9 @@ def _conversation(row: tuple[Any, ...]) -> Conversation:
         _label(profile),
         _label(version),
         count,
+        partner,
+        side,
+        _label(label),
     )
 
 
@@ -987,6 +1070,8 @@ def _export_markdown(conv: Conversation, msgs: list[Message]) -> str:
     ):
         if value:
             lines.append(f"- {label}: {clean_line(value)}")
+    if conv.partner_id is not None:
+        lines.append(f"- Compared: side {conv.compare_side} of a pair with conversation {conv.partner_id}")
     lines += [f"- Date: {_when(conv.created)}", ""]
     for m in msgs:
         lines += [f"## {m.role.capitalize()}", ""]

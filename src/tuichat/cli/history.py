@@ -1,5 +1,8 @@
 """`tuichat history`, `tuichat export ID` and `tuichat import FILE`: the saved chats from the shell.
 
+The two conversations of one `tuichat compare` run are listed next to each other, each title led by "⇄" and its
+side (A or B) with that side's profile or URL.
+
 Everything printed is cleaned of terminal control sequences whether or not stdout is a terminal: a file or a
 pipe written today is `cat` to a terminal tomorrow. The store cleans too; this is the last gate.
 """
@@ -10,10 +13,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuichat.chat.sanitize import clean, clean_line
 from tuichat.errors import TuichatError
+
+if TYPE_CHECKING:
+    from tuichat.chat.store import Conversation
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -29,6 +35,33 @@ def add_subcommands(subparsers: Any) -> None:
 
 def _ago(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def pair_mark(conv: Conversation) -> str:
+    """How a side of a compare run leads its title ("⇄ A bf16 · "); "" for a plain chat."""
+    if conv.partner_id is None:
+        return ""
+    label = clean_line(conv.compare_label or "")
+    return f"⇄ {conv.compare_side or '?'}{' ' + label if label else ''} · "
+
+
+def paired_order(convs: list[Conversation]) -> list[Conversation]:
+    """Newest first, but each side of a compare run right after its partner when both are in the list."""
+    listed = {c.id for c in convs}
+    placed: set[int] = set()
+    ordered: list[Conversation] = []
+    by_id = {c.id: c for c in convs}
+    for conv in convs:
+        if conv.id in placed:
+            continue
+        pair = [conv]
+        if conv.partner_id is not None and conv.partner_id in listed and conv.partner_id not in placed:
+            pair.append(by_id[conv.partner_id])
+            pair.sort(key=lambda c: c.compare_side or "")
+        for c in pair:
+            placed.add(c.id)
+            ordered.append(c)
+    return ordered
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
                     print("no saved conversations yet")
                     return 0
                 print(f"{'id':>5}  {'title':<40}  {'updated':<16}  {'messages':>8}")
-                for c in convs:
-                    print(f"{c.id:>5}  {clean_line(c.title)[:40]:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
+                for c in paired_order(convs):
+                    title = (pair_mark(c) + clean_line(c.title))[:40]
+                    print(f"{c.id:>5}  {title:<40}  {_ago(c.updated):<16}  {c.message_count:>8}")
+                if any(c.partner_id is not None for c in convs):
+                    print("⇄ = the two sides (A, B) of one `tuichat compare` run, listed together")
                 return 0
             if args.command == "export":
                 if store.get_conversation(args.id) is None:

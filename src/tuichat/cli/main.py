@@ -57,6 +57,7 @@ subcommands (tuichat COMMAND --help for each):
   rm MODEL [--yes]             remove a downloaded model
   quantize MODEL --out DIR     W4A16 AWQ quantization with lmdeploy lite
   web [--port 8000] [ARGS]     the same screen in a browser (one tuichat per tab), behind a token
+  compare A B [--keep]         one prompt to two servers side by side (profiles, started if needed, or URLs)
   batch PROMPTS --out F.jsonl (--url URL | --profile NAME) [-c N]
                                run a file of prompts, N at a time, into JSONL in input order
 
@@ -126,10 +127,19 @@ def run_tui(args: argparse.Namespace, web_api_key: str | None = None) -> int:
     return int(app.return_code or 0)
 
 
+def run_compare(argv: Sequence[str]) -> int:
+    # its own small Textual app: imported lazily like the chat app, the CLI's other entry to the UI
+    from tuichat.ui.compare_app import main as compare_main
+
+    return compare_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     web_api_key = os.environ.pop(WEB_API_KEY_ENV, None) or None
     try:
+        if argv and argv[0] == "compare":
+            return run_compare(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv)
         args = chat_parser().parse_args(argv)

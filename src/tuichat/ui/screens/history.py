@@ -8,6 +8,7 @@ keystroke, so a prefix that matches thousands of messages never freezes typing.
 Every title, model name and snippet is cleaned again right where it is drawn (`tuichat.chat.sanitize`): an imported
 chat must not drive the terminal. A conversation another live tuichat holds (`Store.claim`) is marked with that
 process's pid; picking it offers to read it here without writing, and deleting it is refused.
+The two sides of a `tuichat compare` run are listed together, each led by "⇄" and its side.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from textual.widgets import DataTable, Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from tuichat.chat.sanitize import clean_line
+from tuichat.cli.history import pair_mark, paired_order
 from tuichat.ui.screens.dialogs import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -211,7 +213,8 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
     def load(self) -> None:
         """Read the conversation list from the store and show it."""
         try:
-            self.conversations = self.store.list_conversations()
+            # the two sides of a compare run stay next to each other (each marked ⇄ A / ⇄ B)
+            self.conversations = paired_order(self.store.list_conversations())
             self.held = self.store.held_elsewhere()
         except Exception as exc:  # a broken history file must not take the app down
             self.conversations = []
@@ -245,8 +248,9 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
 
     def _cells(self, conv: Conversation, widths: dict[str, int]) -> list[Text]:
         held = self.held.get(conv.id)
+        prefix = (f"open in pid {held.pid} · " if held else "") + pair_mark(conv)
         return [
-            _fit(conv.title, widths["title"], f"open in pid {held.pid} · " if held else ""),
+            _fit(conv.title, widths["title"], prefix),
             Text(format_time(conv.updated)),
             Text(str(conv.message_count).rjust(widths["count"]), no_wrap=True),
             _fit(short_model(conv.model), widths["model"]),
