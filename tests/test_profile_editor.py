@@ -32,8 +32,7 @@ class Host(App[None]):
 async def opened(pilot: Pilot[Any]) -> ProfileEditorScreen:
     app = pilot.app
     assert isinstance(app, Host)
-    await wait_for(pilot, lambda: app.screen is app.editor)
-    await pilot.pause(0.05)
+    await wait_for(pilot, lambda: app.screen is app.editor and app.editor.focused is not None)
     return app.editor
 
 
@@ -135,8 +134,7 @@ async def test_api_key_is_saved_0600_and_never_shown(hermetic_home: Path) -> Non
         field.focus()
         await pilot.press(*KEY[:6])
         field.insert_text_at_cursor(KEY[6:])  # as a paste would
-        await pilot.pause(0.05)
-        assert field.value == KEY
+        await wait_for(pilot, lambda: field.value == KEY and "•" * 8 in screen_text(app))
         assert KEY not in screen_text(app) and "•" * 8 in screen_text(app)
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.results == ["keyed"])

@@ -39,7 +39,7 @@ from tuichat.models.quantize import (
 )
 from tuichat.server.gpu import GpuInfo, GpuSnapshot
 from tuichat.server.procgroup import group_pids
-from tuichat.server.profiles import parse_profile
+from tuichat.server.profiles import parse_profile, profile_to_table
 
 FAKE = Path(__file__).with_name("fake_lite.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -212,12 +212,12 @@ def test_successful_job_shows_progress_and_makes_an_awq_profile(model: Path, tmp
     assert not group_pids(job.pid)
     assert "Move model.layers.5 to CPU." in (tmp_path / "q.log").read_text()  # the log is kept
 
-    name, table = job.profile()
+    name, profile = job.make_profile()
     assert name == "tiny-chat-w4"
-    assert table["model"] == str(out.absolute())
-    assert table["model_format"] == "awq"
-    assert table["cache_max_entry_count"] == 0.4
-    parse_profile(name, table, "config.toml")
+    assert profile.model == str(out.absolute())
+    assert profile.model_format == "awq"
+    assert profile.cache_max_entry_count == 0.4
+    assert parse_profile(name, profile_to_table(profile), "config.toml") == profile
 
 
 @pytest.mark.parametrize(
@@ -558,7 +558,7 @@ def test_local_text_calibrates_through_tuichats_entry_without_a_hub(model: Path,
     log = (tmp_path / "q.log").read_text()
     assert "8 samples of 512 tokens" in log and "datasets" not in log
     assert any(s.phase == "calibrating" and s.layers_done for s in statuses)
-    assert job.profile()[1]["model_format"] == "awq"
+    assert job.make_profile()[1].model_format == "awq"
     assert find_orphan_jobs() == []  # a finished job leaves no record
 
 

@@ -188,6 +188,9 @@ async def test_a_failed_download_gives_the_reason_and_a_hint_never_a_traceback(m
         assert "--calib-samples 0" in message
         assert "Traceback" not in message
         assert any("Traceback" in line for line in screen.lines)  # it stays in the log view
+        last = [line for line in screen.log_view.kept if line.strip()][-1]
+        assert "ConnectionError" in last, last  # the error is the last line, and on view: the log follows its end
+        await wait_for(pilot, lambda: screen.log_view.scroll_y == screen.log_view.max_scroll_y)
         assert not (model.parent / "tiny-chat-awq-w4").exists()
         assert leftovers(model.parent) == []
         assert "tiny-chat-awq-w4" not in load_config().profiles
@@ -216,10 +219,41 @@ async def test_a_wrong_value_is_refused_before_anything_starts(model: Path) -> N
         await wait_for(pilot, lambda: "power of two" in message_text(screen))
         assert screen.state == "idle" and screen.job is None
         screen.query_one("#qz-group", Input).value = "128"
-        screen.query_one("#qz-profile", Input).value = "internlm2-w4"  # a built-in profile's name
+        screen.query_one("#qz-profile", Input).value = "no spaces"
         await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: "already exists" in message_text(screen))
-        assert screen.job is None
+        await wait_for(pilot, lambda: "cannot be a profile name" in message_text(screen))
+        assert screen.state == "idle" and screen.job is None
+
+
+async def test_a_taken_profile_name_is_replaced_only_after_yes(model: Path) -> None:
+    config = load_config()
+    config.path.parent.mkdir(parents=True, exist_ok=True)
+    config.path.write_text('[profiles.mine]\nmodel = "org/old-model"\nsession_len = 4096\n')
+    app, screen = form(model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, screen)
+        screen.query_one("#qz-profile", Input).value = "mine"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "mine is already in config.toml: replace it?" in screen_text(app)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: "Not started: mine is kept as it was" in message_text(screen))
+        assert screen.state == "idle" and screen.job is None
+        assert load_config().profiles["mine"].model == "org/old-model"
+        assert not (model.parent / "tiny-chat-awq-w4").exists()
+
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: screen.state in ("done", "failed"), timeout=20)
+        assert screen.state == "done", message_text(screen)
+        assert "Saved profile mine" in screen_text(app)
+        mine = load_config().profiles["mine"]
+        assert (mine.model, mine.model_format, mine.session_len) == (
+            str(model.parent / "tiny-chat-awq-w4"),
+            "awq",
+            None,
+        )
 
 
 async def test_cancel_stops_every_process_and_leaves_no_partial_folder(model: Path) -> None:

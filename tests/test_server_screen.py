@@ -96,7 +96,7 @@ async def test_start_shows_progress_then_ready_with_url_and_pid(manager: ServerM
         assert screen.state == "starting" and bar.display
         assert "starting" in screen_text(app)
         await wait_for(pilot, lambda: screen.state == "ready", timeout=20)
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "a attaches the chat" in screen_text(app))
         server = screen.server
         assert server is not None
         text = screen_text(app)
@@ -135,9 +135,8 @@ async def test_crash_while_loading_shows_failed_exit_code_and_the_oom_hint(manag
         await opened(pilot, screen)
         await pilot.press("s")
         await wait_for(pilot, lambda: screen.state == "failed", timeout=20)
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "failed · exit code 1" in screen_text(app))
         text = screen_text(app)
-        assert "failed · exit code 1" in text
         assert "cache_max_entry_count" in text  # the hint for an out-of-memory crash
         assert "Traceback" not in text.split("log")[0]  # the server's traceback stays in its log view
         await wait_for(pilot, lambda: any("OutOfMemoryError" in line for line in screen.lines))
@@ -235,13 +234,13 @@ async def test_api_key_never_appears_on_screen(manager: ServerManager) -> None:
         with server.log_path.open("a") as fh:
             fh.write(f"args: serve api_server m --api-keys {KEY}\nkey again: {KEY}\n")
         await wait_for(pilot, lambda: any("key again" in line for line in screen.lines))
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "key again" in screen_text(app))
         assert all(KEY not in line for line in screen.lines)
         assert "--api-keys ********" in screen_text(app)
         assert KEY not in screen_text(app)
         await pilot.press("e")  # the profile editor shows the key as bullets only
         await wait_for(pilot, lambda: isinstance(app.screen, ProfileEditorScreen))
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "•" * 8 in screen_text(app))
         assert KEY not in screen_text(app)
 
 

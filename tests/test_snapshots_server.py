@@ -78,13 +78,25 @@ def server_app(manager: ServerManager, name: str) -> Host:
     return Host(lambda: ServerScreen(manager, load_config(), name, None))
 
 
+async def settled(pilot: Pilot[Any]) -> None:
+    """Wait until the screen is still (two screenshots 0.1 s apart are the same), not a fixed pause."""
+    before = None
+    for _ in range(60):
+        await pilot.pause(0.1)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            return
+        before = now
+    raise AssertionError("the screen kept changing for 6 s")
+
+
 async def stopped_ready(pilot: Pilot[Any]) -> None:
     screen = pilot.app.screen
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, ServerScreen))
     screen = pilot.app.screen
     assert isinstance(screen, ServerScreen)
     await wait_for(pilot, lambda: screen.state == "stopped" and len(screen.lines) == 8)
-    await pilot.pause(0.2)
+    await settled(pilot)
 
 
 async def failed_ready(pilot: Pilot[Any]) -> None:
@@ -95,13 +107,13 @@ async def failed_ready(pilot: Pilot[Any]) -> None:
     await pilot.press("s")
     await wait_for(pilot, lambda: screen.state == "failed", timeout=20)
     await wait_for(pilot, lambda: any("OutOfMemoryError" in line for line in screen.lines))
-    await pilot.pause(0.2)
+    await settled(pilot)
 
 
 async def editor_ready(pilot: Pilot[Any]) -> None:
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, ProfileEditorScreen))
     no_blink(pilot)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 async def editor_error_ready(pilot: Pilot[Any]) -> None:
@@ -111,7 +123,7 @@ async def editor_error_ready(pilot: Pilot[Any]) -> None:
     screen.query_one("#pe-tp", Input).value = "0"
     await pilot.press("ctrl+s")
     await wait_for(pilot, lambda: "tp" in screen.errors)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", SIZES)

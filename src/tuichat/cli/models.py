@@ -25,6 +25,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tuichat import paths
+from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.models.discovery import (
     DiscoveryResult,
@@ -34,7 +35,6 @@ from tuichat.models.discovery import (
     hf_cache_dir,
     inspect_model,
     modelscope_cache_dir,
-    profile_for,
     profile_name_for,
     profile_notes,
 )
@@ -50,6 +50,7 @@ from tuichat.models.quantize import (
     format_elapsed,
 )
 from tuichat.server.gpu import GpuSnapshot, format_bytes
+from tuichat.server.profiles import Profile, profile_for_model
 
 if TYPE_CHECKING:
     from tuichat.models.pull import ProgressPrinter
@@ -274,7 +275,7 @@ def run_pull(
         err.write(f"tuichat: to go on, run the same command again: {_pull_command(args)}\n")
         return 130
     got = (
-        f"{format_bytes(result.downloaded_bytes)} in {pull.format_duration(result.elapsed_s)}"
+        f"{format_bytes(result.downloaded_bytes)} in {format_duration(result.elapsed_s)}"
         if result.downloaded_files
         else "nothing new to download"
     )
@@ -332,8 +333,8 @@ def _offer_pull_profile(info: ModelInfo, name: str | None, repo_id: str, out: Te
         if not _confirm(f"Add a launch profile '{suggested}' for it to config.toml?"):
             return
         name = suggested
-    profile_name, table = profile_for(info, name)
-    _write_profile(profile_name, table, profile_notes(info), out, err)
+    profile_name, profile = profile_for_model(info, name)
+    _write_profile(profile_name, profile, profile_notes(info), out, err)
 
 
 def run_rm(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -525,22 +526,23 @@ def _follow(job: QuantizeJob, out: TextIO) -> JobStatus:
 
 
 def _save_profile(job: QuantizeJob, name: str, out: TextIO, err: TextIO) -> None:
-    profile_name, table = job.profile(name)
-    _write_profile(profile_name, table, profile_notes(inspect_model(job.out)), out, err)
+    profile_name, profile = job.make_profile(name)
+    _write_profile(profile_name, profile, profile_notes(inspect_model(job.out)), out, err)
 
 
-def _write_profile(profile_name: str, table: dict[str, Any], notes: list[str], out: TextIO, err: TextIO) -> None:
-    """Show a new profile as TOML with its notes, then add it to config.toml (keeping the user's comments)."""
+def _write_profile(profile_name: str, profile: Profile, notes: list[str], out: TextIO, err: TextIO) -> None:
+    """Show a new profile as TOML with its notes, then save it to config.toml (keeping the user's comments)."""
     import tomli_w
 
+    from tuichat.config import save_profile
+    from tuichat.server.profiles import profile_to_table
+
     out.write("\nnew profile:\n\n")
-    out.write(tomli_w.dumps({"profiles": {profile_name: table}}))
+    out.write(tomli_w.dumps({"profiles": {profile_name: profile_to_table(profile)}}))
     for note in notes:
         out.write(f"# {note}\n")
     try:
-        from tuichat.config import add_profile
-
-        path = add_profile(profile_name, table)
+        path = save_profile(profile_name, profile)
     except TuichatError as exc:
         err.write(f"tuichat: the profile was not saved: {exc}\n")
         return

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuichat.errors import TuichatError
+from tuichat.models.fit import AWQ_CACHE_SHARE
 
-# The fit estimate moved to tuichat.models.fit; these names stay importable from here for older callers (quantize).
-from tuichat.models.fit import AWQ_CACHE_SHARE as AWQ_CACHE_SHARE
-from tuichat.models.fit import FitEstimate as FitEstimate
+# tests/test_models.py still imports the fit estimate from here; it lives in tuichat.models.fit
 from tuichat.models.fit import fit_estimate as fit_estimate
-from tuichat.models.fit import roomiest_gpu as roomiest_gpu
 
 # Weight files: what the GPU has to hold. Calibration statistics (lmdeploy's *_stats.pth) are not weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.models.discovery import hf_cache_dir, looks_like_hub_id, modelscope_cache_dir
 from tuichat.server.gpu import format_bytes
@@ -134,15 +135,6 @@ class PullResult:
 
 class PullCancelled(Exception):
     """Raised inside a download when `PullProgress.cancel()` was called (from another thread: the UI's Esc)."""
-
-
-def format_duration(seconds: float) -> str:
-    s = max(0, int(seconds + 0.5))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,12 @@ from tuichat import paths
 from tuichat.durations import format_clock
 from tuichat.errors import TuichatError
 from tuichat.models import calib_entry
-from tuichat.models.discovery import (
-    ModelInfo,
-    config_section,
-    fit_estimate,
-    hf_cache_dir,
-    inspect_model,
-    looks_like_hub_id,
-    roomiest_gpu,
-)
+from tuichat.models.discovery import ModelInfo, config_section, hf_cache_dir, inspect_model, looks_like_hub_id
+from tuichat.models.fit import AWQ_CACHE_SHARE, fit_estimate, roomiest_gpu
 from tuichat.server.gpu import GpuSnapshot, format_bytes
+from tuichat.server.logfollow import LogFollower, collapse_cr
 from tuichat.server.procgroup import StopResult, group_pids, pid_alive, process_start_ticks, spawn_group, stop_group
-from tuichat.server.profiles import AWQ_CACHE_SHARE, Profile, profile_for_model, profile_to_table
+from tuichat.server.profiles import Profile, profile_for_model
 
 # lmdeploy 0.18 dropped 'ptb' (the tutorial's choice): `--calib-dataset ptb` exits 2 with "invalid choice".
 DEFAULT_CALIB_DATASET = "wikitext2"
@@ -114,6 +108,7 @@ _OFFLINE_ROUTES = (
 JobState = Literal["running", "done", "failed", "cancelled"]
 PHASES = ("starting", "loading", "calibrating", "smoothing", "quantizing", "saving")
 _LAYER_PHASES = ("calibrating", "smoothing", "quantizing")
+LINES_KEPT = 2000  # log lines a job holds for its view between two reads
 
 
 def default_command() -> list[str]:
@@ -808,9 +803,11 @@ class QuantizeJob:
         self.notes = list(notes)  # preflight's sentences (data-free quality, a cached set, an unread GPU)
         self.source_weights = source_weights  # the original model's weight files, for the before/after
         self._created_parent = created_parent
-        self._offset = log_offset
-        self._pending = ""
+        # parse only this run's output, not earlier runs in the same log
+        self._follower = LogFollower(log_path, offset=log_offset)
         self._tail: deque[str] = deque(maxlen=400)
+        self._fed = 0  # redraws of the unfinished last line already fed to the progress
+        self._fresh: deque[str] = deque(maxlen=LINES_KEPT)  # lines not yet taken by `new_lines`
         self._progress = AwqProgress(layers_hint)
         self._replace_existing = replace_existing
         self._calib_temp = calib_temp
@@ -918,20 +915,47 @@ class QuantizeJob:
     # ------------------------------------------------------------ progress
 
     def _read_log(self, final: bool = False) -> None:
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except OSError:
-            return
-        self._offset += len(data)
-        text = self._pending + data.decode("utf-8", errors="replace")
-        parts = re.split(r"\r\n|\r|\n", text)
-        self._pending = "" if final else parts.pop()
-        for line in parts:
-            if line.strip():
-                self._tail.append(line)
-                self._progress.feed_line(line)
+        while True:
+            before = self._follower.offset
+            lines, partial = self._follower.read()
+            for line in lines:
+                self._take_line(line)
+            self._feed_partial(partial)
+            if self._follower.offset == before:
+                break
+        if final:
+            self._take_line(self._follower.flush())
+
+    def _feed(self, segments: list[str]) -> None:
+        for segment in segments:
+            if segment.strip():
+                self._tail.append(segment)
+                self._progress.feed_line(segment)
+
+    def _feed_partial(self, partial: str) -> None:
+        # a tqdm bar redraws with carriage returns and ends its line only when done: its finished redraws are
+        # progress now, not when the line ends
+        done = partial.split("\r")[:-1]
+        if len(done) < self._fed:
+            self._fed = 0  # the follower cut an endless line
+        self._feed(done[self._fed :])
+        self._fed = len(done)
+
+    def _take_line(self, line: str) -> None:
+        self._feed(line.split("\r")[self._fed :])
+        self._fed = 0
+        if collapse_cr(line).strip():
+            self._fresh.append(line)
+
+    def new_lines(self) -> list[str]:
+        """The log lines (as written: `\r` redraws left in) read since the last call: the view shows them, so
+        the log is read once, here. Reads the log first; at most the last `LINES_KEPT` are kept between calls."""
+        with self._lock:
+            if self._final is None:
+                self._read_log()
+            taken = list(self._fresh)
+            self._fresh.clear()
+            return taken
 
     def _running_status(self) -> JobStatus:
         p = self._progress
@@ -1099,11 +1123,6 @@ class QuantizeJob:
             raise TuichatError("The quantize job has not finished successfully, so there is no model to profile.")
         profile_name, base = profile_for_model(inspect_model(self.out), name)
         return profile_name, replace(base, model_format="awq", cache_max_entry_count=AWQ_CACHE_SHARE)
-
-    def profile(self, name: str | None = None) -> tuple[str, dict[str, object]]:
-        """`make_profile` as a TOML table, for callers not yet moved onto the Profile."""
-        profile_name, made = self.make_profile(name)
-        return profile_name, profile_to_table(made)
 
     def summary(self, snapshot: GpuSnapshot | None, cache_share: float = AWQ_CACHE_SHARE) -> list[str]:
         """Sentences for a finished job: calibration, weights before and after, the fit of both, how to serve."""

@@ -19,7 +19,6 @@ records carry `role` and `fleet`; `running()` lists only servers launched on the
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -44,6 +43,8 @@ import httpx
 from tuichat import paths
 from tuichat.chat.sanitize import clean
 from tuichat.errors import ConfigError, TuichatError
+from tuichat.server.logfollow import LogFollower as LogFollower
+from tuichat.server.logfollow import collapse_cr as collapse_cr
 from tuichat.server.procgroup import (
     StopResult,
     group_pids,
@@ -216,47 +217,6 @@ def _amount(text: str) -> float:
 
 def _label(text: str) -> str:
     return text.strip().rstrip(":").strip() or "Loading"
-
-
-def collapse_cr(line: str) -> str:
-    """The last visible state of a line that tqdm rewrote with carriage returns."""
-    parts = [p for p in line.split("\r") if p.strip()]
-    return parts[-1] if parts else ""
-
-
-class LogFollower:
-    """Reads a growing log incrementally: complete lines, and the `\\r`-updated segment being written."""
-
-    def __init__(self, path: Path, start_at_end: int | None = None) -> None:
-        self.path = path
-        self.offset = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
-        if start_at_end is not None:
-            with contextlib.suppress(OSError):
-                self.offset = max(path.stat().st_size - start_at_end, 0)
-
-    def read(self, limit: int = 4 << 20) -> tuple[list[str], str]:
-        """New complete lines (each `\\r`-collapsed only by the caller) and the unfinished last line."""
-        try:
-            with self.path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size < self.offset:  # truncated or replaced: start over
-                    self.offset = 0
-                    self._partial = ""
-                    self._decoder.reset()
-                fh.seek(self.offset)
-                data = fh.read(limit)
-        except OSError:
-            return [], self._partial
-        self.offset += len(data)
-        text = self._partial + self._decoder.decode(data)
-        lines = text.split("\n")
-        self._partial = lines.pop()
-        # a progress bar that never ends its line must not grow the buffer without bound
-        if len(self._partial) > 65536:
-            self._partial = self._partial[-4096:]
-        return lines, self._partial
 
 
 def mask_secret(text: str, secret: str | None) -> str:

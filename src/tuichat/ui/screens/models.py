@@ -38,6 +38,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from tuichat.config import Config, add_profile, load_config
+from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.models import pull as pulling
 from tuichat.models.discovery import (
@@ -136,67 +137,7 @@ class ModelsTable(DataTable[Text]):
 class ModelsScreen(Screen[ModelsResult | None]):
     """Pick a local model (or type a hub id) to make a profile for it, or quantize it. Dismisses with a result."""
 
-    DEFAULT_CSS = """
-    ModelsScreen {
-        layout: vertical;
-    }
-    ModelsScreen #mdl-title {
-        height: 1;
-        width: 1fr;
-        padding: 0 1;
-        background: $panel;
-        text-style: bold;
-    }
-    ModelsScreen #mdl-status {
-        height: 1;
-        padding: 0 1;
-        color: $text-muted;
-    }
-    ModelsScreen #mdl-table {
-        height: 1fr;
-        min-height: 3;
-        scrollbar-size-vertical: 1;
-    }
-    ModelsScreen #mdl-empty {
-        height: 1fr;
-        padding: 1 1;
-        color: $text-muted;
-        display: none;
-    }
-    ModelsScreen #mdl-problems {
-        height: auto;
-        max-height: 3;
-        padding: 0 1;
-        color: $warning;
-        display: none;
-    }
-    ModelsScreen #mdl-detail {
-        height: auto;
-        max-height: 8;
-        padding: 0 1;
-        border-top: solid $primary;
-    }
-    ModelsScreen .mdl-row {
-        height: 1;
-        padding: 0 1;
-    }
-    ModelsScreen .mdl-key {
-        width: 14;
-        color: $text-muted;
-    }
-    ModelsScreen .mdl-row Input {
-        width: 1fr;
-    }
-    ModelsScreen #mdl-name-row {
-        display: none;
-    }
-    ModelsScreen #mdl-message {
-        height: auto;
-        max-height: 3;
-        padding: 0 1;
-        display: none;
-    }
-    """
+    CSS_PATH = str(Path(__file__).with_name("models.tcss"))  # absolute: a subclass elsewhere finds it too
 
     BINDINGS: ClassVar[list[BindingType]] = [
         # Enter on the table or the hub-id field does the same (RowSelected, Submitted)
@@ -710,43 +651,7 @@ class PullDone:
 class PullScreen(Screen[ModelInfo | None]):
     """Get a model from the hub: type its id, watch it arrive, see its facts and fit, make a profile (p)."""
 
-    DEFAULT_CSS = """
-    PullScreen {
-        layout: vertical;
-    }
-    PullScreen #pull-title {
-        height: 1;
-        width: 1fr;
-        padding: 0 1;
-        background: $panel;
-        text-style: bold;
-    }
-    PullScreen .pull-row {
-        height: 1;
-        padding: 0 1;
-    }
-    PullScreen .pull-key {
-        width: 10;
-        color: $text-muted;
-    }
-    PullScreen .pull-row Input {
-        width: 1fr;
-    }
-    PullScreen #pull-file, PullScreen #pull-all {
-        height: 2;
-        padding: 0 1;
-    }
-    PullScreen #pull-log {
-        height: 1fr;
-        padding: 0 1;
-        border-top: solid $primary;
-    }
-    PullScreen #pull-message {
-        height: auto;
-        max-height: 4;
-        padding: 0 1;
-    }
-    """
+    CSS_PATH = str(Path(__file__).with_name("models.tcss"))  # absolute: a subclass elsewhere finds it too
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "start", "Get", key_display="⏎", id="pull_start"),
@@ -881,7 +786,7 @@ class PullScreen(Screen[ModelInfo | None]):
             self._post(self._finished, "failed", f"The pull failed: {exc}. Press Enter to try again.", None)
             return
         got = (
-            f"{format_bytes(result.downloaded_bytes)} in {pulling.format_duration(result.elapsed_s)}"
+            f"{format_bytes(result.downloaded_bytes)} in {format_duration(result.elapsed_s)}"
             if result.downloaded_files
             else "nothing new to download"
         )

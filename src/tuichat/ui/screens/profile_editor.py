@@ -13,6 +13,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from rich.text import Text
@@ -87,10 +88,16 @@ _OPTION_LABELS = {
 
 
 def ask_before_overwriting(
-    screen: Screen[Any], config: Config, name: str, go_on: Callable[[], None], *, editing: str | None = None
+    screen: Screen[Any],
+    config: Config,
+    name: str,
+    go_on: Callable[[], None],
+    *,
+    editing: str | None = None,
+    declined: Callable[[], None] | None = None,
 ) -> None:
     """The one "replace that profile?" step of every screen that saves a profile: `go_on()` runs at once when
-    `name` is free (or is the profile being edited), else only after the user said yes."""
+    `name` is free (or is the profile being edited), else only after the user said yes; `declined()` after no."""
     question = None if name == editing else overwrite_question(config, name)
     if question is None:
         go_on()
@@ -99,6 +106,8 @@ def ask_before_overwriting(
     def answer(yes: bool | None) -> None:
         if yes:
             go_on()
+        elif declined is not None:
+            declined()
 
     screen.app.push_screen(ConfirmScreen(question), answer)
 
@@ -160,58 +169,7 @@ def field_value(spec: FormField, raw: str | bool) -> object | None:
 class ProfileEditorScreen(ModalScreen[str | None]):
     """Create or edit a server profile. Dismisses with the saved profile's name, or None when cancelled."""
 
-    DEFAULT_CSS = """
-    ProfileEditorScreen {
-        align: center middle;
-    }
-    ProfileEditorScreen #pe-box {
-        width: 100%;
-        max-width: 100;
-        height: 100%;
-        max-height: 40;
-        border: round $accent;
-        background: $surface;
-        padding: 0 1;
-    }
-    ProfileEditorScreen #pe-title {
-        text-style: bold;
-        color: $accent;
-    }
-    ProfileEditorScreen #pe-note {
-        color: $text-muted;
-        height: auto;
-    }
-    ProfileEditorScreen #pe-form {
-        height: 1fr;
-        scrollbar-size-vertical: 1;
-    }
-    ProfileEditorScreen .pe-row {
-        height: 1;
-    }
-    ProfileEditorScreen .pe-key {
-        width: 23;
-        color: $text-muted;
-    }
-    ProfileEditorScreen .pe-row Input, ProfileEditorScreen .pe-row Select {
-        width: 1fr;
-    }
-    ProfileEditorScreen .pe-error {
-        color: $error;
-        padding-left: 23;
-        height: auto;
-        display: none;
-    }
-    ProfileEditorScreen .pe-warning {
-        color: $warning;
-        padding-left: 23;
-        height: auto;
-        display: none;
-    }
-    ProfileEditorScreen #pe-message {
-        height: auto;
-        max-height: 4;
-    }
-    """
+    CSS_PATH = str(Path(__file__).with_name("profile_editor.tcss"))  # absolute: a subclass elsewhere finds it too
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save_profile", "Save", id="save_profile", priority=True),

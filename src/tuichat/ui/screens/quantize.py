@@ -3,10 +3,12 @@
 The work is `tuichat.models.quantize.QuantizeJob`: it runs lmdeploy in its own process group, writes into a hidden
 staging folder and only renames a finished model into place, so a failed or cancelled run leaves nothing
 behind. This screen only fills in `QuantizeOptions`, asks before an existing output folder is replaced, and
-follows the job from a thread worker that polls it every half second and reads the new lines of its log.
+follows the job from a thread worker that polls it every half second and shows the new lines of its log
+(the job reads the log once, for its progress and for this view: `QuantizeJob.new_lines`).
 Cancelling stops the whole process group and shows how that went (`StopResult`), so the user can tell that no
-lmdeploy process is left holding the GPU. A finished model gets a profile (saved with `config.add_profile`);
-the screen dismisses with that profile's name, or None.
+lmdeploy process is left holding the GPU. A finished model gets a profile (`QuantizeJob.make_profile`, saved
+with `config.save_profile`; a name that is taken is replaced only when the user agreed before the start); the
+screen dismisses with that profile's name, or None.
 
 Calibration comes from local text (a file or folder typed in the form), the user's saved conversations, a set
 lmdeploy downloads, or nothing (data-free); `QuantizeJob.start` checks the choice (and the model, disk and GPU)
@@ -33,7 +35,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, Select, Static
+from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Static
 
 from tuichat import paths
 from tuichat.chat.sanitize import clean
@@ -52,10 +54,12 @@ from tuichat.models.quantize import (
     validate_options,
 )
 from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader
-from tuichat.server.launcher import LogFollower, collapse_cr
+from tuichat.server.logfollow import collapse_cr
 from tuichat.server.procgroup import StopResult
 from tuichat.server.profiles import validate_name
 from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.screens.profile_editor import ask_before_overwriting
+from tuichat.ui.widgets.log_view import LogView
 
 TICK = 0.5  # seconds between polls of the job
 LOG_KEEP = 500  # log lines kept on view; the whole log stays in its file
@@ -146,77 +150,7 @@ def tidy(line: str) -> str:
 class QuantizeScreen(Screen[str | None]):
     """A form for `lmdeploy lite auto_awq`; runs it, shows its progress and log, makes a profile for the result."""
 
-    DEFAULT_CSS = """
-    QuantizeScreen {
-        layout: vertical;
-    }
-    QuantizeScreen #qz-title {
-        height: 1;
-        width: 1fr;
-        padding: 0 1;
-        background: $panel;
-        text-style: bold;
-    }
-    QuantizeScreen #qz-form {
-        height: auto;
-        padding: 0 1;
-    }
-    QuantizeScreen .qz-row {
-        height: 1;
-    }
-    QuantizeScreen .qz-key {
-        width: 15;
-        color: $text-muted;
-    }
-    QuantizeScreen .qz-key2 {
-        width: 13;
-        padding-left: 2;
-        color: $text-muted;
-    }
-    QuantizeScreen .qz-row Input {
-        width: 1fr;
-    }
-    QuantizeScreen .qz-row .qz-num {
-        width: 10;
-    }
-    QuantizeScreen #qz-calib {
-        width: 30;
-    }
-    QuantizeScreen #qz-start {
-        margin-right: 2;
-    }
-    QuantizeScreen #qz-hint {
-        color: $text-muted;
-        width: 1fr;
-        height: 1;
-    }
-    QuantizeScreen #qz-state-box {
-        height: auto;
-        padding: 0 1;
-    }
-    QuantizeScreen #qz-state {
-        height: auto;
-    }
-    QuantizeScreen #qz-progress {
-        display: none;
-    }
-    QuantizeScreen #qz-message {
-        height: auto;
-        max-height: 12;
-        display: none;
-    }
-    QuantizeScreen #qz-log {
-        height: 1fr;
-        min-height: 3;
-        border: round $primary;
-        overflow: auto auto;
-        scrollbar-size-vertical: 1;
-        scrollbar-size-horizontal: 1;
-    }
-    QuantizeScreen #qz-log:focus {
-        border: round $accent;
-    }
-    """
+    CSS_PATH = str(Path(__file__).with_name("quantize.tcss"))  # absolute: a subclass elsewhere finds it too
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start_job", "Start", id="quantize_start", priority=True),
@@ -247,7 +181,6 @@ class QuantizeScreen(Screen[str | None]):
         self.status: JobStatus | None = None
         self.profile_saved: str | None = None
         self.messages: list[tuple[str, str]] = []  # (level, sentence)
-        self.lines: list[str] = []
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._abandoned = False  # the screen went away: a job that starts now must be cancelled at once
@@ -305,9 +238,7 @@ class QuantizeScreen(Screen[str | None]):
             yield Static("", id="qz-state")
             yield ProgressBar(total=1.0, show_eta=False, id="qz-progress")
             yield Static("", id="qz-message")
-        log = RichLog(max_lines=LOG_KEEP, markup=False, highlight=False, wrap=False, id="qz-log")
-        log.border_title = "log"
-        yield log
+        yield LogView(keep=LOG_KEEP, id="qz-log")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -329,6 +260,15 @@ class QuantizeScreen(Screen[str | None]):
         return free_profile_name(profile_name_for(out_name), set(self.config.profiles))
 
     # -- drawing ----------------------------------------------------------------------------------------------
+
+    @property
+    def log_view(self) -> LogView:
+        return self.query_one("#qz-log", LogView)
+
+    @property
+    def lines(self) -> list[str]:
+        """The log lines of this run on view (the last `LOG_KEEP`)."""
+        return list(self.log_view.kept) if self.is_attached else []
 
     @property
     def running(self) -> bool:
@@ -371,6 +311,7 @@ class QuantizeScreen(Screen[str | None]):
     def _draw(self) -> None:
         if not self.is_attached:
             return
+        self.log_view.keep_end()  # the log shrinks when messages appear
         self.query_one("#qz-state", Static).update(self.state_line())
         bar = self.query_one("#qz-progress", ProgressBar)
         status = self.status
@@ -466,11 +407,6 @@ class QuantizeScreen(Screen[str | None]):
                     f"'{name}' cannot be a profile name: use 1-64 letters, digits, '.', '_' or '-', "
                     "starting with a letter or digit (or leave it blank for no profile)."
                 ) from None
-            if name in self.config.profiles:
-                raise TuichatError(
-                    f"A profile called {name} already exists: choose another profile name, "
-                    "or leave it blank for no profile."
-                )
         return opts, name
 
     @on(Input.Changed, "#qz-bits")
@@ -511,6 +447,21 @@ class QuantizeScreen(Screen[str | None]):
         except TuichatError as exc:
             self.say(("error", tilde_text(str(exc))))
             return
+        if name is None:
+            self._check_output(opts, name)
+            return
+
+        def declined() -> None:
+            self.say(
+                ("info", f"Not started: {name} is kept as it was. Choose another profile name, or leave it blank.")
+            )
+            self.query_one("#qz-profile", Input).focus()
+
+        # asked now, not after the run: the answer must not wait for minutes of quantizing
+        ask_before_overwriting(self, self.config, name, lambda: self._check_output(opts, name), declined=declined)
+
+    def _check_output(self, opts: QuantizeOptions, name: str | None) -> None:
+        """Start, once the user agreed to replace an output folder that holds something."""
         out = opts.out
         try:
             occupied = out.is_dir() and not out.is_symlink() and any(out.iterdir())
@@ -539,14 +490,13 @@ class QuantizeScreen(Screen[str | None]):
         self.job = None
         self.status = None
         self.profile_saved = None
-        self.lines = []
         self._started_at = self.clock()
         self._ended_at = None
         self._wake.clear()
-        log = self.query_one(RichLog)
-        log.clear()
+        log = self.log_view
+        log.reset()
         log_path = log_path_for(opts.out)
-        log.border_title = f"log · {tilde(log_path)}"
+        log.base_title = f"log · {tilde(log_path)}"
         log.focus()
         self.say()
         self._run_job(opts, log_path, overwrite, name)
@@ -558,7 +508,6 @@ class QuantizeScreen(Screen[str | None]):
 
     @work(thread=True, group="quantize-job", exit_on_error=False)
     def _run_job(self, opts: QuantizeOptions, log_path: Path, overwrite: bool, name: str | None) -> None:
-        follower = LogFollower(log_path, start_at_end=0)  # this run only: the log keeps earlier runs
         try:
             job = QuantizeJob.start(opts, log_path, overwrite=overwrite, probes=self.probes)
         except TuichatError as exc:
@@ -574,7 +523,7 @@ class QuantizeScreen(Screen[str | None]):
         self._post(self._job_started, job)
         while True:
             status = job.poll()
-            lines = self._read(follower, status.finished)
+            lines = [text for text in (tidy(line) for line in job.new_lines()) if text]
             if status.finished:
                 saved, error = self._save_profile(job, status, name)
                 summary = job.summary(self._gpu_snapshot()) if status.state == "done" else []
@@ -583,19 +532,6 @@ class QuantizeScreen(Screen[str | None]):
             self._post(self._job_progress, job, status, lines)
             self._wake.wait(TICK)
             self._wake.clear()
-
-    @staticmethod
-    def _read(follower: LogFollower, final: bool) -> list[str]:
-        raw, partial = follower.read()
-        if final and partial.strip():
-            raw = [*raw, partial]
-        shown = []
-        for line in raw:
-            text = tidy(line)
-            # tuichat's own header lines name the staging folder and the time: the title names the log instead
-            if text and not text.startswith("=== "):
-                shown.append(text)
-        return shown
 
     def _gpu_snapshot(self) -> GpuSnapshot | None:
         """One GPU reading for the fit estimate (worker thread); None when there is no NVML."""
@@ -627,7 +563,7 @@ class QuantizeScreen(Screen[str | None]):
         # nothing ran: back to the form, with the reason
         self.state = "idle"
         self._started_at = None
-        self.query_one(RichLog).border_title = "log"
+        self.log_view.base_title = "log"
         self.say(("error", tilde_text(message)))
         self.query_one("#qz-start", Button).focus()
 
@@ -639,11 +575,8 @@ class QuantizeScreen(Screen[str | None]):
         self._draw()
 
     def _show_lines(self, lines: list[str]) -> None:
-        if not lines or not self.is_attached:
-            return
-        self.lines.extend(lines)
-        del self.lines[:-LOG_KEEP]
-        self.query_one(RichLog).write("\n".join(lines))
+        if self.is_attached:
+            self.log_view.add(lines)
 
     def _job_progress(self, job: QuantizeJob, status: JobStatus, lines: list[str]) -> None:
         if job is not self.job:
@@ -693,7 +626,7 @@ class QuantizeScreen(Screen[str | None]):
         self.messages = [*found, *kept]
         self._draw()
         if self.state == "done":
-            self.query_one(RichLog).focus()
+            self.log_view.focus()
 
     # -- cancelling and leaving -------------------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 Everything that can block runs in thread workers: `ManagedServer.poll()` probes /health (up to half a second),
 starting runs the preflight checks and spawns, stopping waits for the process group to end. A 0.5 s timer
-reads the new bytes of the log (`LogFollower`) and polls the state, every tick while the server starts or
-stops and every 2 s otherwise. Log lines are shown as plain text: tqdm's carriage-return redraws are collapsed
-to their last state, control sequences are removed and the API key is masked, as everywhere in the launcher.
+reads the new bytes of the log (`LogFollower`, shown in a `LogView`) and polls the state, every tick while the
+server starts or stops and every 2 s otherwise. Log lines are shown as plain text: tqdm's carriage-return
+redraws are collapsed to their last state, control sequences are removed and the API key is masked, as everywhere
+in the launcher.
 
 The screen dismisses with a `ServerAction`: "attach" (point the chat at this server) or "back", each with the
 profile and the server as they are now, so the app can tell what changed while it was open.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,27 +29,20 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, Log, ProgressBar, Static
+from textual.widgets import Footer, Input, Label, ProgressBar, Static
 
 from tuichat.chat.sanitize import clean
 from tuichat.config import Config, load_config
 from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.server.launch import Checked, LaunchEvent, launch
-from tuichat.server.launcher import (
-    LogFollower,
-    ManagedServer,
-    PreflightFailed,
-    Progress,
-    ServerManager,
-    ServerStatus,
-    collapse_cr,
-    mask_secret,
-)
+from tuichat.server.launcher import ManagedServer, PreflightFailed, Progress, ServerManager, ServerStatus, mask_secret
+from tuichat.server.logfollow import LogFollower, collapse_cr
 from tuichat.server.procgroup import StopResult
 from tuichat.server.profiles import BUILTIN_PROFILES, Profile
 from tuichat.ui.screens.dialogs import ChoiceScreen
 from tuichat.ui.screens.profile_editor import ProfileEditorScreen
+from tuichat.ui.widgets.log_view import LogView
 
 TICK = 0.5  # seconds between log reads, and between state polls while starting or stopping
 SLOW_POLL = 2.0  # seconds between state polls of a ready or stopped server
@@ -119,60 +112,7 @@ def settings_renderable(name: str, profile: Profile | None) -> RenderableType:
 class ServerScreen(Screen[ServerAction | None]):
     """Start, watch and stop the server of one profile; switch or edit profiles; read and search its log."""
 
-    DEFAULT_CSS = """
-    ServerScreen {
-        layout: vertical;
-    }
-    ServerScreen #srv-title {
-        height: 1;
-        width: 1fr;
-        padding: 0 1;
-        background: $panel;
-        text-style: bold;
-    }
-    ServerScreen #srv-top {
-        height: auto;
-        padding: 0 1;
-    }
-    ServerScreen #srv-settings {
-        width: 1fr;
-        max-width: 60;
-        height: auto;
-    }
-    ServerScreen #srv-state-box {
-        width: 1fr;
-        height: auto;
-        padding: 0 0 0 1;
-        border-left: solid $primary;
-    }
-    ServerScreen #srv-state {
-        height: auto;
-    }
-    ServerScreen #srv-progress {
-        display: none;
-    }
-    ServerScreen #srv-message {
-        height: auto;
-        max-height: 7;
-        padding: 0 1;
-        display: none;
-    }
-    ServerScreen #srv-search {
-        display: none;
-        margin: 0 1;
-    }
-    ServerScreen #srv-log {
-        height: 1fr;
-        min-height: 3;
-        border: round $primary;
-        overflow: auto auto;
-        scrollbar-size-vertical: 1;
-        scrollbar-size-horizontal: 1;
-    }
-    ServerScreen #srv-log:focus {
-        border: round $accent;
-    }
-    """
+    CSS_PATH = str(Path(__file__).with_name("server.tcss"))  # absolute: a subclass elsewhere finds it too
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "start", "Start", id="server_start"),
@@ -196,12 +136,9 @@ class ServerScreen(Screen[ServerAction | None]):
         self.gpu_bytes: int | None = None
         self.busy: str | None = None  # "starting" or "stopping" while an action worker runs
         self.messages: list[tuple[str, str]] = []  # (level, sentence) under the state
-        self.lines: deque[str] = deque(maxlen=LOG_KEEP)
-        self.query_text = ""
         self.config_changed = False
         self._follower: LogFollower | None = None
         self._follow_gen = 0
-        self._skip_first = False
         self._secrets: tuple[str, ...] = ()
         self._partial_shown = ""
         self._log_busy = False
@@ -220,17 +157,24 @@ class ServerScreen(Screen[ServerAction | None]):
                 yield Static("", id="srv-details")
         yield Static("", id="srv-message")
         yield Input(placeholder="search the log · Enter keeps it · Esc clears", id="srv-search", compact=True)
-        log = Log(max_lines=LOG_KEEP, id="srv-log")
-        log.border_title = "log"
-        yield log
+        yield LogView(keep=LOG_KEEP, id="srv-log")
         yield Footer(compact=True, show_command_palette=False)  # every key of the panel fits 80 columns
 
     def on_mount(self) -> None:
         self._follow(self._log_path(), from_start=False)
         self._draw()
-        self.query_one(Log).focus()
+        self.log_view.focus()
         self.set_interval(TICK, self._tick)
         self._tick()
+
+    @property
+    def log_view(self) -> LogView:
+        return self.query_one("#srv-log", LogView)
+
+    @property
+    def lines(self) -> list[str]:
+        """The log lines kept (the last `LOG_KEEP`), whether the search shows them or not."""
+        return list(self.log_view.kept) if self.is_attached else []
 
     @property
     def profile(self) -> Profile | None:
@@ -258,10 +202,7 @@ class ServerScreen(Screen[ServerAction | None]):
     def _draw(self) -> None:
         if not self.is_attached:
             return
-        # the log shrinks when messages appear: one that showed its end keeps showing it
-        log = self.query_one(Log)
-        if log.is_vertical_scroll_end:
-            self.call_after_refresh(log.scroll_end, animate=False, x_axis=False)
+        self.log_view.keep_end()  # the log shrinks when messages appear
         title = Text(f"Server · {self.profile_name}")
         source = self._source()
         if source:
@@ -344,7 +285,7 @@ class ServerScreen(Screen[ServerAction | None]):
         if not self._log_busy and self._follower is not None:
             self._log_busy = True
             ended = self.server is None and self.busy is None and self.state in ("failed", "stopped")
-            self._read_log(self._follower, self._follow_gen, self._secrets, self._skip_first, ended)
+            self._read_log(self._follower, self._follow_gen, self._secrets, ended)
         fast = self.busy is not None or self.state in ("starting", "stopping", "checking")
         if not self._poll_busy and time.monotonic() >= self._next_poll:
             if self.server is None and self.busy is not None:
@@ -429,27 +370,21 @@ class ServerScreen(Screen[ServerAction | None]):
         """Show `path` from now on: from its beginning (a new launch) or its last part (an existing log)."""
         self._follow_gen += 1
         self._follower = LogFollower(path, start_at_end=None if from_start else LOG_START_BYTES)
-        self._skip_first = self._follower.offset > 0  # that line is cut
         self._secrets = self._secret_list()
         self._partial_shown = ""
-        self.lines.clear()
         if self.is_attached:
-            self.query_one(Log).clear()
+            self.log_view.reset()
 
     @work(thread=True, group="server-log", exit_on_error=False)
-    def _read_log(
-        self, follower: LogFollower, gen: int, secrets: tuple[str, ...], skip_first: bool, ended: bool
-    ) -> None:
+    def _read_log(self, follower: LogFollower, gen: int, secrets: tuple[str, ...], ended: bool) -> None:
         try:
             raw, partial = follower.read()
-            if skip_first and raw:
-                raw = raw[1:]
             lines = [tidy_line(line, secrets) for line in raw if not ("\r" in line and not collapse_cr(line).strip())]
             # an unfinished last line of a server that has exited will never be finished: show it as it is
             tail = ""
             if ended and partial.strip() and partial != self._partial_shown:
                 tail = partial
-            if lines or tail or (skip_first and raw):
+            if lines or tail:
                 self._post(self._log_arrived, gen, lines, tail, tidy_line(tail, secrets) if tail else "")
         finally:
             self._log_busy = False
@@ -457,57 +392,37 @@ class ServerScreen(Screen[ServerAction | None]):
     def _log_arrived(self, gen: int, lines: list[str], tail_raw: str, tail: str) -> None:
         if gen != self._follow_gen or not self.is_attached:
             return
-        self._skip_first = False
         if tail_raw:
             self._partial_shown = tail_raw
             lines = [*lines, tail]
-        if not lines:
-            return
-        self.lines.extend(lines)
-        shown = [line for line in lines if self._matches(line)]
-        if shown:
-            self.query_one(Log).write_lines(shown)
-
-    def _matches(self, line: str) -> bool:
-        return not self.query_text or self.query_text in line.lower()
-
-    def _refilter(self) -> None:
-        log = self.query_one(Log)
-        log.clear()
-        log.write_lines([line for line in self.lines if self._matches(line)])
-        count = sum(1 for line in self.lines if self._matches(line)) if self.query_text else None
-        log.border_title = "log" if count is None else f"log · {count} lines match"
+        self.log_view.add(lines)
 
     def shown_lines(self) -> list[str]:
         """The log lines on view now (all of them, or those matching the search)."""
-        return [line for line in self.lines if self._matches(line)]
+        return self.log_view.shown_lines()
 
     def action_search_log(self) -> None:
         field = self.query_one("#srv-search", Input)
-        log = self.query_one(Log)
-        if log.is_vertical_scroll_end:
-            self.call_after_refresh(log.scroll_end, animate=False, x_axis=False)
+        self.log_view.keep_end()
         field.display = True
         field.focus()
 
     @on(Input.Changed, "#srv-search")
     def _search_changed(self, event: Input.Changed) -> None:
         event.stop()
-        self.query_text = event.value.strip().lower()
-        self._refilter()
+        self.log_view.search(event.value)
 
     @on(Input.Submitted, "#srv-search")
     def _search_submitted(self, event: Input.Submitted) -> None:
         event.stop()
-        self.query_one(Log).focus()
+        self.log_view.focus()
 
     def _clear_search(self) -> None:
         field = self.query_one("#srv-search", Input)
         field.value = ""
         field.display = False
-        self.query_text = ""
-        self._refilter()
-        self.query_one(Log).focus()
+        self.log_view.search("")
+        self.log_view.focus()
 
     # -- start, stop, restart ---------------------------------------------------------------------------------
 
