@@ -171,6 +171,19 @@ async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], timeout: fl
         await pilot.pause(0.02)
 
 
+async def settled(pilot: Pilot[Any], timeout: float = 6.0) -> None:
+    """Let the app run until its screen is still: two screenshots 0.1 s apart are the same (for snapshots,
+    instead of a fixed pause that is too short on a busy machine and too long on an idle one)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    before = None
+    while (now := pilot.app.export_screenshot()) != before:
+        if loop.time() > deadline:
+            raise AssertionError(f"the screen kept changing for {timeout} s")
+        before = now
+        await pilot.pause(0.1)
+
+
 def screen_text(app: TuichatApp) -> str:
     """Everything drawn on the current screen, as the plain text a user would read."""
     strips = app.screen._compositor.render_strips()

@@ -29,11 +29,10 @@ async def test_enter_sends_and_the_reply_streams_in() -> None:
     async with app.run_test(size=(100, 30)) as pilot:
         await type_and_send(pilot, "hi there")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "Hello world, this is a reply." in screen_text(app))
         assert conversation_text(app) == "user:done:hi there\nassistant:done:Hello **world**, this is a reply."
         text = screen_text(app)
         assert "hi there" in text
-        assert "Hello world, this is a reply." in text
         assert "4 tokens" in text  # usage from the usage chunk, shown on the status line and under the reply
         assert app.query_one(PromptArea).text == ""
     body = server.requests[0]
@@ -74,12 +73,15 @@ async def test_ctrl_j_inserts_a_newline_and_paste_never_sends() -> None:
         from textual import events
 
         prompt.post_message(events.Paste("line 1\nline 2\n"))
-        await pilot.pause(0.1)
-        assert "line 1\nline 2" in prompt.text
-        assert server.requests == []
+        await wait_for(pilot, lambda: "line 1\nline 2" in prompt.text)
+        assert server.requests == [] and not app.streaming
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(server.requests) == 1)
-        assert server.requests[0]["messages"][-1]["content"].startswith("a\nb")
+        await wait_for(pilot, lambda: not app.streaming)
+        # one request, sent by Enter, carrying the typed lines and the pasted ones together
+        assert len(server.requests) == 1
+        sent = server.requests[0]["messages"][-1]["content"]
+        assert sent.startswith("a\nb") and "line 1\nline 2" in sent
 
 
 async def test_second_send_while_streaming_is_refused_with_a_message() -> None:
@@ -91,8 +93,7 @@ async def test_second_send_while_streaming_is_refused_with_a_message() -> None:
         await type_and_send(pilot, "first")
         await wait_for(pilot, lambda: app.streaming)
         await type_and_send(pilot, "second")
-        await pilot.pause(0.05)
-        assert any("still streaming" in n.message for n in app._notifications)
+        await wait_for(pilot, lambda: any("still streaming" in n.message for n in app._notifications))
         assert app.query_one(PromptArea).text == "second"  # what was typed is kept
         assert len(server.requests) == 1
         await pilot.press("escape")
@@ -133,10 +134,10 @@ async def test_retry_regenerates_the_last_reply_with_current_sampling() -> None:
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         server.reply = "second answer"
         app.query_one(SamplingPane).set_value("temperature", "1.5")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: app.chat_screen.conversation.sampling.temperature == 1.5)
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: len(server.requests) == 2 and not app.streaming)
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "second answer" in screen_text(app))
         assert conversation_text(app) == "user:done:question\nassistant:done:second answer"
         assert "first answer" not in screen_text(app)
     assert server.requests[1]["messages"] == [{"role": "user", "content": "question"}]
@@ -172,8 +173,8 @@ async def test_clear_asks_then_empties_the_chat() -> None:
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
-        await pilot.pause(0.05)
-        assert len(app.chat) == 2
+        await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        assert len(app.chat) == 2 and "hello" in screen_text(app)
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
@@ -189,8 +190,8 @@ async def test_new_chat_starts_fresh_and_keeps_the_old_one_in_history() -> None:
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         first_id = app.conversation_id
         await pilot.press("ctrl+n")
-        await pilot.pause(0.05)
-        assert len(app.chat) == 0
+        await wait_for(pilot, lambda: len(app.chat) == 0 and app.conversation_id is None)
+        assert "old chat" not in screen_text(app)
         await type_and_send(pilot, "new chat")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         assert app.conversation_id != first_id
@@ -210,13 +211,12 @@ async def test_copy_last_reply_writes_osc52_wrapped_for_tmux() -> None:
         app._driver.write = written.append  # type: ignore[method-assign]
         await type_and_send(pilot, "hi")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        payload = base64.b64encode(b"copy this text").decode()
         await pilot.press("ctrl+o")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: any(payload in w for w in written))
     assert app.last_copied == "copy this text"
-    payload = base64.b64encode(b"copy this text").decode()
-    osc = [w for w in written if payload in w]
-    assert osc, "no OSC 52 sequence was written"
-    assert any(w.startswith("\x1bPtmux;") or "\x1bPtmux;" in w for w in osc)
+    (osc,) = [w for w in written if payload in w]  # one write, once
+    assert f"\x1bPtmux;\x1b\x1b]52;c;{payload}\x07\x1b\\" in osc  # passed through tmux, its ESC doubled
 
 
 async def test_copy_code_cycles_through_code_blocks() -> None:
@@ -254,14 +254,13 @@ async def test_out_of_range_sampling_is_refused_in_the_pane_and_never_sent(herme
         temperature = pane.query_one("#temperature", Input)
         temperature.focus()
         await pilot.press("3")
-        await pilot.pause(0.05)
-        assert "in [0, 2]" in screen_text(app)
+        await wait_for(pilot, lambda: "in [0, 2]" in screen_text(app))
         await type_and_send(pilot, "hello")
-        await pilot.pause(0.05)
-        assert server.requests == []
-        assert any("temperature" in n.message for n in app._notifications)
+        await wait_for(pilot, lambda: any("temperature" in n.message for n in app._notifications))
+        assert server.requests == [] and not app.streaming
         temperature.value = "0.5"
-        await pilot.pause(1.0)  # the config save waits for typing to pause
+        # the config save waits for typing to pause, then writes the file
+        await wait_for(pilot, lambda: load_config().sampling.temperature == 0.5)
         await type_and_send(pilot, "hello")
         await wait_for(pilot, lambda: len(server.requests) == 1)
     assert server.requests[0]["temperature"] == 0.5
@@ -289,12 +288,11 @@ async def test_control_sequences_in_model_output_never_reach_the_terminal() -> N
     async with app.run_test() as pilot:
         await type_and_send(pilot, "be evil")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "safe text red" in screen_text(app))
         reply = app.chat.turns[1].content
         assert reply == "safe text red  end"
         text = screen_text(app)
         assert "\x1b" not in text and "\x9b" not in text
-        assert "safe text red" in text
 
 
 async def test_several_models_open_a_picker() -> None:
@@ -316,7 +314,7 @@ async def test_api_key_never_appears_on_screen_or_in_screenshots() -> None:
         await type_and_send(pilot, "hi")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         await pilot.press("f1")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
         assert key not in screen_text(app)
         assert key not in app.export_screenshot()
         assert key not in repr(app.client)
@@ -359,8 +357,7 @@ async def test_http_errors_become_a_readable_line_and_the_prompt_is_kept(
     app = app_for(server)
     async with app.run_test(size=(120, 40)) as pilot:
         await type_and_send(pilot, "my precious prompt")
-        await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns))
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
         errors = [t.content for t in app.chat.turns if t.role == "error"]
         assert fragment in errors[-1]
         assert app.query_one(PromptArea).text == "my precious prompt"
@@ -383,7 +380,6 @@ async def test_in_band_error_and_malformed_chunk_are_reported() -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await type_and_send(pilot, "hi")
         await wait_for(pilot, lambda: not app.streaming and any(t.role == "error" for t in app.chat.turns))
-        await pilot.pause(0.05)
         assert any("malformed chunk" in n.message for n in app._notifications)
         reply = app.chat.turns[1]
         assert reply.content == "partial partial "
@@ -512,7 +508,7 @@ async def test_ctrl_up_selects_an_earlier_message_and_ctrl_o_copies_it() -> None
         await pilot.press("ctrl+o")
         assert app.last_copied == "the reply"
         await pilot.press("escape")  # unselects; ctrl+o is back to the last reply
-        assert app._selected_turn() is None
+        assert app.chat_screen.messages.selected_turn() is None
 
 
 async def test_attached_images_can_be_removed_before_sending(tmp_path: Path) -> None:
@@ -547,7 +543,9 @@ async def test_user_keymap_rebinds_an_action(hermetic_home: Path) -> None:
 
 
 async def test_command_palette_offers_every_chat_action() -> None:
-    app = app_for(ScriptedServer())
+    from textual.command import CommandPalette
+
+    app = app_for(ScriptedServer("reply"))
     async with app.run_test(size=(100, 30)) as pilot:
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for expected in (
@@ -556,11 +554,15 @@ async def test_command_palette_offers_every_chat_action() -> None:
             "Saved chats: open, rename, delete, search",
         ):
             assert expected in titles
+        await type_and_send(pilot, "hello")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette))
         await pilot.press(*"new chat")
-        await pilot.pause(0.3)
-        assert "New chat" in screen_text(app)
+        # the list narrows to the one command typed, and Enter runs it
+        await wait_for(pilot, lambda: "New chat" in screen_text(app) and "Clear this chat" not in screen_text(app))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, CommandPalette) and len(app.chat) == 0)
 
 
 async def test_restored_chat_gets_an_exact_count_from_the_server_tokenizer() -> None:

@@ -17,7 +17,7 @@ from tuichat.chat.store import Store, default_path
 from tuichat.ui.app import TuichatApp
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.screens.history import ConversationsScreen
-from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.prompt_area import PromptArea
 
 SEEDED = ["first words", "first reply"]
 

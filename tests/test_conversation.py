@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from itertools import pairwise
 from typing import Any
 
 import httpx
@@ -19,12 +21,14 @@ from tuichat.chat.conversation import (
     Conversation,
     Event,
     Notice,
+    ReadOnly,
+    ReplyCounted,
     ReplyDelta,
     ReplyFailed,
     ReplyFinished,
     ReplyStarted,
 )
-from tuichat.chat.store import Store
+from tuichat.chat.store import Claim, HeldBy, Store
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +111,33 @@ async def test_the_next_request_carries_the_whole_history(standin: Standin) -> N
     assert [m["content"] for m in sent] == ["first [[reply:A]]", "A", "second [[reply:B]]"]
 
 
-async def test_two_conversations_stream_at_the_same_time() -> None:
+async def test_two_conversations_stream_at_the_same_time_and_both_are_saved(store: Store) -> None:
     with run_standin("--fake-rate", "40") as a, run_standin("--fake-rate", "40") as b:
-        async with conversation(a.url) as (one, rec_one), conversation(b.url) as (two, rec_two):
-            one.send("left [[reply:" + " ".join(f"a{i}" for i in range(20)) + "]]")
-            two.send("right [[reply:" + " ".join(f"b{i}" for i in range(20)) + "]]")
-            # both have text before either has finished: they really run at once
-            await wait_until(lambda: rec_one.of(ReplyDelta) and rec_two.of(ReplyDelta))
-            assert not rec_one.of(ReplyFinished) and not rec_two.of(ReplyFinished)
-            await asyncio.gather(one.wait(), two.wait())
-    assert rec_one.text().startswith("a0 a1") and rec_two.text().startswith("b0 b1")
-    assert rec_one.of(ReplyFinished)[0].state == rec_two.of(ReplyFinished)[0].state == "done"
+        merged: list[tuple[str, Event]] = []
+        one = Conversation(ChatClient(a.url, "test-key"), store=store, on_event=lambda e: merged.append(("a", e)))
+        two = Conversation(ChatClient(b.url, "test-key"), store=store, on_event=lambda e: merged.append(("b", e)))
+        left = " ".join(f"a{i}" for i in range(20))
+        right = " ".join(f"b{i}" for i in range(20))
+        try:
+            assert one.send(f"left [[reply:{left}]]")
+            assert two.send(f"right [[reply:{right}]]")
+            await asyncio.wait_for(asyncio.gather(one.wait(), two.wait()), 20)
+        finally:
+            await one.aclose()
+            await two.aclose()
+    sides = [side for side, e in merged if isinstance(e, ReplyDelta)]
+    # interleaved, not one after the other: the text of each side arrives between pieces of the other's
+    switches = sum(1 for x, y in pairwise(sides) if x != y)
+    assert switches >= 3, sides
+    finished = {side: e for side, e in merged if isinstance(e, ReplyFinished)}
+    assert finished["a"].state == finished["b"].state == "done"
+    assert finished["a"].reply.content == left and finished["b"].reply.content == right
+    by_server = {c.server_url: c for c in store.list_conversations()}
+    assert set(by_server) == {a.url, b.url}
+    for url, prompt, reply in ((a.url, "left", left), (b.url, "right", right)):
+        rows = store.messages(by_server[url].id)
+        assert [(m.role, m.state) for m in rows] == [("user", "done"), ("assistant", "done")]
+        assert rows[0].content.startswith(prompt) and rows[1].content == reply
 
 
 async def test_stop_keeps_the_partial_reply_saved_as_stopped(store: Store) -> None:
@@ -374,3 +394,279 @@ def test_a_compared_pair_names_each_other_in_the_history(store: Store) -> None:
         faster_side({"decode_tokens_per_s": 90.0, "total_s": 1.0}, {"decode_tokens_per_s": 90.0, "total_s": 2.0}) == 0
     )
     assert faster_side({"decode_tokens_per_s": 90.0}, None) is None
+
+
+# -- holding a conversation, counting tokens, starting afresh, closing mid-reply -------------------------------
+
+
+class Scripted:
+    """An OpenAI-style server for httpx.MockTransport: every chat request streams `reply` a word per chunk
+    (`gap` seconds apart), with a usage chunk unless `usage` is False; with `hang` the stream stays open after
+    the text (a reply still coming). /v1/encode answers `encode` tokens, or 404 when it is None."""
+
+    def __init__(
+        self, reply: str = "one two three", *, usage: bool = True, encode: int | None = None, gap: float = 0.0
+    ) -> None:
+        self.words = reply.split(" ")
+        self.usage = usage
+        self.encode = encode
+        self.gap = gap
+        self.hang = False
+        self.requests: list[dict[str, Any]] = []
+        self.encoded: list[str] = []
+
+    def client(self) -> ChatClient:
+        return ChatClient("http://127.0.0.1:23333", transport=httpx.MockTransport(self.handle))
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/encode":
+            self.encoded.append(json.loads(request.content)["input"])
+            if self.encode is None:
+                return httpx.Response(404, json={"detail": "Not Found"})
+            return httpx.Response(200, json={"input_ids": list(range(self.encode)), "length": self.encode})
+        if request.url.path == "/v1/chat/completions":
+            self.requests.append(json.loads(request.content))
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=self._events())
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        for i, word in enumerate(self.words):
+            if self.gap:
+                await asyncio.sleep(self.gap)
+            yield _sse(_chunk(word if i == 0 else f" {word}"), done=False)
+        if self.hang:
+            await asyncio.Event().wait()  # until the client gives up on the stream
+        yield _sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, done=False)
+        if self.usage:
+            n = len(self.words)
+            yield _sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": n + 5}})
+        else:
+            yield b"data: [DONE]\n\n"
+
+
+@pytest.fixture
+def other() -> Iterator[Store]:
+    """The same history opened by another tuichat: its claims hold against ours as another process's would."""
+    with Store.open() as st:
+        yield st
+
+
+def saved_rows(store: Store, conv_id: int | None) -> list[tuple[str, str, str]]:
+    assert conv_id is not None
+    return [(m.role, m.state, m.content) for m in store.messages(conv_id)]
+
+
+async def test_a_conversation_held_elsewhere_opens_read_only_and_refuses_every_change(
+    store: Store, other: Store
+) -> None:
+    conv_id = other.create_conversation(model="m")
+    other.add_message(conv_id, "user", "their question")
+    other.add_message(conv_id, "assistant", "their answer")
+    theirs = other.claim(conv_id)
+    assert isinstance(theirs, Claim)
+    server, rec = Scripted("mine"), Recorder()
+    conv = Conversation(server.client(), model="m", store=store, hold=True, on_event=rec)
+    try:
+        # without read_only nothing is loaded: the HeldBy says who has it
+        got = conv.open(conv_id)
+        assert isinstance(got, HeldBy) and got.pid == os.getpid() and got.conversation_id == conv_id
+        assert conv.chat.turns == [] and conv.conversation_id is None and conv.held_by is None
+
+        got = conv.open(conv_id, read_only=True)
+        assert isinstance(got, HeldBy)
+        assert [t.content for t in conv.chat.turns] == ["their question", "their answer"]
+        assert conv.conversation_id == conv_id and conv.held_by == got and conv.claim is None
+        assert not conv.may_change()
+        assert not conv.send("mine too")
+        assert not conv.retry() and conv.undo() is None and conv.clear() == []
+        refusals = rec.of(ReadOnly)
+        assert len(refusals) == 5 and all(r.held_by == got and not r.released for r in refusals)
+        assert server.requests == [] and not conv.streaming
+        assert [t.content for t in conv.chat.turns] == ["their question", "their answer"]
+        assert saved_rows(store, conv_id) == [("user", "done", "their question"), ("assistant", "done", "their answer")]
+
+        # the other tuichat lets go: the next change takes the conversation over and goes ahead here
+        theirs.release()
+        assert conv.send("mine now")
+        assert rec.of(ReadOnly)[-1].released
+        await conv.wait()
+        assert isinstance(conv.claim, Claim) and conv.held_by is None
+        assert isinstance(other.claim(conv_id), HeldBy)  # now the other one is refused
+        assert server.requests[0]["messages"] == [
+            {"role": "user", "content": "their question"},
+            {"role": "assistant", "content": "their answer"},
+            {"role": "user", "content": "mine now"},
+        ]
+        assert [c for _, _, c in saved_rows(store, conv_id)] == ["their question", "their answer", "mine now", "mine"]
+    finally:
+        await conv.aclose()
+    assert isinstance(other.claim(conv_id), Claim)  # closing let go of it
+
+
+async def test_hold_conversation_claims_once_and_let_go_frees_it_for_another_tuichat(
+    store: Store, other: Store
+) -> None:
+    conv = Conversation(Scripted("ok").client(), model="m", store=store, hold=True)
+    try:
+        assert conv.send("hello")
+        await conv.wait()
+        conv_id = conv.conversation_id
+        assert conv_id is not None
+        mine = conv.claim
+        assert isinstance(mine, Claim) and mine.held  # a new conversation is held from its first message
+        assert conv.hold_conversation(conv_id) is mine  # holding again changes nothing
+        held = other.claim(conv_id)
+        assert isinstance(held, HeldBy) and held.pid == os.getpid()
+
+        conv.let_go()
+        assert conv.claim is None and not mine.held
+        theirs = other.claim(conv_id)
+        assert isinstance(theirs, Claim)
+        # now ours is the refused one; opening it without read_only leaves what is shown alone
+        assert isinstance(conv.hold_conversation(conv_id), HeldBy)
+        assert isinstance(conv.open(conv_id), HeldBy)
+        assert conv.claim is None
+        theirs.release()
+        assert isinstance(conv.open(conv_id), Claim)
+        assert conv.may_change() and isinstance(other.claim(conv_id), HeldBy)
+    finally:
+        await conv.aclose()
+
+
+async def test_a_reply_without_usage_is_counted_in_tokens_by_the_server(store: Store) -> None:
+    server, rec = Scripted("alpha beta gamma delta", usage=False, encode=9, gap=0.02), Recorder()
+    conv = Conversation(server.client(), model="m", store=store, count_tokens=True, on_event=rec)
+    try:
+        assert conv.send("q")
+        await conv.wait()
+        counted = await wait_until(lambda: rec.of(ReplyCounted))
+    finally:
+        await conv.aclose()
+    (finished,) = rec.of(ReplyFinished)
+    assert finished.usage is None
+    assert finished.stats["completion_tokens"] is None and finished.stats["chunks"] == 4  # chunks until counted
+    assert [type(e) for e in rec.events[-2:]] == [ReplyFinished, ReplyCounted]
+    assert server.encoded == ["alpha beta gamma delta"]
+    stats = counted[0].reply.stats
+    assert stats["completion_tokens"] == 9 and stats["counted"] and not stats["estimated"]
+    assert stats["decode_tokens_per_s"] and stats["decode_tokens_per_s"] > 0
+    assert conv.last_stats == stats
+    (_, reply) = store.messages(conv.conversation_id or 0)
+    assert reply.stats is not None and reply.stats["completion_tokens"] == 9 and reply.stats["counted"]
+
+
+@pytest.mark.parametrize(("count_tokens", "encode"), [(False, 9), (True, None)], ids=["not-asked", "no-encode"])
+async def test_without_a_count_the_figures_stay_chunks(store: Store, count_tokens: bool, encode: int | None) -> None:
+    server, rec = Scripted("alpha beta gamma delta", usage=False, encode=encode), Recorder()
+    conv = Conversation(server.client(), model="m", store=store, count_tokens=count_tokens, on_event=rec)
+    try:
+        assert conv.send("q")
+        await conv.wait()
+        if count_tokens:  # it asked, the server could not answer
+            await wait_until(lambda: server.encoded and not conv._counting)
+        else:
+            assert server.encoded == []
+    finally:
+        await conv.aclose()
+    assert rec.of(ReplyCounted) == []
+    (_, reply) = store.messages(conv.conversation_id or 0)
+    assert reply.stats is not None and reply.stats["completion_tokens"] is None and reply.stats["chunks"] == 4
+
+
+async def test_new_chat_starts_afresh_and_keeps_the_old_one_saved(store: Store, other: Store) -> None:
+    server = Scripted("ok")
+    conv = Conversation(server.client(), model="m", store=store, hold=True)
+    try:
+        conv.send("old chat")
+        await conv.wait()
+        old_id = conv.conversation_id
+        assert conv.new_chat()
+        assert conv.chat.turns == [] and conv.conversation_id is None and conv.claim is None
+        theirs = other.claim(old_id or 0)  # the old one is free for another tuichat now
+        assert isinstance(theirs, Claim)
+        theirs.release()
+        conv.send("new chat")
+        await conv.wait()
+        assert conv.conversation_id not in (None, old_id)
+    finally:
+        await conv.aclose()
+    assert server.requests[-1]["messages"] == [{"role": "user", "content": "new chat"}]
+    assert [c.title for c in store.list_conversations()] == ["new chat", "old chat"]
+    assert saved_rows(store, old_id) == [("user", "done", "old chat"), ("assistant", "done", "ok")]
+
+
+async def test_new_chat_is_refused_while_a_reply_streams() -> None:
+    server, rec = Scripted("still coming"), Recorder()
+    server.hang = True
+    conv = Conversation(server.client(), model="m", on_event=rec)
+    try:
+        conv.send("q")
+        await wait_until(lambda: len(rec.of(ReplyDelta)) == 2)
+        assert not conv.new_chat()
+        assert [n.text for n in rec.of(Notice)] == [
+            "A reply is still streaming: stop it (Esc) before you start a new chat."
+        ]
+        assert [t.content for t in conv.chat.turns] == ["q", "still coming"] and conv.streaming
+    finally:
+        await conv.aclose()
+
+
+async def test_a_chat_deleted_from_the_history_is_forgotten_and_the_next_message_saved_anew(store: Store) -> None:
+    rec = Recorder()
+    conv = Conversation(Scripted("ok").client(), model="m", store=store, hold=True, on_event=rec)
+    try:
+        conv.send("first")
+        await conv.wait()
+        conv_id = conv.conversation_id
+        assert conv_id is not None
+        assert not conv.forget_if_deleted()  # still there: nothing changes
+        assert len(conv.chat.turns) == 2 and conv.conversation_id == conv_id
+
+        store.delete(conv_id)  # as the history screen does
+        assert conv.forget_if_deleted()
+        assert conv.chat.turns == [] and conv.conversation_id is None and conv.claim is None
+        conv.send("second")
+        await conv.wait()
+    finally:
+        await conv.aclose()
+    assert not [n for n in rec.of(Notice) if "could not save" in n.text]
+    (saved,) = store.list_conversations()
+    assert saved.id != conv_id
+    assert saved_rows(store, saved.id) == [("user", "done", "second"), ("assistant", "done", "ok")]
+
+
+@pytest.mark.parametrize(("interrupted", "state"), [(True, "interrupted"), (False, "stopped")])
+async def test_cancel_without_waiting_still_saves_the_partial_reply(
+    store: Store, interrupted: bool, state: str
+) -> None:
+    server, rec = Scripted("half a reply"), Recorder()
+    server.hang = True
+    conv = Conversation(server.client(), model="m", store=store, on_event=rec)
+    try:
+        conv.send("q")
+        await wait_until(lambda: len(rec.of(ReplyDelta)) == 3)
+        conv.cancel(interrupted=interrupted)  # a signal handler cannot await
+        await asyncio.wait_for(conv.wait(), 5)
+        assert not conv.streaming
+    finally:
+        await conv.aclose()
+    (finished,) = rec.of(ReplyFinished)
+    assert finished.state == state and finished.reply.content == "half a reply"
+    assert rec.of(ReplyFailed) == []
+    assert saved_rows(store, conv.conversation_id) == [("user", "done", "q"), ("assistant", state, "half a reply")]
+
+
+async def test_closing_mid_reply_saves_it_interrupted_and_lets_go(store: Store, other: Store) -> None:
+    server, rec = Scripted("half a reply"), Recorder()
+    server.hang = True
+    conv = Conversation(server.client(), model="m", store=store, hold=True, on_event=rec)
+    conv.send("q")
+    await wait_until(lambda: len(rec.of(ReplyDelta)) == 3)
+    conv_id = conv.conversation_id
+    assert isinstance(other.claim(conv_id or 0), HeldBy)
+    await asyncio.wait_for(conv.aclose(), 5)
+    assert not conv.streaming
+    assert rec.of(ReplyFinished)[0].state == "interrupted"
+    assert saved_rows(store, conv_id) == [("user", "done", "q"), ("assistant", "interrupted", "half a reply")]
+    assert isinstance(other.claim(conv_id or 0), Claim)
+    assert conv.client._http.is_closed

@@ -22,7 +22,7 @@ from apphelpers import app_for, screen_text, wait_for
 from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, StreamCutOff, StreamEvent
 from tuichat.chat.sampling import Sampling
 from tuichat.chat.store import Store, default_path
-from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.prompt_area import PromptArea
 
 PIECES = ["The first ", "half of a ", "reply that"]
 PARTIAL = "".join(PIECES)

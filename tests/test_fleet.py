@@ -373,7 +373,7 @@ async def test_tuichat_fleet_chats_through_the_proxy_and_shows_every_node(home: 
     import apphelpers
 
     from tuichat.ui.app import AppOptions, make_app
-    from tuichat.ui.widgets.chat import PromptArea
+    from tuichat.ui.widgets.prompt_area import PromptArea
     from tuichat.ui.widgets.status_pane import StatusPane
 
     assert _cli("serve", "pair", "--detach", "--timeout", "30") == 0
@@ -432,7 +432,7 @@ async def test_a_node_dying_mid_reply_keeps_the_partial_reply_and_chat_goes_on_t
     import apphelpers
 
     from tuichat.ui.app import AppOptions, make_app
-    from tuichat.ui.widgets.chat import PromptArea
+    from tuichat.ui.widgets.prompt_area import PromptArea
 
     assert _cli("serve", "slowpair", "--detach", "--timeout", "30") == 0
     fleet = find_fleet(ServerManager(), "slowpair")

@@ -117,7 +117,8 @@ def test_valid_key_names_are_textuals_names() -> None:
 def _declared() -> dict[str, Binding]:
     holders = (
         ("tuichat.ui.app", "TuichatApp"),
-        ("tuichat.ui.widgets.chat", "PromptArea"),
+        ("tuichat.ui.screens.chat", "ChatScreen"),
+        ("tuichat.ui.widgets.prompt_area", "PromptArea"),
         ("tuichat.ui.screens.dialogs", "HelpScreen"),
         ("tuichat.ui.screens.dialogs", "ConfirmScreen"),
         ("tuichat.ui.screens.dialogs", "ChoiceScreen"),

@@ -18,6 +18,7 @@ from tuichat.server.procgroup import group_pids
 from tuichat.ui.app import AppOptions, TuichatApp, make_app
 from tuichat.ui.screens.dialogs import QuitScreen
 from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.status_line import StatusLine
 
 GB = 1000**3
 
@@ -66,13 +67,26 @@ async def chat_once(pilot, app: TuichatApp, text: str) -> None:  # type: ignore[
     await wait_for(pilot, lambda: not app.streaming and len(app.chat) >= before + 2, timeout=15)
 
 
-async def test_profile_is_launched_with_progress_then_chat_uses_its_key(manager: ServerManager) -> None:
+async def test_profile_is_launched_with_progress_then_chat_uses_its_key(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[tuple[str, str]] = []  # every (state, figures) the status line showed, in order
+    set_line = StatusLine.set
+
+    def recording(line: StatusLine, **parts: str | None) -> None:
+        set_line(line, **parts)
+        if line.id == "statusline" and (not shown or shown[-1] != (line.state, line.last)):
+            shown.append((line.state, line.last))
+
+    monkeypatch.setattr(StatusLine, "set", recording)
     app = managed_app(manager)
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.server is not None, timeout=10)
-        seen_starting = app.query_one("#statusline").state == "starting"  # type: ignore[attr-defined]
         await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
-        assert seen_starting or app.server_state is not None
+        # the launch showed its progress (the stand-in loads for 0.6 s) before the chat was ready
+        ready = [state for state, _ in shown].index("ready")
+        progress = [last for state, last in shown[:ready] if state == "starting" and last]
+        assert progress, shown  # e.g. "loading the model", then "Loading weights from safetensors 80%"
+        assert any(t.content.startswith("Starting fake (org/tiny-chat)") for t in app.chat.turns)
         server = app.server
         assert server is not None
         assert app.client.base_url == server.url

@@ -11,13 +11,14 @@ import os
 from typing import Any
 
 import pytest
-from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, wait_for
+from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, screen_text, settled, wait_for
 from fakegpu import FakeGpuReader
 from textual.pilot import Pilot
 
 from tuichat.chat.store import Store, default_path
 from tuichat.server.gpu import GpuInfo, GpuProcess
 from tuichat.ui.app import TuichatApp
+from tuichat.ui.screens.dialogs import HelpScreen
 
 SIZES = [(80, 24), (120, 40)]
 GB = 1000**3
@@ -64,7 +65,7 @@ async def settle(pilot: Pilot[Any]) -> None:
     app = pilot.app
     assert isinstance(app, TuichatApp)
     await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready")  # type: ignore[attr-defined]
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
@@ -80,7 +81,8 @@ def test_mid_conversation(snap_compare: Any, size: tuple[int, int]) -> None:
         assert isinstance(app, TuichatApp)
         await wait_for(pilot, lambda: len(app.chat) == 4)
         app.query_one("#prompt").text = "What about Rust?"  # type: ignore[attr-defined]
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "What about Rust?" in screen_text(app))
+        await settled(pilot)
 
     assert snap_compare(make(True), terminal_size=size, run_before=before)
 
@@ -90,7 +92,8 @@ def test_help_screen(snap_compare: Any, size: tuple[int, int]) -> None:
     async def before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
         await pilot.press("f1")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
+        await settled(pilot)
 
     assert snap_compare(make(False), terminal_size=size, run_before=before)
 
@@ -104,7 +107,8 @@ def test_sampling_pane_with_a_refused_value(snap_compare: Any, size: tuple[int, 
             await pilot.press("f2")
         app.query_one("#temperature").value = "3"  # type: ignore[attr-defined]
         app.query_one("#top_k").value = "40"  # type: ignore[attr-defined]
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "in [0, 2]" in screen_text(app))  # the refusal is shown
+        await settled(pilot)
 
     assert snap_compare(make(False), terminal_size=size, run_before=before)
 
@@ -128,7 +132,8 @@ def test_status_pane(snap_compare: Any, size: tuple[int, int]) -> None:
         await settle(pilot)
         await wait_for(pilot, lambda: app.status_view.metrics is not None and app.status_view.gpu is not None)
         await pilot.press("f3")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: app.query_one("#status").display)
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=before)
 
@@ -143,6 +148,7 @@ def test_status_pane_without_gpu_or_metrics(snap_compare: Any, size: tuple[int, 
         await settle(pilot)
         await wait_for(pilot, lambda: app.status_view.metrics_error is not None and app.status_view.gpu is not None)
         await pilot.press("f3")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: app.query_one("#status").display)
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=before)

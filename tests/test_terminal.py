@@ -32,6 +32,8 @@ def term_env(home: Path, term: str = "xterm-256color") -> dict[str, str]:
         "TERM": term,
         "LANG": "C.UTF-8",
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        # the fake Hugging Face cache (conftest's hub_cache) holding the stand-in profiles' hub ids
+        **{k: os.environ[k] for k in ("HF_HOME", "HF_ENDPOINT") if k in os.environ},
     }
 
 

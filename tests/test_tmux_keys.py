@@ -166,6 +166,12 @@ def test_every_advertised_key_works_through_tmux(hermetic_home: Path, tmp_path: 
         press("clear_attachments", "shift+f8")
         tmux.wait("No image is attached.")
 
+        # the fleet screen's keys: against a plain api_server they say what the screen is for
+        for key in keys["fleet"]:
+            shown = tmux.screen().count("not an lmdeploy")  # each press adds one more toast
+            press("fleet", key)
+            tmux.wait(lambda s, shown=shown: s.count("not an lmdeploy") > shown, f"the fleet answer to {key}")
+
         # a fresh exchange, then retry, undo (both keys), send again
         standin.configure(reply="here:\n\n```python\nprint(42)\n```\n")
         tmux.send("hello", "Enter")

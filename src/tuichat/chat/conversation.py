@@ -6,10 +6,15 @@ loses at most that much), and how the reply ended (done, stopped by the user, in
 ends render the typed events it emits (`ReplyStarted`, `ReplyDelta`, `ReplyFinished`, `ReplyFailed`, `Notice`),
 given to a callback or read as an async iterator; nothing here is global, so several conversations run at once.
 
-The rules are the chat screen's (`ui/app.py`): a retry keeps the old reply until the new one's first token, so a
-failed retry loses nothing; a fresh message whose request fails before any text is given back (`ReplyFailed.
-returned`) for the prompt; a reply cut off after some text keeps it, marked interrupted; undo hands back the user's
-message for editing.
+With `hold=True` (the chat screen) the conversation is claimed in the store while it is open, so no other tuichat
+adds to it; one held elsewhere is shown read-only (`held_by`) and refuses changes (`ReadOnly`) until its holder lets
+go. With `count_tokens=True` a reply that came without a usage chunk is counted with the server's tokenizer
+afterwards (`ReplyCounted`).
+
+The rules are the chat screen's (`ui/screens/chat.py` renders them): a retry keeps the old reply until the
+new one's first token, so a failed retry loses nothing; a fresh message whose request fails before any text is
+given back (`ReplyFailed.returned`) for the prompt; a reply cut off after some text keeps it, marked interrupted;
+undo hands back the user's message for editing.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
 from tuichat.chat.client import Notice as StreamNotice
 from tuichat.chat.sampling import Sampling
-from tuichat.chat.store import Store
-from tuichat.chat.turns import Attachment, ChatSession, Turn
+from tuichat.chat.store import Claim, HeldBy, Store
+from tuichat.chat.turns import Attachment, ChatSession, Turn, as_role, as_state
 from tuichat.server.metrics import compute_reply_stats
 
 P = ParamSpec("P")
@@ -39,6 +44,14 @@ class ReplyStarted:
     """A request went out; `replacing` is True for a retry (the old reply stays until the first token)."""
 
     replacing: bool = False
+
+
+@dataclass(frozen=True)
+class ReplyOpened:
+    """The reply's turn exists (empty, streaming) and its request is about to go out: a front end shows it now,
+    so the first text only has to be written into it."""
+
+    reply: Turn
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class ReplyFinished:
     stats: dict[str, Any]
     finish_reason: str | None
     error: str | None = None  # set when the reply was cut off (state 'interrupted') by a failure
+    usage: Usage | None = None  # the server's token counts, when it sent them
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class ReplyFailed:
     kind: str
     partial_kept: bool = False
     returned: Turn | None = None
+    detail: str | None = None  # the server's own words (a too-long prompt names the session length)
+    finish: str | None = None  # kind 'empty': the finish reason of a reply that ended with no text at all
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,40 @@ class Notice:
     severity: Literal["information", "warning", "error"] = "warning"
 
 
-Event = ReplyStarted | ReplyDelta | ReplyFinished | ReplyFailed | Notice
+@dataclass(frozen=True)
+class ReplyCounted:
+    """A finished reply's tokens were counted by the server's tokenizer: `reply.stats` holds the new figures."""
+
+    reply: Turn
+
+
+@dataclass(frozen=True)
+class ModelChosen:
+    """No model was named: the first one the server lists is used from now on."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class ReadOnly:
+    """A change was refused: another tuichat holds this conversation (`held_by`). `released` is True instead when
+    the holder had let go, so the change goes ahead and the conversation continues here."""
+
+    held_by: HeldBy
+    released: bool = False
+
+
+Event = (
+    ReplyStarted
+    | ReplyOpened
+    | ReplyDelta
+    | ReplyFinished
+    | ReplyFailed
+    | ReplyCounted
+    | ModelChosen
+    | ReadOnly
+    | Notice
+)
 
 
 @dataclass
@@ -108,6 +157,8 @@ class Conversation:
         conversation_id: int | None = None,
         meta: Meta | None = None,
         on_event: Callable[[Event], None] | None = None,
+        hold: bool = False,
+        count_tokens: bool = False,
     ) -> None:
         self.client = client
         self.model = model
@@ -122,6 +173,11 @@ class Conversation:
         self._replacing: list[Turn] = []
         self._interrupted = False
         self._queue: asyncio.Queue[Event] | None = None
+        self.hold = hold
+        self.count_tokens = count_tokens
+        self.claim: Claim | None = None  # we hold conversation_id: no other tuichat may add to it
+        self.held_by: HeldBy | None = None  # the conversation shown is held by another tuichat: read-only here
+        self._counting: set[asyncio.Task[None]] = set()
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -159,7 +215,7 @@ class Conversation:
         """Send a message and start streaming the reply; False (with a Notice saying why) when it cannot go."""
         if not text.strip() and not attachments:
             return False
-        if self._refuse_while_streaming("send"):
+        if self._refuse_while_streaming("send") or not self.may_change():
             return False
         turn = self.chat.add(Turn("user", text, attachments=list(attachments)))
         conv = self._ensure_conversation()
@@ -177,7 +233,7 @@ class Conversation:
 
     def retry(self) -> bool:
         """Ask again for a reply to the last user message; the old reply goes only once new text arrives."""
-        if self._refuse_while_streaming("retry"):
+        if self._refuse_while_streaming("retry") or not self.may_change():
             return False
         if self.chat.last_index("user") is None:
             self._emit(Notice("Nothing to retry yet.", "information"))
@@ -197,7 +253,7 @@ class Conversation:
 
     def undo(self) -> Turn | None:
         """Remove the last exchange; returns the user's message, for the prompt (None when there was none)."""
-        if self._refuse_while_streaming("undo"):
+        if self._refuse_while_streaming("undo") or not self.may_change():
             return None
         removed = self.chat.undo()
         if not removed:
@@ -209,16 +265,118 @@ class Conversation:
 
     def clear(self) -> list[Turn]:
         """Remove every message (from the history too); returns what went."""
-        if self._refuse_while_streaming("clear the chat"):
+        if self._refuse_while_streaming("clear the chat") or not self.may_change():
             return []
         removed = self.chat.clear()
         self._delete(removed)
         return removed
 
-    async def aclose(self) -> None:
-        """Stop any reply (saved as interrupted) and close the client."""
-        await self.stop(interrupted=True)
+    def cancel(self, *, interrupted: bool = False) -> None:
+        """Stop the reply in progress without waiting (a signal handler, a switch of server): it still saves."""
+        task = self._task
+        if task is not None and not task.done():
+            self._interrupted = interrupted
+            task.cancel()
+
+    async def aclose(self, *, interrupted: bool = True) -> None:
+        """Stop any reply (saved as interrupted unless told otherwise), let go of the conversation, close the client."""
+        await self.stop(interrupted=interrupted)
+        for task in list(self._counting):
+            task.cancel()
+        self.let_go()
         await self.client.aclose()
+
+    def new_chat(self) -> bool:
+        """Start afresh (the old conversation stays in the history); False while a reply streams."""
+        if self._refuse_while_streaming("start a new chat"):
+            return False
+        self.chat = ChatSession()
+        self.conversation_id = None
+        self.let_go()
+        return True
+
+    def use_client(self, client: ChatClient, model: str | None) -> ChatClient:
+        """Talk to another server from now on (a reply in progress is stopped); returns the old client to close."""
+        self.cancel()
+        old, self.client, self.model = self.client, client, model
+        self.meta.server_url = client.base_url
+        return old
+
+    # -- holding the conversation (one writer per chat across tuichats) ---------------------------------------
+
+    def hold_conversation(self, conv_id: int) -> Claim | HeldBy | None:
+        """Claim `conv_id` for this process, or who holds it; None when the history could not be asked."""
+        if self.claim is not None and self.claim.conversation_id == conv_id:
+            return self.claim
+        return self._save(Store.claim, conv_id)
+
+    def let_go(self) -> None:
+        """Leave the conversation we hold, so another tuichat may continue it."""
+        claim, self.claim, self.held_by = self.claim, None, None
+        if claim is not None:
+            try:
+                claim.release()
+            except Exception as exc:
+                self._emit(Notice(f"could not save to the history: {exc}", "error"))
+
+    def may_change(self) -> bool:
+        """True unless another tuichat holds the conversation shown; one that has let go meanwhile is taken
+        over (a `ReadOnly` event with `released` says so), else a `ReadOnly` event says who holds it."""
+        held = self.held_by
+        if held is None or self.conversation_id is None:
+            return True
+        got = self.hold_conversation(self.conversation_id)
+        if isinstance(got, Claim):
+            self.claim, self.held_by = got, None
+            self._emit(ReadOnly(held, released=True))
+            return True
+        self._emit(ReadOnly(got or held))
+        return False
+
+    def open(self, conv_id: int, *, read_only: bool = False) -> Claim | HeldBy | None:
+        """Load a saved conversation to continue it. Held by another tuichat, it is loaded read-only when
+        `read_only` allows, else left alone (the HeldBy says why). None: no such conversation, or no history."""
+        if self.store is None or self._refuse_while_streaming("open another chat"):
+            return None
+        if self._save(Store.get_conversation, conv_id) is None:
+            return None
+        got = self.hold_conversation(conv_id) if self.hold else None
+        if isinstance(got, HeldBy) and not read_only:
+            return got
+        messages = self._save(Store.messages, conv_id)
+        if messages is None:
+            return None
+        if self.claim is not None and self.claim is not got:
+            self.let_go()
+        self.claim = got if isinstance(got, Claim) else None
+        self.held_by = got if isinstance(got, HeldBy) else None
+        from tuichat.chat.images import reopened_images_note  # lazy: start-up does not need the image code
+        from tuichat.chat.sanitize import clean
+
+        turns: list[Turn] = []
+        for msg in messages:
+            if msg.role == "system":
+                continue
+            note = reopened_images_note(msg.images) if msg.role == "user" else None
+            if note:  # before its message, so that Retry does not remove it
+                turns.append(Turn("notice", note))
+            # Saved text may come from an imported file: clean it as if it had just streamed in.
+            turns.append(Turn(as_role(msg.role), clean(msg.content), as_state(msg.state), msg.id, stats=msg.stats))
+        self.chat = ChatSession(turns)
+        self.conversation_id = conv_id
+        return got
+
+    def forget_if_deleted(self) -> bool:
+        """The conversation was deleted from the history elsewhere (the history screen): start afresh instead of
+        saving into nothing. True when that happened."""
+        if self.store is None or self.conversation_id is None:
+            return False
+        if self._save(Store.get_conversation, self.conversation_id) is not None:
+            return False
+        self.conversation_id = None
+        self.let_go()  # its claim went with it
+        self.chat = ChatSession()
+        return True
 
     # -- the reply --------------------------------------------------------------------------------------------
 
@@ -250,11 +408,13 @@ class Conversation:
                 if not models:
                     raise ChatError("not_found", "the server lists no model under /v1/models.")
                 self.model = models[0]
+                self._emit(ModelChosen(self.model))
                 if self.conversation_id is not None:
                     conv_id, model = self.conversation_id, self.model
                     self._save(_set_model, conv_id, model)
             messages = self.chat.history(self.sampling.system_prompt)
             reply = self.chat.add(Turn("assistant", "", state="streaming"))
+            self._emit(ReplyOpened(reply))
             async for event in self.client.stream_chat(self.model, messages, self.sampling):
                 if isinstance(event, Delta):
                     chunks += 1
@@ -323,11 +483,24 @@ class Conversation:
                 self.chat.turns.remove(reply)
             replacing = bool(self._replacing)
             self._restore_replaced()
+            if error is None and state == "done" and finish is not None:
+                # The server finished the reply without a single character (a model may end at once): not a
+                # failure of the request, and not the user's stop either; the message goes back to the prompt.
+                returned = None if replacing else self._give_back()
+                self._emit(
+                    ReplyFailed(
+                        f"The model sent an empty reply (finish reason: {finish}); your message is back in the prompt.",
+                        "empty",
+                        returned=returned,
+                        finish=finish,
+                    )
+                )
+                return
             if error is None:
                 self._emit(ReplyFailed("the reply was stopped before its first token", "stopped"))
                 return
             returned = None if replacing else self._give_back()
-            self._emit(ReplyFailed(error.message, error.kind, partial_kept=False, returned=returned))
+            self._emit(ReplyFailed(error.message, error.kind, returned=returned, detail=error.detail))
             return
         reply.state = state
         reply.stats = reply_stats(started, first_at, time.monotonic(), usage, chunks, finish)
@@ -335,11 +508,33 @@ class Conversation:
         if reply.msg_id is not None:
             msg_id, content, stats = reply.msg_id, reply.content, reply.stats
             self._save(Store.finish_reply, msg_id, content, state, stats=stats)
-        self._emit(ReplyFinished(reply, state, reply.stats, finish, error.message if error else None))
+        self._emit(ReplyFinished(reply, state, reply.stats, finish, error.message if error else None, usage))
         if error is not None:
-            self._emit(ReplyFailed(error.message, error.kind, partial_kept=True))
+            self._emit(ReplyFailed(error.message, error.kind, partial_kept=True, detail=error.detail))
         if finish == "length":
             self._emit(Notice("The reply hit max_tokens (or the session length) and was cut."))
+        if self.count_tokens and usage is None and reply.stats.get("completion_tokens") is None:
+            task = asyncio.get_running_loop().create_task(self._count_reply(reply))
+            self._counting.add(task)
+            task.add_done_callback(self._counting.discard)
+
+    async def _count_reply(self, reply: Turn) -> None:
+        """No usage chunk came: ask the server's tokenizer (/v1/encode) how many tokens the reply has, so the
+        figures are tokens, not chunks. Where the server cannot count, the chunk figures stay."""
+        from tuichat.server.metrics import reply_stats_from_dict, with_token_count
+
+        count = await self.client.count_tokens(reply.content)
+        stats = reply_stats_from_dict(reply.stats or {})
+        if count is None or stats is None or reply not in self.chat.turns:
+            return
+        counted = asdict(with_token_count(stats, count))
+        reply.stats = {**(reply.stats or {}), **{k: _rounded(v) for k, v in counted.items()}}
+        if reply is self.chat.last_reply():
+            self.last_stats = reply.stats
+        if reply.msg_id is not None:
+            msg_id, content, state, new = reply.msg_id, reply.content, reply.state, reply.stats
+            self._save(Store.finish_reply, msg_id, content, state, stats=new)
+        self._emit(ReplyCounted(reply))
 
     def _drop_replaced(self) -> None:
         turns, self._replacing = self._replacing, []
@@ -373,6 +568,9 @@ class Conversation:
                 lmdeploy_version=self.meta.lmdeploy_version,
                 system_prompt=self.sampling.system_prompt or None,
             )
+            if self.hold and self.conversation_id is not None:
+                got = self.hold_conversation(self.conversation_id)
+                self.claim = got if isinstance(got, Claim) else None
         return self.conversation_id
 
     def _save(self, method: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs) -> T | None:
@@ -402,6 +600,11 @@ class Conversation:
         if not self._save(Store.messages, conv):
             self._save(Store.delete, conv)
             self.conversation_id = None
+            self.let_go()  # its claim went with it
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def _set_model(store: Store, conv_id: int, model: str) -> None:

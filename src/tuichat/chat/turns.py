@@ -9,11 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
-# Turn states: a reply is 'streaming' while tokens arrive, then 'done', 'stopped' (the user pressed Esc),
-# 'interrupted' (the stream or the process died) or 'error' (nothing usable came back).
-SENT_ROLES = ("user", "assistant")
+# Who a turn is from: errors and notices are shown, never sent; 'system' is saved, never shown as a turn.
+Role = Literal["user", "assistant", "error", "notice", "system"]
+# A reply is 'streaming' while tokens arrive, then 'done', 'stopped' (the user pressed Esc), 'interrupted'
+# (the stream or the process died) or 'error' (nothing usable came back).
+TurnState = Literal["done", "streaming", "stopped", "interrupted", "error"]
+SENT_ROLES: tuple[Role, ...] = ("user", "assistant")
+_ROLES: frozenset[str] = frozenset(get_args(Role))
+_STATES: frozenset[str] = frozenset(get_args(TurnState))
+
+
+def as_role(text: str) -> Role:
+    """A role read back from the history; anything unknown (a newer tuichat's) is shown as a notice."""
+    return text if _is_role(text) else "notice"
+
+
+def as_state(text: str) -> TurnState:
+    """A state read back from the history; an unknown one is shown as cut off rather than as complete."""
+    return text if _is_state(text) else "interrupted"
+
+
+def _is_role(text: str) -> TypeGuard[Role]:
+    return text in _ROLES
+
+
+def _is_state(text: str) -> TypeGuard[TurnState]:
+    return text in _STATES
 
 
 @dataclass
@@ -32,9 +55,9 @@ class Attachment:
 
 @dataclass
 class Turn:
-    role: str  # user | assistant | error | notice
+    role: Role
     content: str
-    state: str = "done"
+    state: TurnState = "done"
     msg_id: int | None = None
     attachments: list[Attachment] = field(default_factory=list)
     stats: dict[str, Any] | None = None
@@ -71,7 +94,7 @@ class ChatSession:
                 messages.append({"role": turn.role, "content": turn.content})
         return messages
 
-    def last_index(self, role: str) -> int | None:
+    def last_index(self, role: Role) -> int | None:
         for i in range(len(self.turns) - 1, -1, -1):
             if self.turns[i].role == role:
                 return i

@@ -1,7 +1,7 @@
 """The Textual side of the key map: bindings built from `tuichat.keymap`, and keys read right from a terminal.
 
 `binding(id, action)` makes the Textual `Binding` for an id of `tuichat.keymap.BINDINGS`, so the keys, the label
-and the priority live in one place.
+and the priority live in one place; `screen_bindings(scope)` makes every binding of one scope (no id list here).
 
 `KeyParser` fixes how Textual's terminal parser reads Esc followed quickly by another key. A terminal sends Alt+X
 as ESC X, so ESC X is ambiguous, and Textual (8.x) resolves it badly in two cases a user meets in tmux, where
@@ -29,9 +29,9 @@ from typing import Any
 from textual import events
 from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 from textual._xterm_parser import XTermParser
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
-from tuichat.keymap import BY_ID
+from tuichat.keymap import BINDINGS, BY_ID
 
 ESC = "\x1b"
 # ESC followed by one of these starts a real escape sequence (CSI, SS3, DCS, OSC): leave it to Textual.
@@ -44,6 +44,21 @@ def binding(binding_id: str, action: str | None = None, *, show: bool = True, **
     return Binding(
         spec.keys, action or binding_id, spec.label, show=show, priority=spec.priority, id=binding_id, **kwargs
     )
+
+
+# The chat keys the footer shows (the others are in the help and the command palette): a short footer fits 80
+# columns. The prompt's own keys (newline) are the prompt's bindings, not the screen's.
+IN_FOOTER = frozenset({"help", "stop", "retry", "undo", "clear", "new_chat", "copy_reply", "quit"})
+WIDGET_KEYS = frozenset({"newline"})
+
+
+def screen_bindings(scope: str) -> list[BindingType]:
+    """The Textual bindings of every `tuichat.keymap` binding of `scope`, in the keymap's order."""
+    return [
+        binding(spec.id, show=spec.id in IN_FOOTER)
+        for spec in BINDINGS
+        if spec.scope == scope and spec.id not in WIDGET_KEYS
+    ]
 
 
 class KeyParser(XTermParser):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 from rich.table import Table
@@ -12,6 +13,28 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
+
+from tuichat.keymap import BY_ID, display_key, keys_for
+
+
+def help_rows(bindings: Iterable[BindingType], user_keys: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """The help table's rows: each binding's keys (under the user's keymap) and its help from `tuichat.keymap`,
+    then the prompt's keys and Textual's own."""
+    rows: list[tuple[str, str, str]] = []
+    for item in bindings:
+        if not isinstance(item, Binding) or item.id is None or item.id not in BY_ID:
+            continue
+        spec = BY_ID[item.id]
+        keys = ", ".join(display_key(k) for k in keys_for(spec.id, user_keys))
+        rows.append((keys, spec.help or spec.label, spec.id))
+    newline = BY_ID["newline"]
+    rows += [
+        ("Enter", "Send the prompt", "(prompt)"),
+        (", ".join(display_key(k) for k in keys_for("newline", user_keys)), newline.help, newline.id),
+        ("Ctrl+P", "Command palette: every action", "(textual)"),
+        ("Tab, Shift+Tab", "Move focus between prompt, chat and panes", "(textual)"),
+    ]
+    return rows
 
 
 class HelpScreen(ModalScreen[None]):

@@ -1,0 +1,68 @@
+"""The prompt: a multi-line TextArea where Enter sends, the newline keys add a line and pastes never send."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual import events
+from textual.binding import BindingType
+from textual.message import Message
+from textual.widgets import TextArea
+
+from tuichat.keymap import keys_for
+from tuichat.ui.keyids import binding
+
+
+def _has_command_modifier(key: str) -> bool:
+    *modifiers, _base = key.split("+")
+    return bool(set(modifiers) & {"ctrl", "alt", "meta", "super", "hyper"})
+
+
+class PromptArea(TextArea):
+    """Multi-line prompt: Enter sends; Ctrl+J or Shift+Enter inserts a newline; pastes never send.
+
+    A key with Ctrl or Alt never types: Textual reports some of them with a printable character (Alt+U as "u"),
+    and the TextArea would insert it instead of letting the app's binding act.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [binding("newline", show=False)]
+
+    # TextArea's own F6 ("select line") would shadow the app's undo key; the prompt gives it up.
+    GIVEN_UP: ClassVar[frozenset[str]] = frozenset({"select_line"})
+
+    # The newline keys act here, at once: a binding runs only after the key bubbled up to the app, and
+    # characters typed right after it would land before the new line. The app sets these from the keymap.
+    newline_keys: frozenset[str] = frozenset(keys_for("newline"))
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            # A paste arrives as one Paste event, not as key presses, so pasted newlines never get here.
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        if event.key in self.newline_keys:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+            return
+        if _has_command_modifier(event.key):
+            # Typed nowhere, and still on its way to the bindings (prevent_default would stop those too).
+            event.character = None
+        await super()._on_key(event)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.GIVEN_UP:
+            return False  # the key goes on to the app's bindings
+        return super().check_action(action, parameters)
+
+    def action_newline(self) -> None:
+        self.insert("\n")

@@ -1,0 +1,51 @@
+"""The one-line status under the chat: connection state, server, model, and the last reply's figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import Static
+
+
+class StatusLine(Static):
+    """One line: connection state, server, model, and the last reply's speed and token use."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("", markup=False, **kwargs)
+        self.state = "connecting"
+        self.url = ""
+        self.model = ""
+        self.last = ""
+        self.extra = ""
+
+    def set(
+        self,
+        *,
+        state: str | None = None,
+        url: str | None = None,
+        model: str | None = None,
+        last: str | None = None,
+        extra: str | None = None,
+    ) -> None:
+        """Change some parts of the line; the others stay as they are."""
+        self.state = self.state if state is None else state
+        self.url = self.url if url is None else url
+        self.model = self.model if model is None else model
+        self.last = self.last if last is None else last
+        self.extra = self.extra if extra is None else extra
+        self.refresh_line()
+
+    def refresh_line(self) -> None:
+        colours = {"ready": "green", "streaming": "cyan", "connecting": "yellow", "starting": "yellow"}
+        colour = colours.get(self.state.split(":")[0], "red")
+        line = Text.assemble(("● ", colour), (self.state, colour))
+        for part in (self.url.removeprefix("http://"), self.model, self.last, self.extra):
+            if part:
+                line.append(" · ", style="dim")
+                line.append(part)
+        line.truncate(max(10, self.size.width or 200), overflow="ellipsis")
+        self.update(line)
+
+    def on_resize(self) -> None:
+        self.refresh_line()
