@@ -425,7 +425,9 @@ async def run_item(client: ChatClient, model: str, item: BatchItem, progress: Pr
         ttft_s=stats.get("ttft_s"),
         seconds=round(stats.get("total_s") or (time.monotonic() - started), 4),
     )
-    if failed:
+    if failed and failed[0].kind == "empty":
+        row["finish_reason"] = failed[0].finish  # the model ended at once: an empty result, not an error
+    elif failed:
         row["error"] = failed[0].error
     elif not finished:
         row["error"] = "the reply was stopped before its first token"
