@@ -82,6 +82,8 @@ async def test_profile_is_launched_with_progress_then_chat_uses_its_key(
     app = managed_app(manager)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        # the loading figures go once the server is ready (a stale "Warming up decoding 30%" stayed until a reply)
+        assert "Warming up" not in app.query_one("#statusline").last  # type: ignore[attr-defined]
         # the launch showed its progress (the stand-in loads for 0.6 s) before the chat was ready
         ready = [state for state, _ in shown].index("ready")
         progress = [last for state, last in shown[:ready] if state == "starting" and last]

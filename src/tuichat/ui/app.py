@@ -329,7 +329,7 @@ class TuichatApp(App[None]):
         self.target = Target(url, api_key, model, "profile")
         self.server_link.target_known = True
         self.status.retargeted()
-        screen.status_line.set(url=url, model=model or "", state="connecting")
+        screen.status_line.set(url=url, model=model or "", state="connecting", last="")
         self.run_worker(old.aclose(), exit_on_error=False)
         self.check_server()
         if self.conversation_id is not None:
