@@ -11,7 +11,8 @@
   consulted again for that run.
 
 The resource figures come from /proc: CPU is utime+stime of the client's whole process tree, peak memory is
-VmHWM of its processes (summed across the tree).
+VmHWM of its processes (summed across the tree), and
+the resident set now (VmRSS) for memory growth.
 """
 
 from __future__ import annotations
@@ -88,6 +89,21 @@ def peak_rss_mb(pids: Sequence[int]) -> float:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+def rss_mb(pids: Sequence[int]) -> float:
+    """Sum of VmRSS (resident set now, not the peak) over the given processes, in MiB: what growth is read from."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
                         total_kb += int(line.split()[1])
                         break
         except OSError:
@@ -311,3 +327,6 @@ class PtyClient:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.tree())
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.tree())

@@ -45,7 +45,11 @@ class Tap:
         self.chunks: int | None = None
         self.renumber = True
         self.paragraph = 0  # >0: end a paragraph after every this many words (the default reply is one paragraph)
+        # Words are numbered from offset+1: the exchanges of one chat get numbers of their own, so an earlier
+        # reply repainted on screen can never be taken for the current one.
+        self.offset = 0
         self.records: list[dict[str, Any]] = []
+        self.requests: list[str] = []  # every proxied request's path since the last reset (status polling)
 
     # -- control ------------------------------------------------------------------------------------------
 
@@ -58,14 +62,24 @@ class Tap:
                 self.renumber = bool(conf["renumber"])
             if "paragraph" in conf:
                 self.paragraph = int(conf["paragraph"] or 0)
-            return 200, {"chunks": self.chunks, "renumber": self.renumber, "paragraph": self.paragraph}
+            if "offset" in conf:
+                self.offset = int(conf["offset"] or 0)
+            return 200, {
+                "chunks": self.chunks,
+                "renumber": self.renumber,
+                "paragraph": self.paragraph,
+                "offset": self.offset,
+            }
         if path == "/_tap/log" and method == "GET":
             return 200, self.records
         if path == "/_tap/last" and method == "GET":
             last = self.records[-1] if self.records else None
             return 200, None if last is None else {"sent": len(last["sent"]), "done": last["done"] is not None}
+        if path == "/_tap/requests" and method == "GET":
+            return 200, self.requests
         if path == "/_tap/reset" and method == "POST":
             self.records = []
+            self.requests = []
             return 200, {"ok": True}
         return 404, {"detail": "unknown tap endpoint"}
 
@@ -94,6 +108,7 @@ class Tap:
                     status, obj = self.control(method, target, body)
                     await send_simple(writer, status, "application/json", json.dumps(obj).encode(), close)
                 else:
+                    self.requests.append(target)
                     await self.forward(writer, method, target, headers, body, received, close)
                 if close:
                     break
@@ -193,7 +208,8 @@ class Tap:
         count += 1
         if not self.renumber:
             return event, count
-        delta["content"] = f"w{count}" if count == 1 else f" w{count}"
+        word = count + self.offset
+        delta["content"] = f"w{word}" if count == 1 else f" w{word}"
         if self.paragraph and count % self.paragraph == 0:
             delta["content"] += "\n\n"
         if self.chunks is not None and choices[0].get("finish_reason") == "length":
