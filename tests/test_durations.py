@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuichat.durations import format_clock, format_duration
+from tuichat.durations import format_clock, format_compact, format_duration
 
 
 @pytest.mark.parametrize(
@@ -18,3 +18,11 @@ def test_words_use_at_most_two_units(seconds: float, words: str) -> None:
 @pytest.mark.parametrize(("seconds", "clock"), [(0, "00:00"), (83.9, "01:23"), (3723, "1:02:03"), (-1, "00:00")])
 def test_clock_keeps_its_width_and_counts_whole_seconds(seconds: float, clock: str) -> None:
     assert format_clock(seconds) == clock
+
+
+@pytest.mark.parametrize(
+    ("seconds", "cell"),
+    [(0, "0s"), (59.9, "59s"), (137, "2m17s"), (3780, "1h03m"), (3 * 86400 + 4 * 3600 + 5, "3d04h")],
+)
+def test_a_table_cell_is_two_units_without_spaces(seconds: float, cell: str) -> None:
+    assert format_compact(seconds) == cell

@@ -49,6 +49,7 @@ from tuichat.chat.batch import (
 )
 from tuichat.chat.plot import svg_plot, sweep_panels, terminal_plot
 from tuichat.chat.sampling import Sampling, SamplingError, check_value
+from tuichat.durations import format_clock
 from tuichat.errors import TuichatError
 
 __all__ = [
@@ -120,7 +121,7 @@ def progress_line(progress: Progress, prefix: str = "", width: int = 24) -> str:
     errs = f" · {progress.errors} error{'s' if progress.errors != 1 else ''}" if progress.errors else ""
     return (
         f"{prefix}[{bar}] {progress.done}/{progress.total}{errs} · {progress.in_flight} in flight"
-        f" · {progress.rate():,.0f} tok/s · {_duration(progress.elapsed())}"
+        f" · {progress.rate():,.0f} tok/s · {format_clock(progress.elapsed())}"
     )
 
 
@@ -257,12 +258,7 @@ def _secs(value: float | None) -> str:
 
 
 def _wall(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else _duration(seconds)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes:02d}:{secs:02d}"
+    return f"{seconds:.1f} s" if seconds < 60 else format_clock(seconds)
 
 
 # -- the command ---------------------------------------------------------------------------------------------

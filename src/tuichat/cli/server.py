@@ -24,6 +24,7 @@ from typing import Any
 
 from tuichat import paths
 from tuichat.chat.sanitize import clean
+from tuichat.durations import format_compact
 from tuichat.errors import TuichatError
 from tuichat.server.launch import Checked, LaunchEvent, Started, launch
 from tuichat.server.launcher import (
@@ -362,17 +363,6 @@ def _serve_fleet(args: argparse.Namespace, manager: ServerManager, spec: Any, pr
 # ---------------------------------------------------------------- ps / stop
 
 
-def _uptime(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def _state_text(status: ServerStatus) -> str:
     if status.state == "starting" and status.progress is not None and status.progress.fraction is not None:
         return f"starting {status.progress.fraction * 100:.0f}%"
@@ -413,7 +403,7 @@ def _ps_servers(servers: list[ManagedServer], snapshot: Any) -> None:
                 str(server.record.port),
                 str(server.pid),
                 _state_text(status),
-                _uptime(server.uptime),
+                format_compact(server.uptime),
                 shown,
             ]
         )
@@ -460,7 +450,7 @@ def _ps_fleet(fleet: Any, snapshot: Any) -> None:
                 str(server.record.port),
                 str(server.pid),
                 _state_text(status),
-                _uptime(server.uptime),
+                format_compact(server.uptime),
                 format_bytes(memory) if memory else "-",
                 detail,
             ]
