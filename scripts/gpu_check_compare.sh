@@ -4,33 +4,9 @@
 # first batch at each new concurrency pays Triton's kernel compiles: seen as 5.3 s TTFT p95 in the cold run).
 #   bash scripts/gpu_check_compare.sh
 set -u
-t_start=$(date +%s)
-source .kit/setup.sh >/dev/null
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .kit/wheels/{pyte,wcwidth,httpx_sse,tomlkit,plotext}-*.whl 2>/dev/null
-export PYTHONPATH=$PWD/src:$PWD/tests:/tmp/site PYTHONUNBUFFERED=1 TUICHAT_HOME=/tmp/th-gpu NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; W=/tmp/gpuwork; mkdir -p "$OUT" "$TUICHAT_HOME" $W
-exec > >(tee "$OUT/compare.log") 2>&1
-log() { echo "== +$(( $(date +%s) - t_start ))s $*"; }
-cat > "$TUICHAT_HOME/config.toml" <<'EOF'
-[profiles.bf16]
-model = "/tmp/m09"
-backend = "pytorch"
-model_name = "m09"
-cache_max_entry_count = 0.3
-
-[profiles.w4]
-model = "/tmp/m09-awq"
-backend = "pytorch"
-model_format = "awq"
-model_name = "m09"
-cache_max_entry_count = 0.3
-EOF
-for i in $(seq 64); do echo "Write a short story about the number $i."; done > $W/p64.txt
-if [ ! -f /tmp/m09/config.json ]; then log "make the 0.9 B model"; python3 .kit/make_model.py /tmp/m09 2048 24 > $W/make.log 2>&1; tail -1 $W/make.log; fi
-if [ ! -f /tmp/m09-awq/config.json ]; then
-  log "W4A16 with tuichat quantize (data-free: offline)"
-  python3 -m tuichat quantize /tmp/m09 --out /tmp/m09-awq --calib-samples 0 --yes --no-profile > $W/quant.log 2>&1; echo "quantize rc=$?"
-fi
+LOG_NAME=compare.log
+source scripts/gpu_common.sh
+make_models
 log "serve bf16 and w4 at once"
 python3 -m tuichat serve bf16 --detach --timeout 300 > $W/serve-bf16.txt 2>&1 & a=$!
 python3 -m tuichat serve w4 --detach --timeout 300 > $W/serve-w4.txt 2>&1 & b=$!

@@ -6,27 +6,10 @@
 #                                                      per-node counts, attribution of 6 chats, a node killed mid-reply
 # Each part writes $OUT/PART.log and a tarball of its files; the last lines are a summary.
 set -u
-t_start=$(date +%s)
 PART=${PART:-sweep}
-source .kit/setup.sh >/dev/null
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .kit/wheels/{pyte,wcwidth,httpx_sse,tomlkit,plotext}-*.whl 2>/dev/null
-export PYTHONPATH=$PWD/src:$PWD/tests:/tmp/site PYTHONUNBUFFERED=1 TUICHAT_HOME=/tmp/th-gpu NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; W=/tmp/gpuwork; mkdir -p "$OUT" "$TUICHAT_HOME" $W
-exec > >(tee "$OUT/$PART.log") 2>&1
-log() { echo "== +$(( $(date +%s) - t_start ))s $*"; }
-cat > "$TUICHAT_HOME/config.toml" <<'EOF'
-[profiles.bf16]
-model = "/tmp/m09"
-backend = "pytorch"
-model_name = "m09"
-cache_max_entry_count = 0.3
-
-[profiles.w4]
-model = "/tmp/m09-awq"
-backend = "pytorch"
-model_format = "awq"
-model_name = "m09"
-cache_max_entry_count = 0.3
+LOG_NAME=$PART.log
+source scripts/gpu_common.sh
+cat >> "$TUICHAT_HOME/config.toml" <<'EOF'
 
 [profiles.tiny]
 model = "/tmp/tiny-chat"
@@ -38,15 +21,10 @@ nodes = ["tiny", "tiny"]
 proxy_port = 8000
 health_check_interval = 30
 EOF
-for i in $(seq 64); do echo "Write a short story about the number $i."; done > $W/p64.txt
 head -32 $W/p64.txt > $W/p32.txt
 
 if [ "$PART" = sweep ]; then
-  if [ ! -f /tmp/m09/config.json ]; then log "make the 0.9 B model"; python3 .kit/make_model.py /tmp/m09 2048 24 > $W/make.log 2>&1; tail -1 $W/make.log; fi
-  if [ ! -f /tmp/m09-awq/config.json ]; then
-    log "W4A16 with tuichat quantize (data-free: the machine is offline)"
-    python3 -m tuichat quantize /tmp/m09 --out /tmp/m09-awq --calib-samples 0 --yes --no-profile > $W/quant.log 2>&1; echo "quantize rc=$?"; tail -4 $W/quant.log
-  fi
+  make_models
   log "serve bf16 and w4 (one after the other: both on one GPU)"
   python3 -m tuichat serve bf16 --detach --timeout 300 > $W/serve-bf16.txt 2>&1; echo "serve bf16 rc=$?"; tail -2 $W/serve-bf16.txt
   python3 -m tuichat serve w4 --detach --timeout 300 > $W/serve-w4.txt 2>&1; echo "serve w4 rc=$?"; tail -2 $W/serve-w4.txt

@@ -401,34 +401,19 @@ def test_quantize_command_failure_prints_reason_and_hint(
     assert not (tmp_path / "w4").exists()
 
 
+def _hanging_quantize_cli(model: Path, out: Path, text_file: Path, site: Path) -> subprocess.Popen[str]:
+    """`tuichat quantize` as a user runs it, on a fake lmdeploy lite that hangs mid-job (to be cancelled or killed)."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}:{site}", "PYTHONUNBUFFERED": "1", "FAKE_LITE": "--fake-hang"}
+    argv = [sys.executable, "-m", "tuichat", "quantize", str(model), "--out", str(out), "--calib-file", str(text_file)]
+    argv += ["--calib-samples", "4", "--calib-seqlen", "256", "--lmdeploy", f"{sys.executable} -m lmdeploy"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
 def test_ctrl_c_on_the_quantize_command_cancels_cleanly(model: Path, tmp_path: Path, site: Path) -> None:
     out = tmp_path / "w4"
     text_file = tmp_path / "calib.txt"
     text_file.write_text(TEXT)
-    env = {**os.environ, "PYTHONPATH": f"{SRC}:{site}", "PYTHONUNBUFFERED": "1", "FAKE_LITE": "--fake-hang"}
-    cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tuichat",
-            "quantize",
-            str(model),
-            "--out",
-            str(out),
-            "--calib-file",
-            str(text_file),
-            "--calib-samples",
-            "4",
-            "--calib-seqlen",
-            "256",
-            "--lmdeploy",
-            f"{sys.executable} -m lmdeploy",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    cli = _hanging_quantize_cli(model, out, text_file, site)
     assert cli.stdout is not None
     first = cli.stdout.readline()
     job_pid = int(first.split("(pid ")[1].split(")")[0])
@@ -754,25 +739,7 @@ def test_a_job_left_by_a_killed_tuichat_is_found_and_cleaned_up_on_the_next_star
     text_file = tmp_path / "calib.txt"
     text_file.write_text(TEXT)
     out = tmp_path / "w4"
-    env = {**os.environ, "PYTHONPATH": f"{SRC}:{site}", "PYTHONUNBUFFERED": "1", "FAKE_LITE": "--fake-hang"}
-    argv = [
-        sys.executable,
-        "-m",
-        "tuichat",
-        "quantize",
-        str(model),
-        "--out",
-        str(out),
-        "--calib-file",
-        str(text_file),
-        "--calib-samples",
-        "4",
-        "--calib-seqlen",
-        "256",
-        "--lmdeploy",
-        f"{sys.executable} -m lmdeploy",
-    ]
-    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cli = _hanging_quantize_cli(model, out, text_file, site)
     assert cli.stdout is not None
     job_pid = int(cli.stdout.readline().split("(pid ")[1].split(")")[0])
     for line in cli.stdout:
