@@ -38,6 +38,8 @@ from tuichat.chat.conversation import Conversation, Event, ReplyDelta, ReplyFail
 from tuichat.chat.sampling import FIELD_BY_NAME, Sampling, SamplingError, check_value, sampling_from_table
 from tuichat.chat.turns import ChatSession, Turn
 from tuichat.errors import TuichatError
+from tuichat.server.attribution import read_counters
+from tuichat.server.metrics import MetricsError
 
 PENDING_SUFFIX = ".pending"
 MAX_CONCURRENCY = 512
@@ -693,27 +695,13 @@ def read_node_counts(endpoint: Endpoint, nodes: Sequence[str], *, timeout: float
 
 
 def finished_requests(metrics_text: str) -> int | None:
-    """Requests a server has finished since it started, from its Prometheus text: the end-to-end latency
-    histogram's count (one per finished request, updated as each ends, unlike the gauges that refresh every ~10 s),
-    else the sum of `request_success_total`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    e2e = success = 0.0
-    seen_e2e = seen_success = False
+    """Requests a server has finished since it started, from its Prometheus text (the same counter the fleet
+    screen attributes replies by: tuichat.server.attribution)."""
     try:
-        for family in text_string_to_metric_families(metrics_text):
-            for sample in family.samples:
-                if sample.name == "lmdeploy:e2e_request_latency_seconds_count":
-                    e2e += float(sample.value)
-                    seen_e2e = True
-                elif sample.name == "lmdeploy:request_success_total":
-                    success += float(sample.value)
-                    seen_success = True
-    except (ValueError, TypeError, IndexError, KeyError):
+        requests = read_counters(metrics_text).requests
+    except MetricsError:
         return None
-    if seen_e2e:
-        return round(e2e)
-    return round(success) if seen_success else None
+    return None if requests is None else round(requests)
 
 
 def spread(before: NodeCounts, after: NodeCounts) -> dict[str, int | None]:

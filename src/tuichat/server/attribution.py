@@ -25,9 +25,11 @@ from typing import Literal
 from tuichat.server.metrics import MetricsError
 
 _PREFIX = "lmdeploy:"
-# Counters that only grow while a node works on a request; each summed over its label sets.
-_REQUEST_COUNTERS = ("request_success_total",)
-_REQUEST_FALLBACK = "e2e_request_latency_seconds_count"  # older servers: one observation per finished request
+# Counters that only grow while a node works on a request; each summed over its label sets. Finished requests:
+# the end-to-end latency histogram's count (one observation as each request ends; seen on lmdeploy 0.18), else
+# `request_success_total` where a server has that counter.
+_REQUEST_COUNTERS = ("e2e_request_latency_seconds_count",)
+_REQUEST_FALLBACK = "request_success_total"
 _TOKEN_COUNTERS = {
     "prompt_tokens_total": "prompt_tokens",
     "prompt_tokens": "prompt_tokens",
