@@ -707,3 +707,37 @@ def test_a_v3_pair_marked_in_its_titles_becomes_a_link_and_nothing_is_lost(db_pa
     check = sqlite3.connect(db_path)
     assert check.execute("PRAGMA user_version").fetchone()[0] == 4
     check.close()
+
+
+def test_a_json_export_of_one_compare_side_brings_the_pair_back_on_import(store: Store, tmp_path: Path) -> None:
+    a, b = store.create_conversation(model="bf16-model"), store.create_conversation(model="w4-model")
+    store.add_message(a, "user", "same question")
+    store.add_message(a, "assistant", "answer from A")
+    store.add_message(b, "user", "same question")
+    store.add_message(b, "assistant", "answer from B")
+    store.link_pair(a, b, ("bf16", "w4a16"))
+    exported = store.export(b, "json")
+
+    other = Store.open(tmp_path / "elsewhere.sqlite3")
+    try:
+        new_b = other.import_json(exported)
+        side_b = other.get_conversation(new_b)
+        assert side_b is not None and side_b.compare_side == "B" and side_b.compare_label == "w4a16"
+        assert side_b.partner_id is not None
+        side_a = other.get_conversation(side_b.partner_id)
+        assert side_a is not None and side_a.compare_side == "A" and side_a.compare_label == "bf16"
+        assert side_a.model == "bf16-model"
+        assert [m.content for m in other.messages(side_a.id)] == ["same question", "answer from A"]
+        assert [m.content for m in other.messages(new_b)] == ["same question", "answer from B"]
+    finally:
+        other.close()
+
+
+def test_a_json_export_of_a_plain_conversation_imports_as_one(store: Store) -> None:
+    conv = store.create_conversation()
+    store.add_message(conv, "user", "alone")
+    before = len(store.list_conversations())
+    new = store.import_json(store.export(conv, "json"))
+    assert len(store.list_conversations()) == before + 1
+    imported = store.get_conversation(new)
+    assert imported is not None and imported.partner_id is None

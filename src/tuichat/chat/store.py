@@ -867,14 +867,29 @@ class Store:
             raise TuichatError(f"Conversation {conv_id} no longer exists; pick another one to export.")
         msgs = self.messages(conv_id)
         if fmt == "json":
-            return _export_json(conv, msgs)
+            # one side of a compare run carries the other side along, so an import restores the pair
+            partner = self.get_conversation(conv.partner_id) if conv.partner_id is not None else None
+            return _export_json(conv, msgs, (partner, self.messages(partner.id)) if partner is not None else None)
         if fmt == "md":
             return _export_markdown(conv, msgs)
         raise ValueError(f"unknown export format {fmt!r}")
 
     def import_json(self, text: str) -> int:
-        """Add a conversation from `export(..., "json")` output; returns its new id."""
+        """Add a conversation from `export(..., "json")` output; returns its new id. An export of one side of a
+        compare run brings the other side too, and the two are linked again."""
         conv, msgs = _parse_export(text)
+        comparison = _parse_comparison(text)
+        conv_id = self._insert_conversation(conv, msgs)
+        if comparison is not None:
+            side, label, other_label, other, other_msgs = comparison
+            other_id = self._insert_conversation(other, other_msgs)
+            if side == "A":
+                self.link_pair(conv_id, other_id, (label, other_label))
+            else:
+                self.link_pair(other_id, conv_id, (other_label, label))
+        return conv_id
+
+    def _insert_conversation(self, conv: Mapping[str, Any], msgs: Sequence[Mapping[str, Any]]) -> int:
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO conversations (title, created, updated, model, server_url, profile, "
@@ -1011,9 +1026,26 @@ def _message(row: tuple[Any, ...]) -> Message:
 # -- export / import formats ---------------------------------------------------------------------------------
 
 
-def _export_json(conv: Conversation, msgs: list[Message]) -> str:
-    document = {
-        "tuichat_export": EXPORT_FORMAT_VERSION,
+def _export_json(
+    conv: Conversation, msgs: list[Message], partner: tuple[Conversation, list[Message]] | None = None
+) -> str:
+    document: dict[str, Any] = {"tuichat_export": EXPORT_FORMAT_VERSION, **_export_body(conv, msgs)}
+    if partner is not None:
+        other, other_msgs = partner
+        document["comparison"] = {
+            "side": conv.compare_side,
+            "label": clean_line(conv.compare_label or ""),
+            "partner": {
+                "side": other.compare_side,
+                "label": clean_line(other.compare_label or ""),
+                **_export_body(other, other_msgs),
+            },
+        }
+    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+
+
+def _export_body(conv: Conversation, msgs: list[Message]) -> dict[str, Any]:
+    return {
         "conversation": {
             "title": clean_line(conv.title),
             "created": conv.created,
@@ -1038,7 +1070,6 @@ def _export_json(conv: Conversation, msgs: list[Message]) -> str:
             for m in msgs
         ],
     }
-    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
 def _when(timestamp: float) -> str:
@@ -1125,12 +1156,32 @@ def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             f"This export has format version {document['tuichat_export']!r}, but this tuichat reads version "
             f"{EXPORT_FORMAT_VERSION}; upgrade tuichat to import it."
         )
+    return _parse_body(document)
+
+
+def _parse_comparison(text: str) -> tuple[str, str, str, dict[str, Any], list[dict[str, Any]]] | None:
+    """The other side carried by an export of one side of a compare run: (this side, its label, the other's
+    label, the other conversation, its messages); None when the export is of a plain conversation."""
+    comparison = json.loads(text).get("comparison")
+    if comparison is None:
+        return None
+    if not isinstance(comparison, dict) or not isinstance(comparison.get("partner"), dict):
+        raise _bad_import('"comparison" must be an object with the other side under "partner"')
+    side = comparison.get("side")
+    if side not in ("A", "B"):
+        raise _bad_import(f'"comparison.side" is {side!r}; it must be "A" or "B"')
+    labels = [_optional_text(c.get("label"), "a comparison label") or "" for c in (comparison, comparison["partner"])]
+    conv, msgs = _parse_body(comparison["partner"], where="comparison.partner.")
+    return side, labels[0], labels[1], conv, msgs
+
+
+def _parse_body(document: Mapping[str, Any], where: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     raw_conv = document.get("conversation")
     raw_msgs = document.get("messages")
     if not isinstance(raw_conv, dict):
-        raise _bad_import('"conversation" must be an object')
+        raise _bad_import(f'"{where}conversation" must be an object')
     if not isinstance(raw_msgs, list):
-        raise _bad_import('"messages" must be a list')
+        raise _bad_import(f'"{where}messages" must be a list')
     now = time.time()
     title = _optional_text(raw_conv.get("title"), "the conversation title")
     conv: dict[str, Any] = {
@@ -1141,8 +1192,9 @@ def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for key in ("model", "server_url", "profile", "lmdeploy_version"):
         conv[key] = _optional_text(raw_conv.get(key), f"conversation.{key}")
     msgs: list[dict[str, Any]] = []
+    prefix = where
     for index, raw in enumerate(raw_msgs, start=1):
-        where = f"message {index}"
+        where = f"{prefix}message {index}"
         if not isinstance(raw, dict):
             raise _bad_import(f"{where} must be an object")
         role = raw.get("role")
