@@ -16,7 +16,7 @@ from apphelpers import screen_text
 from PIL import Image
 
 from tuichat.ui.app import AppOptions, make_app
-from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.prompt_area import PromptArea
 
 
 async def main(profile: str, out: Path) -> None:

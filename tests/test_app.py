@@ -13,7 +13,8 @@ from textual.widgets import Input
 from tuichat.chat.store import Store, default_path
 from tuichat.config import load_config
 from tuichat.ui.screens.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen
-from tuichat.ui.widgets.chat import PromptArea, SamplingPane
+from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.sampling_pane import SamplingPane
 
 
 async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from tuichat.chat.target import resolve_target
 from tuichat.config import load_config
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.screens.history import ConversationsScreen
-from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.prompt_area import PromptArea
 
 
 async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]

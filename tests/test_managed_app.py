@@ -3,6 +3,7 @@ chats with its random API key, re-attaches from a fresh app, and stops it (or ke
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tuichat.server.launcher import ServerManager
 from tuichat.server.procgroup import group_pids
 from tuichat.ui.app import AppOptions, TuichatApp, make_app
 from tuichat.ui.screens.dialogs import QuitScreen
-from tuichat.ui.widgets.chat import PromptArea
+from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.status_line import StatusLine
 
 GB = 1000**3
@@ -142,6 +143,47 @@ async def test_a_crash_while_loading_shows_the_reason_in_the_chat(manager: Serve
         assert "out of memory" in text.lower()
         assert app.query_one("#statusline").state == "failed"  # type: ignore[attr-defined]
         assert "Traceback" not in screen_text(app)
+
+
+async def test_the_app_launches_through_the_one_flow_with_one_preflight(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ports: list[int | None] = []
+    preflight = manager.preflight
+
+    def counted(profile, port=None):  # type: ignore[no-untyped-def]
+        ports.append(port)
+        return preflight(profile, port)
+
+    monkeypatch.setattr(manager, "preflight", counted)
+    app = managed_app(manager)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#statusline").state == "ready", timeout=15)  # type: ignore[attr-defined]
+        assert app.server is not None
+        assert ports == [app.server.record.port]  # once, on the port the launch really took
+
+
+async def test_a_launch_the_preflight_stops_says_each_finding_and_its_fix_in_the_chat(
+    manager: ServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as hub:  # a hub that answers: only the silent download blocks the launch
+        hub.bind(("127.0.0.1", 0))
+        hub.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        add_profile("unpulled", {"model": "owner/not-pulled", "command": STANDIN_COMMAND, "port": free_port()})
+        app = make_app(
+            AppOptions(profile="unpulled", config=load_config(), manager=manager, env={}, gpu_reader=FakeGpuReader())
+        )
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: any(t.role == "error" for t in app.chat.turns), timeout=15)
+            note = next(t.content for t in app.chat.turns if t.role == "error")
+            assert note.startswith("unpulled was not started:")
+            assert "owner/not-pulled is not in the Hugging Face cache" in note
+            assert "Run `tuichat pull owner/not-pulled` in a shell first." in note
+            assert "server panel (F5)" in note
+            assert app.query_one("#statusline").state == "failed"  # type: ignore[attr-defined]
+            assert "Traceback" not in screen_text(app)
+    assert manager.running() == []
 
 
 async def test_unknown_profile_is_a_clear_error(hermetic_home: Path) -> None:

@@ -8,8 +8,8 @@ given to a callback or read as an async iterator; nothing here is global, so sev
 
 With `hold=True` (the chat screen) the conversation is claimed in the store while it is open, so no other tuichat
 adds to it; one held elsewhere is shown read-only (`held_by`) and refuses changes (`ReadOnly`) until its holder lets
-go. With `count_tokens=True` a reply that came without a usage chunk is counted with the server's tokenizer
-afterwards (`ReplyCounted`).
+go (those rules are `tuichat.chat.claims`). With `count_tokens=True` a reply that came without a usage chunk is
+counted with the server's tokenizer afterwards (`ReplyCounted`).
 
 The rules are the chat screen's (`ui/screens/chat.py` renders them): a retry keeps the old reply until the
 new one's first token, so a failed retry loses nothing; a fresh message whose request fails before any text is
@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
+from tuichat.chat.claims import Holding
+from tuichat.chat.claims import ReadOnly as ReadOnly  # an event like the others: front ends import it from here
 from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
 from tuichat.chat.client import Notice as StreamNotice
 from tuichat.chat.sampling import Sampling
@@ -111,15 +113,6 @@ class ModelChosen:
     model: str
 
 
-@dataclass(frozen=True)
-class ReadOnly:
-    """A change was refused: another tuichat holds this conversation (`held_by`). `released` is True instead when
-    the holder had let go, so the change goes ahead and the conversation continues here."""
-
-    held_by: HeldBy
-    released: bool = False
-
-
 Event = (
     ReplyStarted
     | ReplyOpened
@@ -143,7 +136,7 @@ class Meta:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class Conversation:
+class Conversation(Holding):
     """One chat with one server. Create it inside a running event loop; `aclose()` when done."""
 
     def __init__(
@@ -175,8 +168,6 @@ class Conversation:
         self._queue: asyncio.Queue[Event] | None = None
         self.hold = hold
         self.count_tokens = count_tokens
-        self.claim: Claim | None = None  # we hold conversation_id: no other tuichat may add to it
-        self.held_by: HeldBy | None = None  # the conversation shown is held by another tuichat: read-only here
         self._counting: set[asyncio.Task[None]] = set()
 
     # -- events -----------------------------------------------------------------------------------------------
@@ -302,37 +293,6 @@ class Conversation:
         self.meta.server_url = client.base_url
         return old
 
-    # -- holding the conversation (one writer per chat across tuichats) ---------------------------------------
-
-    def hold_conversation(self, conv_id: int) -> Claim | HeldBy | None:
-        """Claim `conv_id` for this process, or who holds it; None when the history could not be asked."""
-        if self.claim is not None and self.claim.conversation_id == conv_id:
-            return self.claim
-        return self._save(Store.claim, conv_id)
-
-    def let_go(self) -> None:
-        """Leave the conversation we hold, so another tuichat may continue it."""
-        claim, self.claim, self.held_by = self.claim, None, None
-        if claim is not None:
-            try:
-                claim.release()
-            except Exception as exc:
-                self._emit(Notice(f"could not save to the history: {exc}", "error"))
-
-    def may_change(self) -> bool:
-        """True unless another tuichat holds the conversation shown; one that has let go meanwhile is taken
-        over (a `ReadOnly` event with `released` says so), else a `ReadOnly` event says who holds it."""
-        held = self.held_by
-        if held is None or self.conversation_id is None:
-            return True
-        got = self.hold_conversation(self.conversation_id)
-        if isinstance(got, Claim):
-            self.claim, self.held_by = got, None
-            self._emit(ReadOnly(held, released=True))
-            return True
-        self._emit(ReadOnly(got or held))
-        return False
-
     def open(self, conv_id: int, *, read_only: bool = False) -> Claim | HeldBy | None:
         """Load a saved conversation to continue it. Held by another tuichat, it is loaded read-only when
         `read_only` allows, else left alone (the HeldBy says why). None: no such conversation, or no history."""
@@ -346,10 +306,7 @@ class Conversation:
         messages = self._save(Store.messages, conv_id)
         if messages is None:
             return None
-        if self.claim is not None and self.claim is not got:
-            self.let_go()
-        self.claim = got if isinstance(got, Claim) else None
-        self.held_by = got if isinstance(got, HeldBy) else None
+        self._took(got)
         from tuichat.chat.images import reopened_images_note  # lazy: start-up does not need the image code
         from tuichat.chat.sanitize import clean
 

@@ -12,12 +12,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import httpx
 from textual.app import App, SystemCommand
 from textual.binding import BindingType
 from textual.driver import Driver
@@ -31,46 +29,19 @@ from tuichat.chat.turns import Attachment, ChatSession
 from tuichat.config import Config, load_config, save_config
 from tuichat.errors import ConfigError
 from tuichat.keymap import check_keys, display_key, keys_for
+from tuichat.ui.app_options import AppOptions, choose_managed
 from tuichat.ui.keyids import install_key_parser, mouse_holds_escape, screen_bindings
 from tuichat.ui.screens.chat import ChatScreen
-from tuichat.ui.screens.dialogs import ChoiceScreen, HelpScreen, QuitScreen, help_rows
+from tuichat.ui.screens.dialogs import HelpScreen, QuitScreen, help_rows
 from tuichat.ui.server_link import ServerLink
 from tuichat.ui.status_watch import StatusWatch
-from tuichat.ui.widgets.sampling_pane import SamplingPane
-from tuichat.ui.widgets.status_pane import StatusPane, StatusView
+from tuichat.ui.widgets.status_pane import StatusView
 
 if TYPE_CHECKING:
-    from tuichat.chat.store import HeldBy, Store
-    from tuichat.server.fleet import RunningFleet
-    from tuichat.server.gpu import GpuReader
-    from tuichat.server.launcher import ManagedServer, ServerManager, ServerStatus
+    from tuichat.chat.store import Store
+    from tuichat.server.launcher import ManagedServer
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
-WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
-WIDER = 170  # and from this one the status pane too
-
-
-@dataclass
-class AppOptions:
-    url: str | None = None
-    api_key: str | None = None
-    model: str | None = None
-    profile: str | None = None
-    continue_last: bool = False
-    conversation_id: int | None = None
-    config: Config | None = None
-    env: Mapping[str, str] | None = None
-    transport: httpx.AsyncBaseTransport | None = None  # tests: httpx.MockTransport
-    store_path: Path | None = None
-    use_store: bool = True
-    watch_server: bool = True  # poll the GPU and /metrics in the background
-    gpu_reader: GpuReader | None = None  # tests: tests/fakegpu.py; default NVML
-    poll_interval: float = 2.0  # seconds between GPU and /metrics readings
-    cursor_blink: bool = True  # snapshot tests turn it off so a blink cannot change the picture
-    manager: ServerManager | None = None  # the launcher (tests pass one with its own state dir)
-    managed: bool | None = None  # None: decide from the profile / running servers (see make_app)
-    fleet: RunningFleet | None = None  # `tuichat FLEET`: chat through its proxy, status per node
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TuichatApp(App[None]):
@@ -79,7 +50,6 @@ class TuichatApp(App[None]):
     CSS_PATH = ["app.tcss", "widgets/messages.tcss", "screens/chat.tcss"]  # chat.tcss says why it is here
     TITLE = "tuichat"
     ENABLE_COMMAND_PALETTE = True
-    WIDER = WIDER
     BINDINGS: ClassVar[list[BindingType]] = screen_bindings("app")  # quit: on every screen
 
     def __init__(self, options: AppOptions, config: Config, target: Target) -> None:
@@ -96,13 +66,13 @@ class TuichatApp(App[None]):
         self._save_timer: Any = None
         self.server_link = ServerLink(self)
         self.status = StatusWatch(self)
-        self.chat_screen = ChatScreen(self, self._new_client(target.url, target.api_key))
+        self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
 
     def get_default_screen(self) -> Screen[Any]:
         return self.chat_screen
 
-    def _new_client(self, url: str, api_key: str | None) -> ChatClient:
+    def new_client(self, url: str, api_key: str | None) -> ChatClient:
         ui = self.config.ui
         return ChatClient(
             url,
@@ -135,10 +105,6 @@ class TuichatApp(App[None]):
         return self.chat_screen.conversation.conversation_id
 
     @property
-    def read_only(self) -> HeldBy | None:
-        return self.chat_screen.conversation.held_by
-
-    @property
     def pending_attachments(self) -> list[Attachment]:
         return self.chat_screen.attachments.attachments
 
@@ -157,10 +123,6 @@ class TuichatApp(App[None]):
     @property
     def profile_name(self) -> str | None:
         return self.server_link.profile_name
-
-    @property
-    def server_state(self) -> ServerStatus | None:
-        return self.server_link.state
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
@@ -198,27 +160,16 @@ class TuichatApp(App[None]):
         """Start-up, once the chat screen's widgets exist (the App mounts before its default screen does)."""
         self._apply_keymap()
         screen = self.chat_screen
-        if not self.options.cursor_blink:
-            from textual.widgets import Input, TextArea
-
-            for widget in screen.query(Input).results():
-                widget.cursor_blink = False
-            for area in screen.query(TextArea).results():
-                area.cursor_blink = False
-        show = self.config.ui.show_sampling
-        screen.query_one(SamplingPane).display = self.size.width >= WIDE if show is None else show
-        show_status = self.config.ui.show_status
-        screen.query_one(StatusPane).display = self.size.width >= WIDER if show_status is None else show_status
         if self.options.watch_server:
             self.status.start()
         screen.status_line.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         screen.prompt.focus()
-        self._open_store()
+        self.store = screen.open_history()
         self._watch_hangup()
         if self.options.managed and self.profile_name:
             self.server_link.bring_up(self.profile_name)
         else:
-            self.check_server()
+            self.server_link.check_server()
 
     def on_ready(self) -> None:
         if self._keymap_error:
@@ -226,92 +177,7 @@ class TuichatApp(App[None]):
         self.first_frame_s = time.perf_counter() - START_TIME
         self.log.info(f"first frame after {self.first_frame_s:.3f} s")
 
-    def _open_store(self) -> None:
-        if not self.options.use_store:
-            return
-        try:
-            from tuichat.chat.store import Store, default_path
-
-            self.store = Store.open(self.options.store_path or default_path())
-            recovered = self.store.recovered_on_open
-        except Exception as exc:  # a broken history must not stop the chat: say so and go on unsaved
-            self.store = None
-            self.chat_screen.add_note(
-                "error", f"history is not being saved: {exc}. Check the data folder's permissions."
-            )
-            return
-        self.chat_screen.conversation.store = self.store
-        conv_id = self.options.conversation_id
-        if conv_id is None and self.options.continue_last:
-            last = self.store.last_conversation()
-            conv_id = last.id if last else None
-            if last is None:
-                self.notify("No saved conversation yet: starting a new one.")
-        if conv_id is not None:
-            self.call_after_refresh(self.chat_screen.open_conversation, conv_id)
-        if recovered:
-            self.notify(f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted.")
-
     # -- the server -------------------------------------------------------------------------------------------
-
-    def check_server(self) -> None:
-        self.run_worker(self._check_server(), group="connect", exclusive=True, exit_on_error=False)
-
-    async def _check_server(self) -> None:
-        from tuichat.chat.client import ChatError
-
-        screen = self.chat_screen
-        status = screen.status_line
-        health = await self.client.health()
-        if not health.ok:
-            status.set(state="unreachable" if health.status is None else f"not ready: {health.status}")
-            screen.add_note("error", health.message)
-            self._explain_missing_local_server()
-            return
-        conversation = screen.conversation
-        if conversation.model is None:
-            try:
-                models = await self.client.list_models()
-            except ChatError as exc:
-                status.set(state=exc.kind)
-                screen.add_note("error", exc.message)
-                return
-            if not models:
-                status.set(state="no model")
-                screen.add_note("error", "the server lists no model under /v1/models.")
-                return
-            conversation.model = models[0]
-            if len(models) > 1:
-                self.push_screen(ChoiceScreen("Which model?", models), self._model_chosen)
-        status.set(state="ready", model=conversation.model or "")
-
-    def _model_chosen(self, choice: str | None) -> None:
-        if choice:
-            self.chat_screen.conversation.model = choice
-            self.chat_screen.status_line.set(model=choice)
-
-    def _explain_missing_local_server(self) -> None:
-        """On a machine with no lmdeploy (or no GPU), say plainly what is missing and how to attach elsewhere."""
-        if self.target.source != "default":
-            return
-        import importlib.util
-
-        missing = []
-        if importlib.util.find_spec("lmdeploy") is None:
-            missing.append('lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)')
-        try:
-            from tuichat.server.gpu import gpus_visible
-
-            ok, reason = gpus_visible()
-            if not ok:
-                missing.append(reason)
-        except Exception:
-            pass
-        hint = (
-            "To use a server elsewhere: tuichat --url http://HOST:23333 --api-key KEY, or forward its port "
-            "with ssh -L 23333:127.0.0.1:23333 HOST and keep the default URL."
-        )
-        self.chat_screen.add_note("notice", ("; ".join(missing) + ". " if missing else "") + hint)
 
     async def _learn_engine(self) -> None:
         """The launched server's KV-cache geometry (kept under this name for tests/test_status_pane.py)."""
@@ -322,18 +188,7 @@ class TuichatApp(App[None]):
 
     def retarget(self, url: str, api_key: str | None, model: str | None) -> None:
         """Point the chat at another server (a launched one, or one picked in the server panel)."""
-        screen = self.chat_screen
-        if screen.streaming:
-            self.notify(f"The reply was stopped: the chat now talks to {url}.", severity="warning")
-        old = screen.conversation.use_client(self._new_client(url, api_key), model)
-        self.target = Target(url, api_key, model, "profile")
-        self.server_link.target_known = True
-        self.status.retargeted()
-        screen.status_line.set(url=url, model=model or "", state="connecting", last="")
-        self.run_worker(old.aclose(), exit_on_error=False)
-        self.check_server()
-        if self.conversation_id is not None:
-            self.status.count_context()
+        self.server_link.retarget(url, api_key, model)
 
     # -- other screens ----------------------------------------------------------------------------------------
 
@@ -541,58 +396,9 @@ def make_app(options: AppOptions | None = None) -> TuichatApp:
     config = options.config or load_config()
     env = options.env if options.env is not None else os.environ
     if options.managed is None:
-        options.managed = _choose_managed(options, config, env)
+        options.managed = choose_managed(options, config, env)
     target = resolve_target(config, env, options.url, options.api_key, options.model)
     return TuichatApp(options, config, target)
-
-
-def _choose_managed(options: AppOptions, config: Config, env: Mapping[str, str]) -> bool:
-    """Decide whether the app drives a server tuichat launches (True) or attaches to a URL (False).
-
-    A profile on the command line wins; an explicit URL (flag or OPENAI_BASE_URL) means attach; otherwise a
-    server tuichat launched earlier and still running is re-attached (the SSH-drop case), then the config's
-    default_profile is launched; with none of these, the default URL is tried.
-    """
-    from tuichat.errors import TuichatError
-
-    if options.profile and options.profile in config.fleets:
-        from tuichat.server.fleet import find_fleet
-        from tuichat.server.launcher import ServerManager
-
-        options.manager = options.manager or ServerManager()
-        fleet = find_fleet(options.manager, options.profile)
-        if fleet is None or fleet.url is None:
-            raise TuichatError(
-                f"fleet '{options.profile}' is not running: start it with `tuichat serve {options.profile} --detach`, "
-                "then run `tuichat " + options.profile + "` again"
-            )
-        options.fleet, options.url, options.api_key = fleet, fleet.url, fleet.api_key
-        options.profile = None
-        return False
-    if options.profile:
-        if options.profile not in config.profiles:
-            known = ", ".join(sorted(config.profiles))
-            raise TuichatError(f"no profile called '{options.profile}' (known: {known}); see `tuichat profiles`")
-        return True
-    if options.url or env.get("OPENAI_BASE_URL"):
-        return False
-    from tuichat.server.launcher import ServerManager
-
-    manager = options.manager or ServerManager()
-    options.manager = manager
-    running = {s.name: s for s in manager.running()}
-    if running:
-        pick = (
-            config.default_profile
-            if config.default_profile in running
-            else max(running, key=lambda n: running[n].record.started_at)
-        )
-        options.profile = pick
-        return True
-    if config.default_profile:
-        options.profile = config.default_profile
-        return True
-    return False
 
 
 __all__ = ["AppOptions", "TuichatApp", "__version__", "make_app"]

@@ -1,7 +1,10 @@
-"""The server tuichat launched (a profile's): find or start it, follow it to ready, then point the chat at it.
+"""The server the chat talks to: a profile's (find or launch it, follow it to ready, then point the chat at it),
+or the URL it was given (is it up, which model); and pointing the chat at another one.
 
 App-wide, because the server outlives screens (and the quit question is about it). It uses Textual's thread
-workers and `call_from_thread`, so it lives under ui/; launching itself is `tuichat.server.launcher`'s.
+workers and `call_from_thread`, so it lives under ui/; the launch itself is `tuichat.server.launch.launch`, the
+one flow the CLI and the server panel use too (the preflight runs once, inside it). A launch the preflight stops
+is a note in the chat with every finding and the command that fixes it (`tuichat pull ID`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tuichat.server.launch import PreflightFailed
     from tuichat.server.launcher import ManagedServer, ServerManager, ServerStatus
     from tuichat.ui.app import TuichatApp
 
@@ -39,8 +43,9 @@ class ServerLink:
         )
 
     def _bring_up(self, name: str) -> None:
-        """Attach to the profile's server if tuichat started it earlier, else launch it and wait for ready."""
-        from tuichat.errors import TuichatError
+        """Attach to the profile's server if tuichat started it earlier, else launch it (the one launch flow,
+        `tuichat.server.launch`), then follow it to ready on this thread."""
+        from tuichat.server.launch import Checked, LaunchEvent, PreflightFailed, launch
 
         app = self.app
         screen = app.chat_screen
@@ -52,13 +57,19 @@ class ServerLink:
                 app.call_from_thread(screen.add_note, "error", f"no profile called '{name}': see `tuichat profiles`.")
                 return
             app.call_from_thread(lambda: screen.status_line.set(state="starting", model=f"profile {name}"))
-            try:
-                for check in manager.preflight(profile):
-                    if check.level == "warning":
+
+            def warn(event: LaunchEvent) -> None:
+                if isinstance(event, Checked):
+                    for check in event.checks:
                         app.call_from_thread(app.notify, check.message, severity="warning", timeout=10)
-                server = manager.start(name, profile)
-            except Exception as exc:  # TuichatError says what to do; anything else still must not hang here
-                text = str(exc) if isinstance(exc, TuichatError) else f"could not start {name}: {exc!r}"
+
+            try:
+                server = launch(manager, name, profile, warn, wait=False).server
+            except Exception as exc:  # every failure is a sentence in the chat, and the line says failed
+                if isinstance(exc, PreflightFailed):
+                    text = preflight_note(name, exc, app.key_name("server"))
+                else:
+                    text = self._failure(name, exc)
                 app.call_from_thread(screen.add_note, "error", text)
                 app.call_from_thread(lambda: screen.status_line.set(state="failed"))
                 return
@@ -72,6 +83,13 @@ class ServerLink:
         app.call_from_thread(self.show_status, status)
         if status.state == "ready":
             app.call_from_thread(self.attach, server)
+
+    @staticmethod
+    def _failure(name: str, exc: Exception) -> str:
+        from tuichat.errors import TuichatError
+
+        # TuichatError says what to do; anything else still must not hang the start-up or show a traceback
+        return str(exc) if isinstance(exc, TuichatError) else f"could not start {name}: {exc!r}"
 
     def adopt(self, name: str, server: ManagedServer) -> None:
         """This server is the chat's now: the status pane shows how it was launched."""
@@ -114,9 +132,89 @@ class ServerLink:
             line.set(state="stopped", last="")
 
     def attach(self, server: ManagedServer) -> None:
-        self.target_known = True
-        self.app.retarget(server.url, server.api_key, server.model_name)
+        self.retarget(server.url, server.api_key, server.model_name)
         self.app.run_worker(self.app.status.learn_engine(), group="engine", exit_on_error=False)
+
+    # -- the server the chat talks to (launched or not) --------------------------------------------------------
+
+    def check_server(self) -> None:
+        self.app.run_worker(self._check_server(), group="connect", exclusive=True, exit_on_error=False)
+
+    async def _check_server(self) -> None:
+        from tuichat.chat.client import ChatError
+        from tuichat.ui.screens.dialogs import ChoiceScreen
+
+        app = self.app
+        screen = app.chat_screen
+        status = screen.status_line
+        health = await app.client.health()
+        if not health.ok:
+            status.set(state="unreachable" if health.status is None else f"not ready: {health.status}")
+            screen.add_note("error", health.message)
+            self._explain_missing_local_server()
+            return
+        conversation = screen.conversation
+        if conversation.model is None:
+            try:
+                models = await app.client.list_models()
+            except ChatError as exc:
+                status.set(state=exc.kind)
+                screen.add_note("error", exc.message)
+                return
+            if not models:
+                status.set(state="no model")
+                screen.add_note("error", "the server lists no model under /v1/models.")
+                return
+            conversation.model = models[0]
+            if len(models) > 1:
+                app.push_screen(ChoiceScreen("Which model?", models), self._model_chosen)
+        status.set(state="ready", model=conversation.model or "")
+
+    def _model_chosen(self, choice: str | None) -> None:
+        if choice:
+            self.app.chat_screen.conversation.model = choice
+            self.app.chat_screen.status_line.set(model=choice)
+
+    def _explain_missing_local_server(self) -> None:
+        """On a machine with no lmdeploy (or no GPU), say plainly what is missing and how to attach elsewhere."""
+        if self.app.target.source != "default":
+            return
+        import importlib.util
+
+        missing = []
+        if importlib.util.find_spec("lmdeploy") is None:
+            missing.append('lmdeploy is not installed here (pip install "tuichat[lmdeploy]" on a CUDA machine)')
+        try:
+            from tuichat.server.gpu import gpus_visible
+
+            ok, reason = gpus_visible()
+            if not ok:
+                missing.append(reason)
+        except Exception:
+            pass
+        hint = (
+            "To use a server elsewhere: tuichat --url http://HOST:23333 --api-key KEY, or forward its port "
+            "with ssh -L 23333:127.0.0.1:23333 HOST and keep the default URL."
+        )
+        self.app.chat_screen.add_note("notice", ("; ".join(missing) + ". " if missing else "") + hint)
+
+    def retarget(self, url: str, api_key: str | None, model: str | None) -> None:
+        """Point the chat at another server (a launched one, or one picked in the server panel)."""
+        from tuichat.chat.target import Target
+
+        app = self.app
+        screen = app.chat_screen
+        if screen.streaming:
+            app.notify(f"The reply was stopped: the chat now talks to {url}.", severity="warning")
+        old = screen.conversation.use_client(app.new_client(url, api_key), model)
+        app.target = Target(url, api_key, model, "profile")
+        self.target_known = True
+        app.status.retargeted()
+        screen.status_line.set(url=url, model=model or "", state="connecting", last="")
+        app.run_worker(old.aclose(), exit_on_error=False)
+        self.check_server()
+        if app.conversation_id is not None:
+            app.status.count_context()
 
     def refuse_before_ready(self) -> bool:
         """True (after saying so) while the launched server is not up: its address and key are not known yet,
@@ -133,3 +231,14 @@ class ServerLink:
             text = f"{name} is still starting ({panel} shows its progress): send once the status line says ready."
         app.notify(text, severity="warning")
         return True
+
+
+def preflight_note(name: str, failed: PreflightFailed, panel_key: str) -> str:
+    """The chat's note for a launch the preflight stopped: every finding, each fix as a command to run, and how
+    to start it again once fixed (the server panel)."""
+    lines = [f"{name} was not started:"]
+    lines += [("✖ " if check.level == "error" else "⚠ ") + check.message for check in failed.checks]
+    fixes = [check.fix for check in failed.checks if check.fix]
+    lines += [f"→ Run `{fix}` in a shell first." for fix in fixes]
+    lines.append(f"Then start it from the server panel ({panel_key}).")
+    return "\n".join(lines)

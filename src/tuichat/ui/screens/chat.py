@@ -3,26 +3,28 @@ prompt, the status line and the panes, and turns the chat keys into calls on it.
 
 Every reply-state rule (what Retry hides, what a failed request gives back, how a reply ended, what is saved)
 lives in the engine; this screen only shows what the events say. The chat keys are this screen's BINDINGS, so a
-screen pushed on top (help, history, server panel) switches them off by being on top.
+screen pushed on top (help, history, server panel) switches them off by being on top. Saved chats, copying and
+images are parts of their own (`chat_saved`, `chat_copy`, `chat_images` on `chat_base`).
+
+The footer is built once: no key's availability changes with a reply (a key that cannot act now says why when
+pressed), so nothing asks Textual's Footer to rebuild its keys per reply; each rebuild left its old key widgets
+behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import BindingType
+from textual.binding import ActiveBinding, Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
-from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Static
+from textual.widgets import Footer, Input, TextArea
 
 from tuichat.chat.client import ChatClient
 from tuichat.chat.conversation import (
@@ -40,6 +42,9 @@ from tuichat.chat.conversation import (
 )
 from tuichat.chat.turns import Turn
 from tuichat.ui.keyids import screen_bindings
+from tuichat.ui.screens.chat_copy import CopyAndSelect
+from tuichat.ui.screens.chat_images import ImageAttachments
+from tuichat.ui.screens.chat_saved import SavedChats
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
@@ -49,14 +54,14 @@ from tuichat.ui.widgets.status_line import StatusLine
 from tuichat.ui.widgets.status_pane import StatusPane
 
 if TYPE_CHECKING:
-    from tuichat.chat.store import HeldBy
     from tuichat.ui.app import TuichatApp
 
-RESTORE_LIMIT = 20  # turns mounted when a conversation opens (about a screenful); ctrl+t loads more
+WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
+WIDER = 170  # and from this one the status pane too
 FLUSH_EVERY = 0.033  # seconds between writes into the live Markdown stream (about 30 a second)
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
     """The chat: messages, prompt, attachments, sampling and status panes, status line."""
 
     # Keys, labels and help texts come from tuichat.keymap (every binding of its "chat" scope).
@@ -74,15 +79,12 @@ class ChatScreen(Screen[None]):
             hold=True,
             count_tokens=True,
         )
-        self.hidden_turns = 0  # turns of a restored conversation not mounted yet
-        self._title = ""  # the open chat's title, which sub_title shows with the read-only mark
-        self._code_cycle = 0
         self._live: ReplyMessage | None = None
         self._pending: list[str] = []
         self._flusher: Timer | None = None
         self._replacing: list[Turn] = []
         self._shown_stats = ""  # the stats text the status line ends with, to swap when a token count arrives
-        self._refused: tuple[str, float] = ("", 0.0)
+        self._cut: frozenset[str] = frozenset()  # the keys the footer has no room for at this width
 
     # -- layout -----------------------------------------------------------------------------------------------
 
@@ -98,31 +100,60 @@ class ChatScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._owner.chat_mounted()
+        app = self._owner
+        if not app.options.cursor_blink:
+            for widget in self.query(Input).results():
+                widget.cursor_blink = False
+            for area in self.query(TextArea).results():
+                area.cursor_blink = False
+        show, show_status = app.config.ui.show_sampling, app.config.ui.show_status
+        self.query_one(SamplingPane).display = app.size.width >= WIDE if show is None else show
+        self.query_one(StatusPane).display = app.size.width >= WIDER if show_status is None else show_status
+        app.chat_mounted()
 
     @property
-    def messages(self) -> MessageList:
-        return self.query_one(MessageList)
+    def active_bindings(self) -> dict[str, ActiveBinding]:
+        """Quit first, as the chat's footer always had it (it is the app's binding, so Textual would put it after
+        the chat's keys), and only the keys that fit whole: a key cut off by the width would show no label, so it
+        leaves the footer (the help and the keys panel still list it)."""
+        bindings = self._ordered_bindings()
+        self._cut = self._footer_cut(bindings)
+        for key in self._cut:
+            active = bindings[key]
+            bindings[key] = active._replace(binding=replace(active.binding, show=False))
+        return bindings
 
-    @property
-    def prompt(self) -> PromptArea:
-        return self.query_one(PromptArea)
+    def _ordered_bindings(self) -> dict[str, ActiveBinding]:
+        bindings = super().active_bindings
+        first = {key: active for key, active in bindings.items() if active.binding.id == "quit"}
+        return first | {key: active for key, active in bindings.items() if key not in first}
 
-    @property
-    def status_line(self) -> StatusLine:
-        return self.query_one(StatusLine)
+    def _footer_cut(self, bindings: dict[str, ActiveBinding]) -> frozenset[str]:
+        """The keys of shown bindings that do not fit the footer at this width (each takes key, label, 3 cells)."""
+        app = self.app
 
-    @property
-    def attachments(self) -> AttachmentBar:
-        return self.query_one(AttachmentBar)
+        def width(binding: Binding) -> int:
+            return len(app.get_key_display(binding)) + len(binding.description) + 3
 
-    @property
-    def streaming(self) -> bool:
-        return self.conversation.streaming
+        room = self.size.width
+        palette = bindings.get(app.COMMAND_PALETTE_BINDING)
+        if app.ENABLE_COMMAND_PALETTE and palette is not None:
+            room -= width(palette.binding)
+        cut: set[str] = set()
+        seen: set[str] = set()  # the Footer shows one key per action
+        for key, active in bindings.items():
+            binding = active.binding
+            if binding.show and binding.action not in seen:
+                seen.add(binding.action)
+                room -= width(binding)
+                if room < 0:
+                    cut.add(key)
+        return frozenset(cut)
 
-    def add_note(self, role: str, text: str) -> None:
-        turn = self.conversation.chat.add(Turn("error" if role == "error" else "notice", text))
-        self.messages.mount(message_widget(turn))
+    def on_resize(self) -> None:
+        # Only when the keys that fit change: each rebuild of Textual's Footer restyles (and keeps) its keys.
+        if self._footer_cut(self._ordered_bindings()) != self._cut:
+            self.refresh_bindings()
 
     # -- the engine's events ----------------------------------------------------------------------------------
 
@@ -133,7 +164,6 @@ class ChatScreen(Screen[None]):
 
     def _show_event(self, event: Event) -> None:
         if isinstance(event, ReplyStarted):
-            self.refresh_bindings()
             self.status_line.set(state="streaming", last="waiting for first token")
         elif isinstance(event, ModelChosen):
             self.status_line.set(model=event.model)
@@ -178,7 +208,6 @@ class ChatScreen(Screen[None]):
         if widget is not None:
             self._owner.status.ledger.ended(id(widget.turn))
             self._owner.status.read_fleet_soon()
-        self.refresh_bindings()
         return widget
 
     def _reply_finished(self, event: ReplyFinished) -> None:
@@ -249,17 +278,6 @@ class ChatScreen(Screen[None]):
             timeout=10,
         )
 
-    # -- what the user sees of a held chat --------------------------------------------------------------------
-
-    def _set_title(self, title: str) -> None:
-        self._title = title
-        self._mark_read_only(self.conversation.held_by)
-
-    def _mark_read_only(self, held: HeldBy | None) -> None:
-        """Say where the user looks (title and the empty prompt) that the chat shown belongs to another tuichat."""
-        self.app.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
-        self.prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
-
     # -- sending ----------------------------------------------------------------------------------------------
 
     @on(PromptArea.Submitted)
@@ -314,32 +332,7 @@ class ChatScreen(Screen[None]):
                 severity="warning",
             )
 
-    def _give_back(self, turn: Turn) -> None:
-        """Put a message back into the prompt, ahead of whatever was typed since, with its images."""
-        prompt = self.prompt
-        typed = prompt.text
-        prompt.text = turn.content + ("\n\n" + typed if typed.strip() else "")
-        kept = [a for a in self.attachments.attachments if a not in turn.attachments]
-        self.attachments.set_attachments(turn.attachments + kept)
-
-    def refuse_while_streaming(self, what: str) -> bool:
-        """True (after saying so) when a reply is streaming: the key is refused out loud, never typed or lost.
-        The same sentence is not repeated while it is still on screen."""
-        if not self.streaming:
-            return False
-        text = f"A reply is still streaming: {self._owner.key_name('stop')} stops it, then {what}."
-        now = time.monotonic()
-        if self._refused[0] != text or now - self._refused[1] > 3.0:
-            self.notify(text, severity="warning", timeout=3)
-            self._refused = (text, now)
-        return True
-
     # -- the chat keys ----------------------------------------------------------------------------------------
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop":
-            return True if self.streaming or self.messages.selected_turn() is not None else None
-        return True
 
     async def action_stop(self) -> None:
         if self.streaming:
@@ -409,128 +402,13 @@ class ChatScreen(Screen[None]):
         self.prompt.focus()
         self.notify("New chat: the previous one stays in the history.")
 
-    # -- a saved chat -----------------------------------------------------------------------------------------
-
-    async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
-        """Show a saved chat to continue it. One that another tuichat holds is shown read-only when the user
-        chose that in F4; otherwise (--continue, --conversation) the chat stays new and a notice says why."""
-        from tuichat.chat.store import HeldBy
-
-        store = self.conversation.store
-        assert store is not None
-        saved = store.get_conversation(conv_id)
-        if saved is None:
-            self.notify(f"No conversation {conv_id} in the history.", severity="error")
-            return
-        got = self.conversation.open(conv_id, read_only=read_only)
-        if got is None and self.conversation.conversation_id != conv_id:
-            return  # the engine has said what is wrong with the history
-        if isinstance(got, HeldBy) and not read_only:
-            self.notify(
-                f"{got.sentence()} This is a new chat; F4 can show that one read-only.", severity="warning", timeout=15
-            )
-            return
-        self._set_title(saved.title)
-        held = self.conversation.held_by
-        if held is not None:
-            self.notify(
-                f"{held.sentence()} It is shown read-only here: nothing you do here changes it.",
-                severity="warning",
-                timeout=10,
-            )
-        turns = self.conversation.chat.turns
-        container = self.messages
-        await container.remove_children()
-        shown = turns[-RESTORE_LIMIT:]
-        self.hidden_turns = len(turns) - len(shown)
-        widgets: list[Static | ReplyMessage] = [message_widget(t) for t in shown]
-        if self.hidden_turns:
-            widgets.insert(0, self._earlier_marker())
-        await container.mount_all(widgets)
-        target = None
-        if message_id is not None:
-            while self.hidden_turns and not any(t.msg_id == message_id for t in turns[self.hidden_turns :]):
-                await self.action_load_earlier()
-            target = container.showing_message(message_id)
-        if target is not None:
-            container.release_anchor()
-            self.call_after_refresh(container.scroll_to_widget, target, animate=False, top=True)
-        else:
-            container.scroll_end(animate=False)
-        self._owner.status.chat_opened(turns)
-
-    def _earlier_marker(self) -> Static:
-        text = f"⋯ {self.hidden_turns} earlier messages: {self._owner.key_name('load_earlier')} shows them"
-        return Static(Text(text, style="dim"), id="earlier")
-
-    async def action_load_earlier(self) -> None:
-        if not self.hidden_turns:
-            self.notify("Every message of this chat is shown.")
-            return
-        container = self.messages
-        start = max(0, self.hidden_turns - RESTORE_LIMIT)
-        batch = self.conversation.chat.turns[start : self.hidden_turns]
-        self.hidden_turns = start
-        await self.query("#earlier").remove()
-        widgets: list[Static | ReplyMessage] = [message_widget(t) for t in batch]
-        if self.hidden_turns:
-            widgets.insert(0, self._earlier_marker())
-        await container.mount_all(widgets, before=0 if container.children else None)
-        if batch:
-            # Show what was asked for: the view goes to the first of the messages just loaded.
-            container.release_anchor()
-            first = widgets[1] if self.hidden_turns else widgets[0]
-            self.call_after_refresh(container.scroll_to_widget, first, animate=False, top=True)
-
-    def check_open_conversation_exists(self) -> None:
-        """If the chat on screen was deleted from the history, start afresh instead of saving into nothing."""
-        if self.conversation.forget_if_deleted():
-            self._set_title("")
-            self.hidden_turns = 0
-            self.messages.remove_children()
-            self.notify("The open chat was deleted; this is a new one.")
-
-    # -- copying and selecting --------------------------------------------------------------------------------
-
-    def action_copy_reply(self) -> None:
-        selected = self.messages.selected_turn()
-        if selected is not None:
-            what = "reply" if selected.role == "assistant" else "message"
-            self._owner.copy_text(selected.content, f"the selected {what}")
-            return
-        reply = self.conversation.chat.last_reply()
-        if reply is None or not reply.content:
-            self.notify("No reply to copy yet.")
-            return
-        self._owner.copy_text(reply.content, "the last reply")
-
-    def action_copy_code(self) -> None:
-        from tuichat.chat.clipboard import extract_code_blocks
-
-        reply = self.conversation.chat.last_reply()
-        blocks = extract_code_blocks(reply.content) if reply else []
-        if not blocks:
-            self.notify("The last reply has no code block.")
-            return
-        index = self._code_cycle % len(blocks)
-        self._code_cycle += 1
-        self._owner.copy_text(blocks[index].code, f"code block {index + 1} of {len(blocks)}")
-
-    def action_select_previous(self) -> None:
-        if not self.messages.select(-1):
-            self.notify("No message to select yet.")
-
-    def action_select_next(self) -> None:
-        if not self.messages.select(+1):
-            self.notify("No message to select yet.")
-
     # -- panes ------------------------------------------------------------------------------------------------
 
     def action_toggle_sampling(self) -> None:
         pane = self.query_one(SamplingPane)
         pane.display = not pane.display
         if pane.display:
-            if self.size.width < self._owner.WIDER:
+            if self.size.width < WIDER:
                 self.query_one(StatusPane).display = False
             pane.query("Input").first().focus()
         else:
@@ -541,53 +419,13 @@ class ChatScreen(Screen[None]):
         pane.display = not pane.display
         if pane.display:
             pane.show(self._owner.status.view)
-            if self.size.width < self._owner.WIDER:
+            if self.size.width < WIDER:
                 self.query_one(SamplingPane).display = False  # one side pane at a time on narrower screens
 
     @on(SamplingPane.Changed)
     def _sampling_changed(self, event: SamplingPane.Changed) -> None:
         self.conversation.sampling = event.sampling
         self._owner.sampling_changed(event.sampling)
-
-    # -- images -----------------------------------------------------------------------------------------------
-
-    async def attach_image(self, path_text: str, typed: str | None = None) -> None:
-        """Attach an image; `typed` is the /image command to clear from the prompt once it worked."""
-        if not path_text:
-            self.notify("Usage: /image PATH (or /image clear)", severity="warning")
-            return
-        app = self._owner
-        try:
-            from tuichat.chat.images import prepare_attachment
-
-            # An image too big for what is left of the session is shrunk until the request fits (the tutorial's
-            # llava step got empty replies instead); the note says what was sent.
-            meter = app.status.view.context
-            server = app.server_link.server
-            prepared = await asyncio.to_thread(
-                prepare_attachment,
-                Path(path_text).expanduser(),
-                app.config.ui.max_image_side,
-                model=server.profile.model if server is not None else self.conversation.model,
-                session_len=meter.session_len if meter is not None else None,
-                used_tokens=meter.used if meter is not None else 0,
-                pending=list(self.attachments.attachments),
-            )
-        except Exception as exc:
-            self.notify(str(exc), severity="error")
-            return
-        if prepared.note:
-            self.add_note("notice", prepared.note)
-        self.attachments.add(prepared.attachment)
-        if typed is not None and self.prompt.text == typed:
-            self.prompt.text = ""
-
-    def action_clear_attachments(self) -> None:
-        if not self.attachments.attachments:
-            self.notify("No image is attached.")
-            return
-        count = len(self.attachments.take())
-        self.notify(f"Removed {count} image(s) from the next message.")
 
     # -- other screens (the app routes them) ------------------------------------------------------------------
 
@@ -605,12 +443,3 @@ class ChatScreen(Screen[None]):
 
     def action_fleet(self) -> None:
         self._owner.show_fleet()
-
-    def action_attach_image(self) -> None:
-        from tuichat.ui.screens.image_picker import ImagePickerScreen
-
-        def chosen(path: Path | None) -> None:
-            if path is not None:
-                self.run_worker(self.attach_image(str(path)), group="attach")
-
-        self.app.push_screen(ImagePickerScreen(), chosen)

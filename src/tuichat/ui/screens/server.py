@@ -13,43 +13,42 @@ profile and the server as they are now, so the app can tell what changed while i
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Static
 
-from tuichat.chat.sanitize import clean
 from tuichat.config import Config, load_config
 from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.server.launch import Checked, LaunchEvent, launch
-from tuichat.server.launcher import ManagedServer, PreflightFailed, Progress, ServerManager, ServerStatus, mask_secret
-from tuichat.server.logfollow import LogFollower, collapse_cr
+from tuichat.server.launcher import ManagedServer, PreflightFailed, Progress, ServerManager, ServerStatus, State
 from tuichat.server.procgroup import StopResult
 from tuichat.server.profiles import BUILTIN_PROFILES, Profile
 from tuichat.ui.screens.dialogs import ChoiceScreen
 from tuichat.ui.screens.profile_editor import ProfileEditorScreen
+from tuichat.ui.screens.server_log import ServerLog
+from tuichat.ui.screens.server_log import tidy_line as tidy_line
 from tuichat.ui.widgets.log_view import LogView
 
 TICK = 0.5  # seconds between log reads, and between state polls while starting or stopping
 SLOW_POLL = 2.0  # seconds between state polls of a ready or stopped server
 LOG_KEEP = 2000  # lines kept for the view and its search
-LOG_START_BYTES = 256 * 1024  # how much of an existing log is read when the panel opens
 ALIVE = ("starting", "ready", "stopping")
-MARKS: dict[str, tuple[str, str]] = {
+Busy = Literal["starting", "stopping"]  # an action worker is starting or stopping the server
+Shown = State | Literal["checking"]  # what the panel shows: a server state, or "checking" before the first poll
+Level = Literal["error", "warning", "hint", "info"]  # of a sentence under the state
+MARKS: dict[Shown, tuple[str, str]] = {
     "checking": ("…", "dim"),
     "stopped": ("■", "dim"),
     "starting": ("◐", "yellow"),
@@ -79,14 +78,6 @@ def progress_label(progress: Progress) -> str:
     return f"{progress.label} {found.group(1)}/{found.group(2)}" if found else progress.label
 
 
-def tidy_line(line: str, secrets: tuple[str, ...]) -> str:
-    """A raw log line as shown: the last state of a tqdm redraw, no control sequences, no key."""
-    text = clean(collapse_cr(line)).rstrip()
-    for secret in secrets or (None,):  # mask_secret also hides any `--api-keys VALUE` it sees
-        text = mask_secret(text, secret)
-    return text
-
-
 def settings_renderable(name: str, profile: Profile | None) -> RenderableType:
     if profile is None:
         return Text(f"No profile called {name}: press p to pick one or n to create one.", style="yellow")
@@ -109,7 +100,7 @@ def settings_renderable(name: str, profile: Profile | None) -> RenderableType:
     return table
 
 
-class ServerScreen(Screen[ServerAction | None]):
+class ServerScreen(ServerLog[ServerAction | None]):
     """Start, watch and stop the server of one profile; switch or edit profiles; read and search its log."""
 
     CSS_PATH = str(Path(__file__).with_name("server.tcss"))  # absolute: a subclass elsewhere finds it too
@@ -134,14 +125,9 @@ class ServerScreen(Screen[ServerAction | None]):
         self.server = server
         self.status: ServerStatus | None = None  # None until the first poll says
         self.gpu_bytes: int | None = None
-        self.busy: str | None = None  # "starting" or "stopping" while an action worker runs
-        self.messages: list[tuple[str, str]] = []  # (level, sentence) under the state
+        self.busy: Busy | None = None  # while an action worker runs
+        self.messages: list[tuple[Level, str]] = []  # (level, sentence) under the state
         self.config_changed = False
-        self._follower: LogFollower | None = None
-        self._follow_gen = 0
-        self._secrets: tuple[str, ...] = ()
-        self._partial_shown = ""
-        self._log_busy = False
         self._poll_busy = False
         self._next_poll = 0.0
 
@@ -168,20 +154,7 @@ class ServerScreen(Screen[ServerAction | None]):
         self._tick()
 
     @property
-    def log_view(self) -> LogView:
-        return self.query_one("#srv-log", LogView)
-
-    @property
-    def lines(self) -> list[str]:
-        """The log lines kept (the last `LOG_KEEP`), whether the search shows them or not."""
-        return list(self.log_view.kept) if self.is_attached else []
-
-    @property
-    def profile(self) -> Profile | None:
-        return self.config.profiles.get(self.profile_name)
-
-    @property
-    def state(self) -> str:
+    def state(self) -> Shown:
         """What the panel shows: a server state, or "checking" before the first poll answered."""
         if self.busy is not None:
             return self.busy
@@ -269,17 +242,12 @@ class ServerScreen(Screen[ServerAction | None]):
         box.update(text)
         box.display = bool(self.messages)
 
-    def say(self, *messages: tuple[str, str], keep: bool = False) -> None:
+    def say(self, *messages: tuple[Level, str], keep: bool = False) -> None:
         """Show sentences under the state (level: error, warning, hint or info); replaces the earlier ones."""
         self.messages = [*self.messages, *messages] if keep else list(messages)
         self._draw()
 
     # -- timers and workers -----------------------------------------------------------------------------------
-
-    def _post(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run `callback` on the event loop from a worker thread; dropped once the app has gone."""
-        with contextlib.suppress(RuntimeError):  # the app stopped while the worker ran
-            self.app.call_from_thread(callback, *args)
 
     def _tick(self) -> None:
         if not self._log_busy and self._follower is not None:
@@ -342,87 +310,13 @@ class ServerScreen(Screen[ServerAction | None]):
         hint = status.hint
         if hint and hint in message:
             message = message.replace(hint, "").strip()
-        found: list[tuple[str, str]] = [("error", message)]
+        found: list[tuple[Level, str]] = [("error", message)]
         if hint:
             found.append(("hint", hint))
         if status.last_lines and not self.lines:
             # no log shown (it could not be read): the launcher's own tail says what happened
             found += [("info", line) for line in status.last_lines[-4:]]
         self.say(*found)
-
-    # -- the log ----------------------------------------------------------------------------------------------
-
-    def _log_path(self) -> Path:
-        if self.server is not None:
-            return self.server.log_path
-        return self.manager.log_path(self.profile_name)
-
-    def _secret_list(self) -> tuple[str, ...]:
-        secrets: list[str] = []
-        if self.server is not None and self.server.api_key:
-            secrets.append(self.server.api_key)
-        profile = self.profile
-        if profile is not None and profile.api_key:
-            secrets.append(profile.api_key)
-        return tuple(secrets)
-
-    def _follow(self, path: Path, *, from_start: bool) -> None:
-        """Show `path` from now on: from its beginning (a new launch) or its last part (an existing log)."""
-        self._follow_gen += 1
-        self._follower = LogFollower(path, start_at_end=None if from_start else LOG_START_BYTES)
-        self._secrets = self._secret_list()
-        self._partial_shown = ""
-        if self.is_attached:
-            self.log_view.reset()
-
-    @work(thread=True, group="server-log", exit_on_error=False)
-    def _read_log(self, follower: LogFollower, gen: int, secrets: tuple[str, ...], ended: bool) -> None:
-        try:
-            raw, partial = follower.read()
-            lines = [tidy_line(line, secrets) for line in raw if not ("\r" in line and not collapse_cr(line).strip())]
-            # an unfinished last line of a server that has exited will never be finished: show it as it is
-            tail = ""
-            if ended and partial.strip() and partial != self._partial_shown:
-                tail = partial
-            if lines or tail:
-                self._post(self._log_arrived, gen, lines, tail, tidy_line(tail, secrets) if tail else "")
-        finally:
-            self._log_busy = False
-
-    def _log_arrived(self, gen: int, lines: list[str], tail_raw: str, tail: str) -> None:
-        if gen != self._follow_gen or not self.is_attached:
-            return
-        if tail_raw:
-            self._partial_shown = tail_raw
-            lines = [*lines, tail]
-        self.log_view.add(lines)
-
-    def shown_lines(self) -> list[str]:
-        """The log lines on view now (all of them, or those matching the search)."""
-        return self.log_view.shown_lines()
-
-    def action_search_log(self) -> None:
-        field = self.query_one("#srv-search", Input)
-        self.log_view.keep_end()
-        field.display = True
-        field.focus()
-
-    @on(Input.Changed, "#srv-search")
-    def _search_changed(self, event: Input.Changed) -> None:
-        event.stop()
-        self.log_view.search(event.value)
-
-    @on(Input.Submitted, "#srv-search")
-    def _search_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.log_view.focus()
-
-    def _clear_search(self) -> None:
-        field = self.query_one("#srv-search", Input)
-        field.value = ""
-        field.display = False
-        self.log_view.search("")
-        self.log_view.focus()
 
     # -- start, stop, restart ---------------------------------------------------------------------------------
 
@@ -465,14 +359,14 @@ class ServerScreen(Screen[ServerAction | None]):
         self._begin("stopping")
         self._stop(self.server)
 
-    def _begin(self, what: str) -> None:
+    def _begin(self, what: Busy) -> None:
         self.busy = what
         self.messages = []
         self._draw()
 
     @work(thread=True, group="server-action", exit_on_error=False)
     def _launch(self, name: str, profile: Profile, old: ManagedServer | None) -> None:
-        found: list[tuple[str, str]] = []
+        found: list[tuple[Level, str]] = []
         try:
             if old is not None:
                 result = self.manager.stop(old)
@@ -498,19 +392,19 @@ class ServerScreen(Screen[ServerAction | None]):
         self._post(self._started, name, launched.server, found)
 
     @staticmethod
-    def _note_event(event: LaunchEvent, found: list[tuple[str, str]]) -> None:
+    def _note_event(event: LaunchEvent, found: list[tuple[Level, str]]) -> None:
         # the start-up itself is followed by the panel's own timer, beside its log: only the warnings matter here
         if isinstance(event, Checked):
             found += [(c.level, c.message) for c in event.checks]
 
-    def _not_started(self, messages: list[tuple[str, str]]) -> None:
+    def _not_started(self, messages: list[tuple[Level, str]]) -> None:
         self.busy = None
         if self.status is None or self.status.state in ALIVE:
             self.status = ServerStatus("stopped")
         self.say(*messages, keep=True)
         self._draw()
 
-    def _started(self, name: str, server: ManagedServer, warnings: list[tuple[str, str]]) -> None:
+    def _started(self, name: str, server: ManagedServer, warnings: list[tuple[Level, str]]) -> None:
         self.busy = None
         if name != self.profile_name:
             self.app.notify(f"{name} is starting in the background (p switches back to it).")
@@ -538,7 +432,7 @@ class ServerScreen(Screen[ServerAction | None]):
         self._draw()
 
     def _stopped(self, server: ManagedServer, result: StopResult, restarting: bool) -> None:
-        level = "info" if result.clean else "error"
+        level: Level = "info" if result.clean else "error"
         sentence = result.describe(server.name)
         if restarting and not result.survivors:
             self.busy = "starting"

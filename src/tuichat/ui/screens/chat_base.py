@@ -1,0 +1,89 @@
+"""What every part of the chat screen shares: its engine, its widgets by role, notes, the title and the refusals.
+
+The chat screen is one `ChatScreen` built from small parts (`chat_saved`, `chat_copy`, `chat_images`), each a
+class on this base, so a part reads the same `conversation`, `messages` and `prompt` as the screen itself and
+mypy checks every use. Only `ChatScreen` holds bindings and composes widgets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from textual.screen import Screen
+
+from tuichat.chat.conversation import Conversation
+from tuichat.chat.turns import Turn
+from tuichat.ui.widgets.attachment_bar import AttachmentBar
+from tuichat.ui.widgets.message_list import MessageList, message_widget
+from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.status_line import StatusLine
+
+if TYPE_CHECKING:
+    from tuichat.chat.store import HeldBy
+    from tuichat.ui.app import TuichatApp
+
+
+class ChatBase(Screen[None]):
+    """The chat screen's shared state and widget accessors (see the module docstring)."""
+
+    _owner: TuichatApp
+    conversation: Conversation
+    hidden_turns: int = 0  # turns of a restored conversation not mounted yet
+    _title: str = ""  # the open chat's title, which sub_title shows with the read-only mark
+    _refused: tuple[str, float] = ("", 0.0)  # the last refusal said, and when (not repeated while on screen)
+
+    @property
+    def messages(self) -> MessageList:
+        return self.query_one(MessageList)
+
+    @property
+    def prompt(self) -> PromptArea:
+        return self.query_one(PromptArea)
+
+    @property
+    def status_line(self) -> StatusLine:
+        return self.query_one(StatusLine)
+
+    @property
+    def attachments(self) -> AttachmentBar:
+        return self.query_one(AttachmentBar)
+
+    @property
+    def streaming(self) -> bool:
+        return self.conversation.streaming
+
+    def add_note(self, role: str, text: str) -> None:
+        turn = self.conversation.chat.add(Turn("error" if role == "error" else "notice", text))
+        self.messages.mount(message_widget(turn))
+
+    def refuse_while_streaming(self, what: str) -> bool:
+        """True (after saying so) when a reply is streaming: the key is refused out loud, never typed or lost.
+        The same sentence is not repeated while it is still on screen."""
+        if not self.streaming:
+            return False
+        text = f"A reply is still streaming: {self._owner.key_name('stop')} stops it, then {what}."
+        now = time.monotonic()
+        if self._refused[0] != text or now - self._refused[1] > 3.0:
+            self.notify(text, severity="warning", timeout=3)
+            self._refused = (text, now)
+        return True
+
+    def _give_back(self, turn: Turn) -> None:
+        """Put a message back into the prompt, ahead of whatever was typed since, with its images."""
+        prompt = self.prompt
+        typed = prompt.text
+        prompt.text = turn.content + ("\n\n" + typed if typed.strip() else "")
+        kept = [a for a in self.attachments.attachments if a not in turn.attachments]
+        self.attachments.set_attachments(turn.attachments + kept)
+
+    # -- what the user sees of a held chat --------------------------------------------------------------------
+
+    def _set_title(self, title: str) -> None:
+        self._title = title
+        self._mark_read_only(self.conversation.held_by)
+
+    def _mark_read_only(self, held: HeldBy | None) -> None:
+        """Say where the user looks (title and the empty prompt) that the chat shown belongs to another tuichat."""
+        self.app.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
+        self.prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
