@@ -35,7 +35,7 @@ from tuichat.server.gpu import GpuReader
 from tuichat.ui.screens.compare import POLL_EVERY, CompareScreen, Side
 
 if TYPE_CHECKING:
-    from tuichat.server.launcher import ManagedServer, ServerManager
+    from tuichat.server.launcher import ManagedServer, ServerManager, ServerStatus
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "[::1]"})
 START_TIMEOUT = 1800.0  # seconds a profile may take to become ready (a large model loads for minutes)
@@ -144,14 +144,23 @@ def resolve(
         if profile is None:
             names = ", ".join(sorted(config.profiles)) or "none"
             raise TuichatError(f"no profile called '{spec}' (known: {names}); see `tuichat profiles`, or pass a URL.")
-        for check in manager.preflight(profile):
-            if check.level == "warning":
-                say(f"Warning: {check.message}")
-        server = manager.start(spec, profile)
-        started = True
+        from tuichat.server.launch import Checked, LaunchEvent, StatusChanged, launch
+
+        show_status = _progress(spec, say)
+
+        def on_event(event: LaunchEvent) -> None:
+            if isinstance(event, Checked):
+                for check in event.checks:
+                    say(f"Warning: {check.message}")
+            elif isinstance(event, StatusChanged):
+                show_status(event.status)
+
+        # the one launch flow (preflight once, inside the start); a start that does not end ready is stopped
+        launched = launch(manager, spec, profile, on_event, wait=False)
+        server, started = launched.server, True
         say(f"Starting {spec} ({profile.model}) at {server.url}; log: {server.log_path}")
         try:
-            status = server.wait_ready(start_timeout, _progress(spec, say))
+            status = server.wait_ready(start_timeout, lambda s: on_event(StatusChanged(server, s)))
         except BaseException:
             manager.stop(server)
             raise
@@ -172,11 +181,11 @@ def resolve(
     return Resolved(endpoint, server, started)
 
 
-def _progress(name: str, say: Callable[[str], None]) -> Callable[[Any], None]:
+def _progress(name: str, say: Callable[[str], None]) -> Callable[[ServerStatus], None]:
     last = [""]
 
-    def on_status(status: Any) -> None:
-        progress = getattr(status, "progress", None)
+    def on_status(status: ServerStatus) -> None:
+        progress = status.progress
         step = ""
         if progress is not None:
             step = f" · {progress.label}" + (
