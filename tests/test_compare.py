@@ -412,3 +412,39 @@ async def settle_fixed(pilot: Pilot[Any]) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_compare_screen(snap_compare: Any, size: tuple[int, int]) -> None:
     assert snap_compare(fixed_app(), terminal_size=size, run_before=settle_fixed)
+
+
+async def test_compare_with_from_the_chat_palette_puts_another_profile_beside_this_chat(
+    profiles: ServerManager, servers: tuple[Standin, Standin]
+) -> None:
+    # The chat is attached to a server by URL; "Compare with…" offers the profiles, starts the one picked, and
+    # one prompt then goes to both; F12 goes back to the chat.
+    from apphelpers import app_for, screen_text
+
+    from tuichat.config import load_config
+    from tuichat.ui.screens.dialogs import ChoiceScreen
+
+    here, _ = servers
+    app = app_for(url=here.url, api_key=here.api_key, config=load_config(), gpu_reader=FakeGpuReader())
+    app.server_link.manager = profiles  # the fixture's manager stops what the test started
+    async with asyncio.timeout(60):
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: "ready" in screen_text(app))  # type: ignore[arg-type]
+            await pilot.press("ctrl+p")
+            await pilot.press(*"Compare with")
+            await wait_for(pilot, lambda: "Compare with…" in screen_text(app))  # type: ignore[arg-type]
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen))
+            assert "starts it" in screen_text(app)  # type: ignore[arg-type]
+            await pilot.press("enter")  # the first profile: bf16
+            await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), timeout=30)
+            screen = app.screen
+            assert isinstance(screen, CompareScreen)
+            assert [s.endpoint.label for s in screen.sides] == [here.url, "bf16"]
+            assert profiles.find("bf16") is not None  # started through the launcher, as `tuichat compare` does
+            await wait_for(pilot, lambda: bool(screen.query(PromptArea)) and screen.query_one(PromptArea).has_focus)
+            await pilot.press(*"hello both", "enter")
+            await wait_for(pilot, lambda: all(s.conversation.last_stats for s in screen.sides), timeout=20)
+            await pilot.press("f12")
+            await wait_for(pilot, lambda: app.screen is app.chat_screen)
+            assert not any(s.conversation.streaming for s in screen.sides)

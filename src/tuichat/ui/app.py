@@ -203,7 +203,13 @@ class TuichatApp(App[None]):
         from functools import partial
 
         from tuichat.keymap import BY_ID
+        from tuichat.ui.compare_with import compare_with
 
+        yield SystemCommand(
+            "Compare with…",
+            "this chat's server beside another profile, one prompt to both",
+            partial(compare_with, self),
+        )
         for _, _, binding_id in help_rows(self.chat_screen.BINDINGS, self.user_keys):
             spec = BY_ID.get(binding_id)
             if spec is None or spec.id in ("quit", "help", "newline"):

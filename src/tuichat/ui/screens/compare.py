@@ -211,6 +211,8 @@ class CompareScreen(Screen[None]):
         binding("toggle_sampling", "toggle_sampling"),
         Binding("f3", "sampling_side", "Sampling side", id="compare_sampling_side"),
         Binding("f4", "switch_side", "Switch side", id="compare_switch_side"),
+        # opened from the chat's "Compare with…": back to the chat (both replies stop first)
+        Binding("f12", "close", "Back to chat", id="compare_back"),
     ]
 
     def __init__(
@@ -228,6 +230,7 @@ class CompareScreen(Screen[None]):
         self.gpu_reader = gpu_reader
         self.poll_every = poll_every
         self.shown = 0  # the side shown when only one fits
+        self.closable = False  # True when pushed over the chat: F12 goes back to it
         self.linked = False
         self.sampling_target: SamplingTarget = "both"
         self.rounds = 0  # rounds that ended on both sides
@@ -266,6 +269,13 @@ class CompareScreen(Screen[None]):
 
     async def on_unmount(self) -> None:
         await self.shutdown()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.closable if action == "close" else True
+
+    async def action_close(self) -> None:
+        await self.shutdown()
+        self.dismiss()
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop both replies (kept, marked interrupted) and this screen's own tasks, each within `timeout`."""
