@@ -50,7 +50,10 @@ _bench_prof = [cProfile.Profile(), 0]
 def _bench_dump(*_):
     prof = _bench_prof[0]
     prof.disable()
-    prof.dump_stats({out!r} + f"/phase{{_bench_prof[1]}}.prof")
+    # written under another name first: the driver waits for the final name, which must be whole when it appears
+    _bench_path = {out!r} + f"/phase{{_bench_prof[1]}}.prof"
+    prof.dump_stats(_bench_path + ".part")
+    __import__("os").replace(_bench_path + ".part", _bench_path)
     _bench_prof[1] += 1
     _bench_prof[0] = cProfile.Profile()
     _bench_prof[0].enable()

@@ -92,6 +92,7 @@ class Settings:
     settle_s: float = 2.0  # at most this long waiting for a client's start-up output to die down
     screen_words: bool = False  # validation: read streamed words off the pyte screen instead of the byte stream
     paragraph: int = 0  # >0: the tap ends a paragraph every this many words (default: one long paragraph)
+    src: Path | None = None  # tuichat runs from a copy of this src/ (default: the working tree's), for A/B runs
     out: Path = BENCH / "RESULTS.md"
     json_out: Path | None = BENCH / "out" / "results.json"
 
@@ -595,7 +596,7 @@ def run_bench(settings: Settings) -> Report:
     with tempfile.TemporaryDirectory(prefix="tuichat-bench-") as tmp:
         # tuichat runs from a copy of src/ taken now: edits made during a long run cannot mix two versions
         src = Path(tmp) / "src"
-        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(settings.src or ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
         use_source(src)
         try:
             return _run_bench(settings, Path(tmp))
@@ -1146,6 +1147,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--out", type=Path, help="results file (default bench/RESULTS.md; quick: bench/out/quick.md)")
     p.add_argument("--json", type=Path, help="raw trials as JSON")
     p.add_argument("--paragraph", type=int, default=0, help="end a paragraph every N words (default: never)")
+    p.add_argument("--src", type=Path, help="run tuichat from a copy of this src/ folder (default: the working tree's)")
     p.add_argument(
         "--screen-words",
         action="store_true",
@@ -1180,6 +1182,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     s.load = a.load
     s.screen_words = a.screen_words
     s.paragraph = a.paragraph
+    s.src = a.src
     if a.out:
         s.out = a.out
     if a.json:

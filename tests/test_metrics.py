@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tuichat.errors import TuichatError
@@ -385,3 +387,47 @@ def test_status_line_with_nothing_to_show() -> None:
     assert summarize_for_status(None, None) == "server metrics unavailable"
     assert summarize_for_status(ServerMetrics(), None) == "no server metrics yet"
     assert summarize_for_status(ServerMetrics(running=0), 8.25) == "run 0 · 8.2 tok/s"
+
+
+def _reference_reading(text: str) -> dict[str, float]:
+    """Sums of the lmdeploy samples as prometheus_client's own parser reads them (the scanner must agree)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("lmdeploy:") and math.isfinite(sample.value):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def test_the_scanner_reads_the_standin_s_lmdeploy_0_18_metrics_as_prometheus_client_does() -> None:
+    import httpx
+    from standin.harness import run_standin
+
+    with run_standin("--fake-rate", "2000") as server:
+        headers = server.headers
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=10)
+        text = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10).text
+    reference = _reference_reading(text)
+    assert reference.get("lmdeploy:generation_tokens_total", 0) > 0  # a reply was counted: the figures are real
+    m = parse_metrics(text)
+    assert m.generation_tokens_total == reference["lmdeploy:generation_tokens_total"]
+    assert m.prompt_tokens_total == reference["lmdeploy:prompt_tokens_total"]
+    assert m.succeeded == round(reference["lmdeploy:num_requests_succeeded"]) >= 1
+    assert m.ttft_count == reference["lmdeploy:time_to_first_token_seconds_count"]
+    assert m.ttft_sum == reference["lmdeploy:time_to_first_token_seconds_sum"]
+    assert m.kv_cache_usage == reference["lmdeploy:gpu_cache_usage_perc"]
+
+
+def test_label_values_with_braces_quotes_and_timestamps_are_read() -> None:
+    text = (
+        'lmdeploy:num_requests_running{engine="0",model_name="a}b,\\"c\\""} 2.0 1712345678000\n'
+        'lmdeploy:num_requests_running{engine="1",model_name="x y"} 3\n'
+        "lmdeploy:gpu_cache_usage_perc 5e-1\n"
+    )
+    m = parse_metrics(text)
+    assert (m.running, m.kv_cache_usage) == (5, 0.5)
+    with pytest.raises(MetricsError):
+        parse_metrics('lmdeploy:num_requests_running{engine="0"} two\n')

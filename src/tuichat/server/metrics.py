@@ -1,9 +1,12 @@
 """Server status maths: LMDeploy `/metrics` parsing, token rates, sparkline history, per-reply stats and
 the context meter (how much of `session_len` a conversation uses).
 
-The Prometheus text is parsed by `prometheus_client`'s own parser. Values are looked up by *sample* name
-(`..._total`, `..._sum`, `..._count`), which stays the same whether or not the text has TYPE lines (the
-parser strips `_total` from a counter's family name, but not from its samples).
+The Prometheus text is read by a small line scanner (`parse_metrics`): the status pane polls it every few seconds
+for the whole life of the app, and prometheus_client's parser, which builds a family and a sample object for each
+of the ~800 lines an lmdeploy server exposes, was most of tuichat's idle CPU (bench/PROFILE.md). Every sample line
+is still checked for the exposition format's shape, so a page that is not Prometheus text is refused as before.
+Values are looked up by *sample* name (`..._total`, `..._sum`, `..._count`), which is the same whether or not the
+text has TYPE lines.
 """
 
 from __future__ import annotations
@@ -95,34 +98,50 @@ _SUM_FIELDS |= {"generation_tokens": "generation_tokens_total", "prompt_tokens":
 _MAX_FIELDS = {"gpu_cache_usage_perc": "kv_cache_usage", "prefix_cache_hit_rate": "prefix_cache_hit_rate"}
 
 
+# One sample line of the text exposition format: a metric name, an optional label block (quoted values may hold
+# braces, commas and escaped quotes), the value, an optional timestamp.
+_SAMPLE_LINE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?:[^\"{}]|\"(?:[^\"\\]|\\.)*\")*\})?"
+    r"[ \t]+(\S+)"
+    r"(?:[ \t]+-?[0-9]+)?[ \t]*"
+)
+
+
+def _not_prometheus(text: str, why: str) -> MetricsError:
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    return MetricsError(
+        f"The server's /metrics answer is not Prometheus text ({why}; it starts with {first!r}). "
+        "Check that the address points at an LMDeploy server and that the API key is right."
+    )
+
+
 def parse_metrics(text: str) -> ServerMetrics:
     """Read LMDeploy's Prometheus text; raise `MetricsError` if it is not Prometheus text at all."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     sums: dict[str, float] = {}
     maxima: dict[str, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                name = str(sample.name)
-                if not name.startswith(_PREFIX):
-                    continue
-                value = float(sample.value)
-                if not math.isfinite(value):  # NaN means "no data yet" to Prometheus
-                    continue
-                key = name[len(_PREFIX) :]
-                if key in _SUM_FIELDS:
-                    field = _SUM_FIELDS[key]
-                    sums[field] = sums.get(field, 0.0) + value
-                elif key in _MAX_FIELDS:
-                    field = _MAX_FIELDS[key]
-                    maxima[field] = max(maxima.get(field, value), value)
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        first = text.strip().splitlines()[0][:60] if text.strip() else ""
-        raise MetricsError(
-            f"The server's /metrics answer is not Prometheus text ({exc}; it starts with {first!r}). "
-            "Check that the address points at an LMDeploy server and that the API key is right."
-        ) from exc
+    match = _SAMPLE_LINE.fullmatch
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] == "#":
+            continue
+        found = match(line)
+        if found is None:
+            raise _not_prometheus(text, f"line {number} is not a sample")
+        try:
+            value = float(found[2])
+        except ValueError:
+            raise _not_prometheus(text, f"line {number} has no number for its value") from None
+        name = found[1]
+        if not name.startswith(_PREFIX) or not math.isfinite(value):  # NaN means "no data yet" to Prometheus
+            continue
+        key = name[len(_PREFIX) :]
+        if key in _SUM_FIELDS:
+            field = _SUM_FIELDS[key]
+            sums[field] = sums.get(field, 0.0) + value
+        elif key in _MAX_FIELDS:
+            field = _MAX_FIELDS[key]
+            maxima[field] = max(maxima.get(field, value), value)
 
     def count(field: str) -> int | None:
         return round(sums[field]) if field in sums else None

@@ -3,6 +3,10 @@
 App-wide (a server switch or a reopened chat changes what it reads), so the app holds one; it draws into the chat
 screen's status pane and status line. The maths (rates, histories, back-off, the meter) is the domain's
 (`tuichat.server.metrics`); this module only schedules the readings on Textual workers and redraws.
+
+Idle costs: while no reply streams (and for a few polls after one ends, while the server's gauges settle) it reads
+every `IDLE_FACTOR` poll intervals instead of every one, and a reading redraws only what it changed on screen, so
+an attached tuichat left open in tmux stays near zero CPU (bench/ figure 7).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from tuichat.server.metrics import (
 )
 from tuichat.ui.widgets.status_line import StatusLine
 from tuichat.ui.widgets.status_pane import StatusPane, StatusView
+
+IDLE_FACTOR = 2.5  # idle: read every 2.5 poll intervals (5 s at the default 2 s); lmdeploy's gauges move every ~10 s
+SETTLE_POLLS = 5  # after a reply ends, keep the streaming pace this many intervals: the final figures come late
 
 if TYPE_CHECKING:
     from tuichat.server.fleet import FleetPoller, FleetView
@@ -52,10 +59,22 @@ class StatusWatch:
         # which node served each reply (the fleet screen): fed by every fleet poll
         self.ledger = ReplyLedger()
         self._generation = 0  # bumped with every new client, so a late answer of the old one is dropped
+        self._polled_at = float("-inf")  # when poll() last ran
+        self._busy_until = float("-inf")  # until then the timer polls at every tick (a reply streams or just ended)
 
     def start(self) -> None:
-        self.app.set_interval(self.app.options.poll_interval, self.poll)
+        self.app.set_interval(self.app.options.poll_interval, self._tick)
         self.app.call_after_refresh(self.poll)
+
+    def _tick(self) -> None:
+        """The poll timer: read now while a reply streams (or just ended), else only every `IDLE_FACTOR` ticks."""
+        now = time.monotonic()
+        interval = self.app.options.poll_interval
+        if self.app.streaming:
+            self._busy_until = now + interval * SETTLE_POLLS
+        # a little slack: timer ticks jitter, and a tick that comes a hair early must not wait a whole extra one
+        if now < self._busy_until or now - self._polled_at >= interval * (IDLE_FACTOR - 0.5):
+            self.poll()
 
     def close(self) -> None:
         if self._fleet_poller is not None:
@@ -112,7 +131,9 @@ class StatusWatch:
     # -- polling ----------------------------------------------------------------------------------------------
 
     def poll(self) -> None:
+        """Read the GPUs, the fleet or /metrics now (each in its own worker)."""
         app = self.app
+        self._polled_at = time.monotonic()
         app.run_worker(self._read_gpu, thread=True, group="gpu", exclusive=True, exit_on_error=False)
         if not app.server_link.target_known:
             return  # the launched server's address and key come with its ready state: ask nothing before
@@ -243,4 +264,6 @@ class StatusWatch:
         warning = view.context.warning() if view.context else None
         if warning:
             parts.insert(0, "⚠ context nearly full")
-        screen.query_one(StatusLine).set(extra=" · ".join(parts))
+        line, extra = screen.query_one(StatusLine), " · ".join(parts)
+        if line.extra != extra:  # the same figures again: a redraw would only cost a frame
+            line.set(extra=extra)

@@ -1,26 +1,28 @@
-"""An assistant reply: a live Markdown stream while it arrives, then one cheap Static.
+"""An assistant reply: a live Markdown stream while it arrives, then one cheap widget.
 
-Performance rules from measurements (docs in shared notes): the live reply streams into one `Markdown` widget
-through `MarkdownStream`; a finished reply becomes a single `Static` holding a Rich Markdown renderable, because
-a long chat slows down with the number of mounted widgets, not with parsing. Model text is never interpreted as
-Textual markup, and it was cleaned of control sequences by the client.
+Performance rules from measurements (bench/PROFILE.md): the live reply streams into one `Markdown` child through
+`MarkdownStream`; a finished reply is a single leaf widget (no children) drawing one Rich renderable, the body's
+Markdown with the stats line under it, because a long chat costs per mounted widget (styles, message queue, line
+caches, arrange work every frame), not per parsed character. While the reply streams its height grows in steps of
+`GROW_STEP` rows, so most flushes change only the reply's own lines and not the layout of the list around it.
+Model text is never interpreted as Textual markup, and it was cleaned of control sequences by the client.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.console import Group, RenderableType
-from rich.markdown import Markdown as RichMarkdown
+from rich.style import Style
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.containers import Vertical
-from textual.widget import Widget
-from textual.widgets import Markdown, Static
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
 from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
+
+if TYPE_CHECKING:  # Markdown (markdown-it, pygments' lexers) loads with the first reply, not before the first frame
+    from textual.widgets import Markdown
+    from textual.widgets.markdown import MarkdownStream
 
 STATE_MARKS: dict[TurnState, str] = {
     "stopped": "■ stopped by you: partial reply",
@@ -29,8 +31,14 @@ STATE_MARKS: dict[TurnState, str] = {
     "streaming": "… receiving",
 }
 
+# Rows the live reply's height grows by at a time: the message list is laid out again only when the text
+# outgrows the reserved rows, not at every flush (the compositor then repaints just the reply).
+GROW_STEP = 8
+
 
 def reply_renderable(text: str, state: TurnState) -> RenderableType:
+    from rich.markdown import Markdown as RichMarkdown
+
     body: RenderableType = RichMarkdown(text or " ", code_theme="monokai", hyperlinks=False)
     mark = STATE_MARKS.get(state)
     if mark and state != "streaming":
@@ -44,33 +52,63 @@ def stats_text(stats: dict[str, Any] | None) -> str:
     return format_reply_stats(parsed) if parsed is not None else ""
 
 
-class ReplyMessage(Vertical):
-    """An assistant reply: a live Markdown stream while it arrives, then one cheap Static."""
+class ReplyMessage(Static):
+    """An assistant reply: a live Markdown stream while it arrives, then one cheap widget."""
+
+    # "stats": the same class the stats line had as a widget of its own, so every screen's `.assistant .stats` rule
+    # (the chat's messages.tcss, the compare screen's compare.tcss) still colours it
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"stats"}
 
     def __init__(self, turn: Turn, live: bool = False) -> None:
-        super().__init__(classes="message assistant")
+        super().__init__("", classes="message assistant", markup=False)
         self.turn = turn
         self.live = live
         self._markdown: Markdown | None = None
         self._stream: MarkdownStream | None = None
         self._finishing = False
+        self._stats_shown = ""  # the stats line as drawn: show_stats redraws only when it changed
 
-    def compose(self) -> ComposeResult:
+    def compose(self) -> Any:
         if self.live:
+            from textual.widgets import Markdown
+
             self._markdown = Markdown("", classes="live")
             yield self._markdown
-        else:
-            yield Static(reply_renderable(self.turn.content, self.turn.state), classes="body")
-            stats = stats_text(self.turn.stats)
-            if stats:
-                yield Static(Text(stats), classes="stats")
+
+    def on_mount(self) -> None:
+        if not self.live:
+            self._draw_finished()
+
+    def _draw_finished(self) -> None:
+        # The stats line's colour is the theme's muted text, resolved through a component class: a Rich Text in
+        # the same renderable as the body cannot name a Textual theme variable itself.
+        self._stats_shown = stats_text(self.turn.stats)
+        body = reply_renderable(self.turn.content, self.turn.state)
+        if self._stats_shown:
+            # only its colour (blended with the background, as Textual draws muted text); the background stays
+            # the reply's own, which selection changes
+            muted = self.get_component_rich_style("stats").color
+            body = Group(body, Text(self._stats_shown, style=Style(color=muted)))
+        self.content = body  # unlike update(), also forgets the height measured for the previous content
 
     async def write(self, text: str) -> None:
         if self._markdown is None:
             return
         if self._stream is None:
-            self._stream = Markdown.get_stream(self._markdown)
+            self._stream = self._markdown.get_stream(self._markdown)
         await self._stream.write(text)
+        self.call_after_refresh(self._reserve_rows)
+
+    def _reserve_rows(self) -> None:
+        """Grow the reserved height in steps once the streamed text is about to outgrow it."""
+        markdown = self._markdown
+        if markdown is None or not self.live:
+            return
+        needed = markdown.outer_size.height + self.styles.gutter.height
+        floor = self.styles.min_height
+        reserved = floor.cells if floor is not None and floor.cells is not None else 0
+        if needed >= reserved:
+            self.styles.min_height = (needed // GROW_STEP + 1) * GROW_STEP
 
     async def finish(self) -> None:
         """Swap the live Markdown for the cheap finished form (also fixes any fence left open mid-stream)."""
@@ -82,25 +120,14 @@ class ReplyMessage(Vertical):
             self.live = False
             await self.remove_children()
             self._markdown = None
-            widgets: list[Widget] = [Static(reply_renderable(self.turn.content, self.turn.state), classes="body")]
-            stats = stats_text(self.turn.stats)
-            if stats:
-                widgets.append(Static(Text(stats), classes="stats"))
-            await self.mount_all(widgets)
+            self.styles.min_height = None  # the finished text takes exactly its own rows
+            self._draw_finished()
         finally:
             self._finishing = False
-        if stats_text(self.turn.stats) != stats:
-            await self.show_stats()  # the stats changed while this ran (a token count came in)
 
     async def show_stats(self) -> None:
         """Redraw the stats line from `turn.stats` (a /v1/encode count arrived after the reply ended)."""
         if self.live or self._finishing:
             return  # finish() draws the line from the stats as they are by then
-        text = stats_text(self.turn.stats)
-        lines = self.query(".stats")
-        if lines:
-            line = lines.first()
-            if isinstance(line, Static):
-                line.update(Text(text))
-        elif text:
-            await self.mount(Static(Text(text), classes="stats"))
+        if stats_text(self.turn.stats) != self._stats_shown:
+            self._draw_finished()

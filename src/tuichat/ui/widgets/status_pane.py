@@ -11,8 +11,9 @@ node's own /metrics could be read) and stays hidden for a plain server.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -21,11 +22,14 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
-from tuichat.server.fleet import FleetView, node_label
 from tuichat.server.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
 from tuichat.server.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
 
+if TYPE_CHECKING:  # the fleet module (and the server manager behind it) loads only when a fleet is shown
+    from tuichat.server.fleet import FleetView
+
 BAR_WIDTH = 20
+SPARK_POINTS = 60  # the most recent readings a sparkline draws
 
 
 @dataclass
@@ -68,13 +72,14 @@ def split_bar(ours: int, others: int, total: int | None, width: int = BAR_WIDTH)
     return Text.assemble(("█" * o, "cyan"), ("▓" * x, "magenta"), ("░" * (width - o - x), "dim"))
 
 
-def gpu_renderable(snapshot: GpuSnapshot | None, our_pids: set[int]) -> RenderableType:
+def gpu_lines(snapshot: GpuSnapshot | None, our_pids: set[int]) -> list[Text]:
+    """The GPU section's lines, as drawn: comparing two of these lists tells whether anything shown changed."""
     if snapshot is None:
-        return Text("reading GPUs…", style="dim")
+        return [Text("reading GPUs…", style="dim")]
     if snapshot.error is not None or not snapshot.gpus:
-        return Text(describe_no_gpu(snapshot), style="yellow")
+        return [Text(describe_no_gpu(snapshot), style="yellow")]
     splits = {s.index: s for s in memory_split(snapshot, our_pids)}
-    parts: list[RenderableType] = []
+    parts: list[Text] = []
     for gpu in snapshot.gpus:
         split = splits[gpu.index]
         head = Text(f"GPU{gpu.index} ", style="bold")
@@ -97,37 +102,52 @@ def gpu_renderable(snapshot: GpuSnapshot | None, our_pids: set[int]) -> Renderab
             f"  ours {format_bytes(split.ours_bytes)} · others {format_bytes(split.others_bytes)}", style="dim"
         )
         parts += [head, line2, mem, legend]
-    return Group(*parts)
+    return parts
 
 
-def server_renderable(view: StatusView) -> RenderableType:
+def gpu_renderable(snapshot: GpuSnapshot | None, our_pids: set[int]) -> RenderableType:
+    return Group(*gpu_lines(snapshot, our_pids))
+
+
+def server_rows(view: StatusView) -> Text | list[tuple[str, Text]]:
+    """The server section as drawn: a sentence while there are no figures, else its (label, value) rows."""
     if view.metrics is None:
         return Text(view.metrics_error or "waiting for /metrics…", style="yellow" if view.metrics_error else "dim")
     m = view.metrics
-    table = Table.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
     kv = Text()
     kv.append_text(bar(m.kv_cache_usage, BAR_WIDTH - 6))
     kv.append(f" {m.kv_cache_usage * 100:.0f}%" if m.kv_cache_usage is not None else " ?")
-    table.add_row("KV", kv)
+    rows = [("KV", kv)]
     if view.kv_capacity is not None:
         used = f"~{round(m.kv_cache_usage * view.kv_capacity):,} of " if m.kv_cache_usage is not None else ""
-        table.add_row("KV tokens", f"{used}{view.kv_capacity:,}")
-    table.add_row(
-        "requests",
-        f"{m.running if m.running is not None else '?'} running · "
-        f"{m.waiting if m.waiting is not None else '?'} waiting",
-    )
+        rows.append(("KV tokens", Text(f"{used}{view.kv_capacity:,}")))
+    running = m.running if m.running is not None else "?"
+    waiting = m.waiting if m.waiting is not None else "?"
+    rows.append(("requests", Text(f"{running} running · {waiting} waiting")))
     if m.prefix_cache_hit_rate is not None:
-        table.add_row("prefix hit", f"{m.prefix_cache_hit_rate * 100:.0f}%")
+        rows.append(("prefix hit", Text(f"{m.prefix_cache_hit_rate * 100:.0f}%")))
     if view.gen_rate is not None:
-        table.add_row("generation", f"{view.gen_rate:.0f} tok/s")
+        rows.append(("generation", Text(f"{view.gen_rate:.0f} tok/s")))
     if m.mean_ttft is not None:
-        table.add_row("mean TTFT", f"{m.mean_ttft:.3f} s")
+        rows.append(("mean TTFT", Text(f"{m.mean_ttft:.3f} s")))
     if m.failed:
-        table.add_row("failed", str(m.failed))
+        rows.append(("failed", Text(str(m.failed))))
+    return rows
+
+
+def _server_table(rows: Text | list[tuple[str, Text]]) -> RenderableType:
+    if isinstance(rows, Text):
+        return rows
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, value)
     return table
+
+
+def server_renderable(view: StatusView) -> RenderableType:
+    return _server_table(server_rows(view))
 
 
 _HEALTH_STYLE = {"up": "green", "down": "bold red", "starting": "yellow", "unknown": "dim"}
@@ -135,6 +155,8 @@ _HEALTH_STYLE = {"up": "green", "down": "bold red", "starting": "yellow", "unkno
 
 def fleet_renderable(view: FleetView) -> RenderableType:
     """A row per node: health, what the proxy counts for it, and its KV cache where its /metrics was read."""
+    from tuichat.server.fleet import node_label
+
     parts: list[RenderableType] = []
     head = Text()
     head.append(f"{view.up} of {len(view.nodes)} nodes up", style="bold" if view.up == len(view.nodes) else "yellow")
@@ -180,8 +202,9 @@ def launch_renderable(launch: dict[str, Any]) -> RenderableType:
     return table
 
 
-def chat_renderable(view: StatusView) -> RenderableType:
-    parts: list[RenderableType] = []
+def chat_lines(view: StatusView) -> list[Text]:
+    """The "This chat" section's lines, as drawn."""
+    parts: list[Text] = []
     stats = view.last_reply
     if stats:
         parsed = reply_stats_from_dict(stats)
@@ -221,7 +244,20 @@ def chat_renderable(view: StatusView) -> RenderableType:
         warning = meter.warning()
         if warning:
             parts.append(Text(warning, style="bold yellow"))
-    return Group(*parts)
+    return parts
+
+
+def chat_renderable(view: StatusView) -> RenderableType:
+    return Group(*chat_lines(view))
+
+
+def _drawn(parts: Iterable[Text | tuple[str, Text]]) -> tuple[object, ...]:
+    """What these texts look like on screen, comparable: Rich's own `Text ==` leaves out the base style."""
+    out: list[object] = []
+    for part in parts:
+        label, text = part if isinstance(part, tuple) else ("", part)
+        out.append((label, text.plain, str(text.style), tuple(text.spans)))
+    return tuple(out)
 
 
 class StatusPane(VerticalScroll):
@@ -262,13 +298,15 @@ class StatusPane(VerticalScroll):
         return True
 
     def show(self, view: StatusView) -> None:
-        gpu = view.gpu
-        gpu_key = (gpu.gpus, gpu.error, frozenset(view.our_pids)) if gpu is not None else None
-        if self._changed("gpu", gpu_key):
-            self.query_one("#gpu-view", Static).update(gpu_renderable(view.gpu, view.our_pids))
-        rate = round(view.gen_rate) if view.gen_rate is not None else None
-        if self._changed("server", (view.metrics, view.metrics_error, rate, view.kv_capacity)):
-            self.query_one("#server-view", Static).update(server_renderable(view))
+        # Each part is keyed by what it draws (its texts and their styles), not by the readings behind
+        # it: a GPU's power in watts to two decimals or a counter the pane does not show changes every poll, and
+        # each needless update costs a layout pass and a repaint (bench/ figure 7, idle CPU).
+        gpu = gpu_lines(view.gpu, view.our_pids)
+        if self._changed("gpu", _drawn(gpu)):
+            self.query_one("#gpu-view", Static).update(Group(*gpu))
+        server = server_rows(view)
+        if self._changed("server", _drawn([server]) if isinstance(server, Text) else _drawn(server)):
+            self.query_one("#server-view", Static).update(_server_table(server))
         # the poll's own timestamps change every time: only what the section draws decides a redraw
         fleet_key = replace(view.fleet, polled_from=0.0, polled_to=0.0) if view.fleet is not None else None
         if self._changed("fleet", fleet_key):
@@ -281,19 +319,20 @@ class StatusPane(VerticalScroll):
                 self.query_one("#fleet-title", Label).update(title)
                 fleet_view.update(fleet_renderable(view.fleet))
         for name, data in (("kv", view.kv_history), ("rate", view.rate_history)):
-            if not self._changed(name, (len(data), data[-1] if data else None)):
+            # A sparkline of fewer than two points says nothing: hide it until there is a trend to draw. A flat
+            # series (an idle server: KV and tok/s the same every poll) draws the same bottom line at any length.
+            shown_data = data[-SPARK_POINTS:] if len(data) >= 2 else []
+            flat = bool(shown_data) and min(shown_data) == max(shown_data)
+            if not self._changed(name, ("flat",) if flat else shown_data):
                 continue
-            # A sparkline of fewer than two points says nothing: hide it until there is a trend to draw.
-            shown = len(data) >= 2
+            shown = bool(shown_data)
             spark = self.query_one(f"#{name}-spark", Sparkline)
             spark.display = shown
             self.query_one(f"#{name}-spark-label").display = shown
             if shown:
-                spark.data = data[-60:]
+                spark.data = shown_data
         if self._changed("launch", tuple(view.launch.items())):
             self.query_one("#launch-view", Static).update(launch_renderable(view.launch))
-        meter = view.context
-        meter_key = (meter.used, meter.session_len, meter.exact, meter.warning()) if meter is not None else None
-        reply_key = tuple(view.last_reply.items()) if view.last_reply else None
-        if self._changed("chat", (reply_key, meter_key)):
-            self.query_one("#chat-view", Static).update(chat_renderable(view))
+        chat = chat_lines(view)
+        if self._changed("chat", _drawn(chat)):
+            self.query_one("#chat-view", Static).update(Group(*chat))

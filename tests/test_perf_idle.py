@@ -1,0 +1,95 @@
+"""An attached, idle tuichat redraws nothing when nothing shown changed, and polls less often (issue 15)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, wait_for
+from test_status_pane import two_gpus
+from textual.app import App, ComposeResult
+from textual.widget import Widget
+
+from tuichat.server.gpu import GpuSnapshot
+from tuichat.server.metrics import ContextMeter, parse_metrics
+from tuichat.ui.widgets.status_pane import StatusPane, StatusView
+
+
+def count_refreshes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    original = Widget.refresh
+
+    def counting(self: Widget, *args: Any, **kwargs: Any) -> Any:
+        counts[type(self).__name__ + (f"#{self.id}" if self.id else "")] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Widget, "refresh", counting)
+    return counts
+
+
+async def test_polls_that_change_nothing_shown_redraw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = ScriptedServer()
+    server.metrics = lmdeploy_metrics(kv=0.42)
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.05, cursor_blink=False)
+    async with app.run_test(size=(200, 50)) as pilot:  # both panes shown
+        # warm up: figures in, the rate and the sparklines' first points drawn
+        await wait_for(pilot, lambda: len(app.status_view.kv_history) >= 4 and app.status_view.gen_rate is not None)
+        readings = len(app.status_view.kv_history)
+        counts = count_refreshes(monkeypatch)
+        await wait_for(pilot, lambda: len(app.status_view.kv_history) >= readings + 5)  # five more polls
+        assert dict(counts) == {}  # the same figures: not one widget asked to redraw
+
+
+async def test_a_reading_that_moves_only_unshown_digits_does_not_redraw_the_pane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Host(App[None]):
+        def compose(self) -> ComposeResult:
+            yield StatusPane()
+
+    gpu = two_gpus().read()
+    assert isinstance(gpu, GpuSnapshot)
+    view = StatusView(gpu=gpu, our_pids={os.getpid()}, metrics=parse_metrics(lmdeploy_metrics()), gen_rate=41.2)
+    view.context = ContextMeter(4096)
+    app = Host()
+    async with app.run_test(size=(70, 60)) as pilot:
+        pane = app.query_one(StatusPane)
+        pane.show(view)
+        await pilot.pause()
+        counts = count_refreshes(monkeypatch)
+        # power 350.0 -> 350.3 W is drawn as "350", the rate 41.2 -> 40.9 as "41 tok/s", and the token counters
+        # behind the figures are not drawn at all
+        warmer = tuple(replace(g, power_w=(g.power_w or 0) + 0.3) for g in gpu.gpus)
+        metrics = replace(view.metrics, prompt_tokens_total=9999.0) if view.metrics else None
+        pane.show(replace(view, gpu=replace(gpu, gpus=warmer), metrics=metrics, gen_rate=40.9))
+        await pilot.pause()
+        assert dict(counts) == {}
+        pane.show(replace(view, gen_rate=55.0))  # a figure that is drawn: that part, and only it, redraws
+        await pilot.pause()
+        assert counts["Static#server-view"] >= 1 and counts["Static#gpu-view"] == 0
+
+
+async def test_idle_polls_come_less_often_than_while_a_reply_streams() -> None:
+    server = ScriptedServer()
+    server.metrics = lmdeploy_metrics()
+    handle = server.handle
+    reads: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            reads.append(asyncio.get_running_loop().time())
+        return await handle(request)
+
+    server.handle = handler  # type: ignore[method-assign]
+    app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1, cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: len(reads) >= 1)
+        start = len(reads)
+        await pilot.pause(2.0)
+        # every 0.1 s would be 20 reads; idle it is one every 2.5 intervals (a busy machine only makes it fewer)
+        assert 2 <= len(reads) - start <= 12
