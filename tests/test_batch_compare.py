@@ -33,8 +33,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[Standin, Standin]]:
-    # B streams four times as fast as A: its throughput must come out higher and its wall time shorter.
-    with run_standin("--fake-rate", "150") as a, run_standin("--fake-rate", "600", model="tiny-w4a16") as b:
+    # B streams ten times as fast as A: its throughput must come out higher and its wall time shorter, by a margin
+    # that per-request overheads on a loaded 2-core machine cannot eat (at 4x a CI-like load once gave 1.5x).
+    with run_standin("--fake-rate", "60") as a, run_standin("--fake-rate", "600", model="tiny-w4a16") as b:
         yield a, b
 
 
@@ -72,7 +73,7 @@ def test_compare_runs_the_batch_on_both_and_prints_the_summaries_side_by_side_wi
     assert f"A: {a.url}" in lines[0] and f"B: {b.url}" in lines[0] and lines[0].rstrip().endswith("B/A")
     throughput = next(line for line in lines if line.strip().startswith("throughput"))
     ratio = float(throughput.split()[-1].rstrip("x"))
-    assert ratio > 1.5  # B is four times as fast
+    assert ratio > 1.5  # B is ten times as fast
     wall = next(line for line in lines if line.strip().startswith("wall time"))
     assert float(wall.split()[-1].rstrip("x")) < 0.8
     for name in ("prompts", "errors", "TTFT p50/p95"):

@@ -15,14 +15,13 @@ its `entries()`.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tuichat.server.metrics import MetricsError
+from tuichat.server.metrics import lmdeploy_samples
 
 _PREFIX = "lmdeploy:"
 # Counters that only grow while a node works on a request; each summed over its label sets. Finished requests:
@@ -67,28 +66,15 @@ class NodeCounters:
 
 def read_counters(text: str) -> NodeCounters:
     """The work counters of an lmdeploy `/metrics` text; raises MetricsError if it is not Prometheus text."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     sums: dict[str, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                name = str(sample.name)
-                if not name.startswith(_PREFIX):
-                    continue
-                value = float(sample.value)
-                if not math.isfinite(value):
-                    continue
-                key = name[len(_PREFIX) :]
-                if key in _REQUEST_COUNTERS:
-                    sums["requests"] = sums.get("requests", 0.0) + value
-                elif key == _REQUEST_FALLBACK:
-                    sums["fallback"] = sums.get("fallback", 0.0) + value
-                elif key in _TOKEN_COUNTERS:
-                    field_name = _TOKEN_COUNTERS[key]
-                    sums[field_name] = sums.get(field_name, 0.0) + value
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        raise MetricsError(f"The node's /metrics answer is not Prometheus text ({exc}).") from exc
+    for key, value in lmdeploy_samples(text):
+        if key in _REQUEST_COUNTERS:
+            sums["requests"] = sums.get("requests", 0.0) + value
+        elif key == _REQUEST_FALLBACK:
+            sums["fallback"] = sums.get("fallback", 0.0) + value
+        elif key in _TOKEN_COUNTERS:
+            field_name = _TOKEN_COUNTERS[key]
+            sums[field_name] = sums.get(field_name, 0.0) + value
     return NodeCounters(
         requests=sums.get("requests", sums.get("fallback")),
         prompt_tokens=sums.get("prompt_tokens"),

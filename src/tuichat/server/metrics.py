@@ -15,7 +15,7 @@ import itertools
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -116,10 +116,9 @@ def _not_prometheus(text: str, why: str) -> MetricsError:
     )
 
 
-def parse_metrics(text: str) -> ServerMetrics:
-    """Read LMDeploy's Prometheus text; raise `MetricsError` if it is not Prometheus text at all."""
-    sums: dict[str, float] = {}
-    maxima: dict[str, float] = {}
+def lmdeploy_samples(text: str) -> Iterator[tuple[str, float]]:
+    """Every finite `lmdeploy:` sample of a Prometheus text as (name without the prefix, value), one per label set;
+    raise `MetricsError` if the text is not Prometheus text at all. NaN means "no data yet" to Prometheus: left out."""
     match = _SAMPLE_LINE.fullmatch
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -133,9 +132,15 @@ def parse_metrics(text: str) -> ServerMetrics:
         except ValueError:
             raise _not_prometheus(text, f"line {number} has no number for its value") from None
         name = found[1]
-        if not name.startswith(_PREFIX) or not math.isfinite(value):  # NaN means "no data yet" to Prometheus
-            continue
-        key = name[len(_PREFIX) :]
+        if name.startswith(_PREFIX) and math.isfinite(value):
+            yield name[len(_PREFIX) :], value
+
+
+def parse_metrics(text: str) -> ServerMetrics:
+    """Read LMDeploy's Prometheus text; raise `MetricsError` if it is not Prometheus text at all."""
+    sums: dict[str, float] = {}
+    maxima: dict[str, float] = {}
+    for key, value in lmdeploy_samples(text):
         if key in _SUM_FIELDS:
             field = _SUM_FIELDS[key]
             sums[field] = sums.get(field, 0.0) + value
