@@ -271,6 +271,7 @@ async def test_out_of_range_sampling_is_refused_in_the_pane_and_never_sent(herme
 async def test_f2_toggles_the_sampling_pane_at_80_columns() -> None:
     app = app_for(ScriptedServer())
     async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: bool(app.query(SamplingPane)))  # mounted after the first frame
         pane = app.query_one(SamplingPane)
         assert not pane.display  # narrow terminal: hidden by default
         await pilot.press("f2")

@@ -42,6 +42,7 @@ async def test_f3_shows_gpus_with_our_memory_apart_from_others() -> None:
     app = app_for(server, gpu_reader=two_gpus(), poll_interval=0.1)
     app.status_view.our_pids = {os.getpid()}
     async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: bool(app.query(StatusPane)))  # a hidden pane is mounted after the first frame
         assert not app.query_one(StatusPane).display
         await pilot.press("f3")
         assert app.query_one(StatusPane).display

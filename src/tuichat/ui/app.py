@@ -169,7 +169,8 @@ class TuichatApp(App[None]):
         if self.options.managed and self.profile_name:
             self.server_link.bring_up(self.profile_name)
         else:
-            self.server_link.check_server()
+            # After the first frame: the request is not needed to draw it, and its set-up would delay it.
+            self.call_after_refresh(self.server_link.check_server)
 
     def on_ready(self) -> None:
         if self._keymap_error:

@@ -74,4 +74,3 @@ def _open(app: TuichatApp, name: str) -> None:
         app.push_screen(screen)
 
     app.call_from_thread(push)
-

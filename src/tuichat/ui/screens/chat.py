@@ -24,6 +24,7 @@ from textual.binding import ActiveBinding, Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.timer import Timer
+from textual.widget import MountError, Widget
 from textual.widgets import Footer, Input, TextArea
 
 from tuichat.chat.client import ChatClient
@@ -85,31 +86,83 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         self._replacing: list[Turn] = []
         self._shown_stats = ""  # the stats text the status line ends with, to swap when a token count arrives
         self._cut: frozenset[str] = frozenset()  # the keys the footer has no room for at this width
+        self._panes_lock = asyncio.Lock()  # the after-first-frame mount and a pane key must not both mount one
 
     # -- layout -----------------------------------------------------------------------------------------------
 
+    def _panes_shown(self) -> tuple[bool, bool]:
+        """Whether the sampling and the status pane show at the start (config, else the terminal's width)."""
+        app = self._owner
+        show, show_status = app.config.ui.show_sampling, app.config.ui.show_status
+        width = app.size.width
+        return (width >= WIDE if show is None else show), (width >= WIDER if show_status is None else show_status)
+
     def compose(self) -> ComposeResult:
+        # A hidden pane is mounted only after the first frame: the two are about 30 of its 45 widgets, and each
+        # costs styling and composing before anything is on screen. A shown one is part of the first frame.
+        show_sampling, show_status = self._panes_shown()
         with Horizontal(id="body"):
             with Vertical(id="chat-column"):
                 yield MessageList(id="conversation")
                 yield AttachmentBar(id="attachments")
                 yield PromptArea(id="prompt")
-            yield SamplingPane(self.conversation.sampling, id="sampling")
-            yield StatusPane(id="status")
+            if show_sampling:
+                yield SamplingPane(self.conversation.sampling, id="sampling")
+            if show_status:
+                yield StatusPane(id="status")
         yield StatusLine(id="statusline")
         yield Footer()
 
     def on_mount(self) -> None:
-        app = self._owner
-        if not app.options.cursor_blink:
-            for widget in self.query(Input).results():
+        self._no_blink(self)
+        if self._sampling_pane() is None or self._status_pane() is None:
+            self.call_after_refresh(self._mount_panes_later)
+        self._owner.chat_mounted()
+
+    def _no_blink(self, root: Widget) -> None:
+        if not self._owner.options.cursor_blink:
+            for widget in root.query(Input).results():
                 widget.cursor_blink = False
-            for area in self.query(TextArea).results():
+            for area in root.query(TextArea).results():
                 area.cursor_blink = False
-        show, show_status = app.config.ui.show_sampling, app.config.ui.show_status
-        self.query_one(SamplingPane).display = app.size.width >= WIDE if show is None else show
-        self.query_one(StatusPane).display = app.size.width >= WIDER if show_status is None else show_status
-        app.chat_mounted()
+
+    def _sampling_pane(self) -> SamplingPane | None:
+        panes = self.query(SamplingPane)
+        return panes.first() if panes else None
+
+    def _status_pane(self) -> StatusPane | None:
+        panes = self.query(StatusPane)
+        return panes.first() if panes else None
+
+    async def _mount_panes_later(self) -> None:
+        # A quick quit can come before the first frame is out: then there is nothing left to mount into.
+        with contextlib.suppress(MountError, NoMatches):
+            await self._mount_hidden_panes()
+
+    async def _mount_hidden_panes(self) -> tuple[SamplingPane, StatusPane]:
+        """The panes the first frame left out, mounted hidden (also on demand, for a key that wants one)."""
+        async with self._panes_lock:
+            return await self._mount_panes_now()
+
+    async def _mount_panes_now(self) -> tuple[SamplingPane, StatusPane]:
+        body = self.query_one("#body", Horizontal)
+        sampling, status = self._sampling_pane(), self._status_pane()
+        mounted: list[Widget] = []
+        if sampling is None:
+            sampling = SamplingPane(self.conversation.sampling, id="sampling")
+            sampling.display = False
+            await body.mount(sampling, after=self.query_one("#chat-column"))
+            mounted.append(sampling)
+        if status is None:
+            status = StatusPane(id="status")
+            status.display = False
+            await body.mount(status)
+            mounted.append(status)
+        for pane in mounted:
+            self._no_blink(pane)
+        if mounted:
+            self._owner.status.redraw()  # a reading that came before the pane existed is drawn now
+        return sampling, status
 
     @property
     def active_bindings(self) -> dict[str, ActiveBinding]:
@@ -301,7 +354,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             return False
         if not self.conversation.may_change():
             return False  # another tuichat holds this chat: only it may add to it
-        error = self.query_one(SamplingPane).first_error()
+        pane = self._sampling_pane()
+        error = pane.first_error() if pane is not None else None
         if error:
             self.notify(f"Fix the sampling pane first: {error}", severity="error")
             return False
@@ -404,23 +458,23 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
 
     # -- panes ------------------------------------------------------------------------------------------------
 
-    def action_toggle_sampling(self) -> None:
-        pane = self.query_one(SamplingPane)
+    async def action_toggle_sampling(self) -> None:
+        pane, status = await self._mount_hidden_panes()
         pane.display = not pane.display
         if pane.display:
             if self.size.width < WIDER:
-                self.query_one(StatusPane).display = False
+                status.display = False
             pane.query("Input").first().focus()
         else:
             self.prompt.focus()
 
-    def action_toggle_status(self) -> None:
-        pane = self.query_one(StatusPane)
+    async def action_toggle_status(self) -> None:
+        sampling, pane = await self._mount_hidden_panes()
         pane.display = not pane.display
         if pane.display:
             pane.show(self._owner.status.view)
             if self.size.width < WIDER:
-                self.query_one(SamplingPane).display = False  # one side pane at a time on narrower screens
+                sampling.display = False  # one side pane at a time on narrower screens
 
     @on(SamplingPane.Changed)
     def _sampling_changed(self, event: SamplingPane.Changed) -> None:

@@ -1,7 +1,13 @@
-"""The prompt: a multi-line TextArea where Enter sends, the newline keys add a line and pastes never send."""
+"""The prompt: a multi-line TextArea where Enter sends, the newline keys add a line and pastes never send.
+
+Its cursor blinks only while someone is typing: after `BLINK_REST_S` without a key it stays lit and still, as
+terminals' cursors do, because each blink is a redraw and a write to the terminal (most of an idle chat's CPU).
+The next key, paste, click or focus starts it blinking again.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 from textual import events
@@ -34,6 +40,8 @@ class PromptArea(TextArea):
     # characters typed right after it would land before the new line. The app sets these from the keymap.
     newline_keys: frozenset[str] = frozenset(keys_for("newline"))
 
+    BLINK_REST_S: ClassVar[float] = 10.0  # seconds without a key after which the cursor stops blinking
+
     class Submitted(Message):
         def __init__(self, text: str) -> None:
             super().__init__()
@@ -41,6 +49,24 @@ class PromptArea(TextArea):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+        self._last_activity = time.monotonic()
+
+    @property
+    def blinking(self) -> bool:
+        """Whether the cursor is blinking now (False once it rests, or when blinking is off or unfocused)."""
+        return self.is_mounted and self.blink_timer._active.is_set()
+
+    def _restart_blink(self) -> None:
+        # TextArea calls this on every key, paste, click and focus: each one is activity that wakes the cursor.
+        self._last_activity = time.monotonic()
+        super()._restart_blink()  # its timer reset() also wakes a timer paused by resting
+
+    def _toggle_cursor_blink_visible(self) -> None:
+        # The blink timer's own tick checks for rest, so resting needs no timer of its own.
+        if time.monotonic() - self._last_activity >= self.BLINK_REST_S:
+            self._pause_blink(visible=True)
+            return
+        super()._toggle_cursor_blink_visible()
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":

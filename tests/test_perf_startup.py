@@ -1,0 +1,37 @@
+"""Start-up and idle cost (issue 15): the prompt's cursor rests after a while without a key, and what the first
+frame does not need waits until after it."""
+
+from __future__ import annotations
+
+import pytest
+from apphelpers import ScriptedServer, app_for, wait_for
+
+from tuichat.ui.widgets.prompt_area import PromptArea
+
+
+def blink_toggles(prompt: PromptArea) -> list[bool]:
+    """Record each visibility flip of the cursor (each one is a redraw and a write to the terminal)."""
+    seen: list[bool] = []
+    prompt.watch(prompt, "_cursor_visible", lambda visible: seen.append(visible), init=False)
+    return seen
+
+
+async def test_the_cursor_stops_blinking_without_keys_and_a_key_wakes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PromptArea, "BLINK_REST_S", 2.0)
+    app = app_for(ScriptedServer("hi"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        prompt = app.query_one(PromptArea)
+        await wait_for(pilot, lambda: prompt.has_focus)
+        flips = blink_toggles(prompt)
+        await pilot.press("a")
+        assert prompt.blinking
+        await wait_for(pilot, lambda: len(flips) >= 2)  # blinking while typing
+        await wait_for(pilot, lambda: not prompt.blinking, timeout=6)
+        assert prompt._cursor_visible  # it rests lit, not hidden
+        rested = len(flips)
+        await pilot.pause(1.2)  # more than two blink periods: nothing is redrawn
+        assert len(flips) == rested
+        await pilot.press("b")
+        assert prompt.text == "ab"
+        assert prompt.blinking
+        await wait_for(pilot, lambda: len(flips) >= rested + 2)  # blinking again after the key
