@@ -539,3 +539,29 @@ async def test_an_unknown_repo_says_so_and_esc_goes_back(root: Path, home: Path,
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.screen is screen)
     assert app.results == []
+
+
+async def test_a_taken_profile_name_is_asked_about_and_no_keeps_the_old_profile(root: Path) -> None:
+    # The one "replace that profile?" step (the profile editor's and the quantize screen's) guards this save too.
+    from tuichat.config import add_profile
+    from tuichat.ui.screens.dialogs import ConfirmScreen
+
+    add_profile("mine", {"model": "org/kept-model"})
+    app, screen = picker()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await scanned(pilot, screen)
+        await highlight(pilot, screen, "tiny-awq")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen.query_one("#mdl-name", Input).has_focus)
+        await pilot.press("ctrl+u", *"mine", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "A profile called mine is already in config.toml: replace it?" in screen_text(app)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen is screen)
+        assert app.results == []
+        assert load_config().profiles["mine"].model == "org/kept-model"
+        await pilot.press("enter")  # asked again, and yes replaces it
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.results == [ModelsResult("mine")])
+    assert load_config().profiles["mine"].model == str(root / "tiny-awq")

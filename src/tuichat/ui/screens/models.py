@@ -8,7 +8,7 @@ For the highlighted model the detail area shows the fit estimate (`models.fit.fi
 of the profile that choosing it would create, against the free memory of the emptiest GPU (read once, in a
 thread). Without a GPU it says so, and profiles can still be made. Making a profile uses `models.profile_for`
 (model_format "awq" for AWQ folders, a longer session for vision models), shows `models.profile_notes`, asks
-for the name and saves with `config.add_profile`; the screen then dismisses with a `ModelsResult`.
+for the name and saves with `config.save_profile`; the screen then dismisses with a `ModelsResult`.
 `q` opens the quantize form (`QuantizeScreen`) for the highlighted model. On opening, a quantize job that a
 tuichat left behind when it died (still running, or its staging folder) is offered for clean-up.
 
@@ -37,7 +37,7 @@ from textual.coordinate import Coordinate
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
-from tuichat.config import Config, add_profile, load_config
+from tuichat.config import Config, load_config, save_profile
 from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
 from tuichat.models import pull as pulling
@@ -56,7 +56,7 @@ from tuichat.models.discovery import (
 from tuichat.models.fit import FitLine, fit_sentence, model_facts
 from tuichat.models.quantize import OrphanJob, Probes, find_orphan_jobs
 from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader, format_bytes
-from tuichat.server.profiles import BUILTIN_PROFILES, validate_name
+from tuichat.server.profiles import parse_profile, validate_name
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.screens.quantize import QuantizeScreen, tilde, tilde_text
 
@@ -502,24 +502,15 @@ class ModelsScreen(Screen[ModelsResult | None]):
                 "starting with a letter or digit.",
             )
             return
-        if name in self.config.profiles:
-            question = (
-                f"{name} is a built-in profile: save yours under that name? It takes the built-in's place."
-                if name in BUILTIN_PROFILES and name not in self.config.user_profiles
-                else f"A profile called {name} already exists: replace it?"
-            )
+        from tuichat.ui.screens.profile_editor import ask_before_overwriting
 
-            def answer(yes: bool | None) -> None:
-                if yes:
-                    self._write(name, table)
-
-            self.app.push_screen(ConfirmScreen(question), answer)
-            return
-        self._write(name, table)
+        # the one "replace that profile?" step every screen that saves a profile uses
+        ask_before_overwriting(self, self.config, name, lambda: self._write(name, table))
 
     def _write(self, name: str, table: dict[str, object]) -> None:
         try:
-            add_profile(name, table, path=self.config.path)
+            # checked as a Profile, then written by the one profile writer
+            save_profile(name, parse_profile(name, table, self.config.path), path=self.config.path)
         except TuichatError as exc:
             self.say("error", f"Not saved: {exc}. Fix config.toml, then try again.")
             return
