@@ -12,9 +12,10 @@ import pytest
 from textual.app import App
 from textual.pilot import Pilot
 
+from tuichat.durations import format_compact
 from tuichat.server.attribution import ReplyServed
 from tuichat.server.fleet import FleetView, NodeView
-from tuichat.ui.screens.fleet import FleetScreen, ReplyRow, duration
+from tuichat.ui.screens.fleet import FleetScreen, ReplyRow
 
 SIZES = [(80, 24), (120, 40)]
 NOW = 1000.0
@@ -65,8 +66,9 @@ class Host(App[None]):
 
 
 def test_ages_read_like_a_person_says_them() -> None:
-    assert [duration(s) for s in (0, 45, 192, 3600 + 300, 86400 * 3 + 3600 * 4)] == [
-        "0s", "45s", "3m 12s", "1h 05m", "3d 4h",
+    # the table cell form every tuichat table uses (`tuichat ps` too): two units at most, no spaces
+    assert [format_compact(s) for s in (0, 45, 192, 3600 + 300, 86400 * 3 + 3600 * 4)] == [
+        "0s", "45s", "3m12s", "1h05m", "3d04h",
     ]  # fmt: skip
 
 
@@ -77,7 +79,7 @@ async def test_each_node_shows_its_figures_health_and_since_when_and_each_reply_
         text = screen_text(app)
         assert "Fleet pair" in text and "1 of 2 nodes up" in text
         n1 = next(line for line in text.splitlines() if "127.0.0.1:23333" in line)
-        for cell in ("tiny-chat", "up 3m 12s", "0.42s (6)", "37%", "1/0"):
+        for cell in ("tiny-chat", "up 3m12s", "0.42s (6)", "37%", "1/0"):
             assert cell in n1, (cell, n1)
         n2 = next(line for line in text.splitlines() if "127.0.0.1:23334" in line)
         assert "down 4s" in n2 and "process exited" in n2
@@ -99,7 +101,7 @@ async def test_the_screen_follows_polls_nodes_coming_and_going_and_esc_goes_back
             pilot, lambda: "127.0.0.1:23334" not in screen_text(app) and "1 of 1 nodes up" in screen_text(app)
         )
         app.clock[0] = NOW + 60  # time passes: the age of the health moves on without a new poll
-        await wait_for(pilot, lambda: "up 4m 12s" in screen_text(app))
+        await wait_for(pilot, lambda: "up 4m12s" in screen_text(app))
         app.replies.append(ReplyRow("hello", ReplyServed(9, 0.0, 1.0, "one", ("n1",))))
         await wait_for(pilot, lambda: "no reply yet" not in screen_text(app) and "hello" in screen_text(app))
         assert isinstance(app.screen, FleetScreen)

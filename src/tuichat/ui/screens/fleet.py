@@ -23,6 +23,7 @@ from textual.binding import BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
+from tuichat.durations import format_compact
 from tuichat.server.attribution import ReplyServed
 from tuichat.server.fleet import FleetView, NodeView, node_label
 from tuichat.ui.keyids import binding
@@ -42,23 +43,11 @@ class ReplyRow:
     served: ReplyServed | None  # None: the reply was not attributed (sent before the fleet was known)
 
 
-def duration(seconds: float) -> str:
-    """A short age: 45s, 3m 12s, 2h 05m, 3d 4h."""
-    s = max(int(seconds), 0)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
 def health_cell(node: NodeView, now: float) -> Text:
     state = node.health if node.registered else f"{node.health}, unregistered"
     text = Text(state, style=_HEALTH_STYLE.get(node.health, ""))
     if node.health_since is not None:
-        text.append(f" {duration(now - node.health_since)}", style="dim")
+        text.append(f" {format_compact(now - node.health_since)}", style="dim")
     if node.health == "down" and node.note:
         text.append(f" ({node.note})", style="dim")
     return text
