@@ -138,7 +138,14 @@ class ServerLink:
     # -- the server the chat talks to (launched or not) --------------------------------------------------------
 
     def check_server(self) -> None:
-        self.app.run_worker(self._check_server(), group="connect", exclusive=True, exit_on_error=False)
+        # The method, not a coroutine: a worker cancelled before it starts (exclusive) then leaves none unawaited.
+        # (Textual types an async callable as Coroutine[None, None, ...], hence the ignore.)
+        self.app.run_worker(
+            self._check_server,  # type: ignore[arg-type]
+            group="connect",
+            exclusive=True,
+            exit_on_error=False,
+        )
 
     async def _check_server(self) -> None:
         from tuichat.chat.client import ChatError
