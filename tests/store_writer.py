@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from tuichat.chat.store import HeldBy, Store
+from tuichat.chat.holders import HeldBy
+from tuichat.chat.store import Store
 from tuichat.errors import TuichatError
 
 USER_TEXT = "Tell me a long story about a lighthouse"

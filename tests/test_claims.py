@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tuichat.chat.store import Claim, HeldBy, Store
+from tuichat.chat.holders import Claim, HeldBy
+from tuichat.chat.store import Store
 from tuichat.errors import TuichatError
 
 HERE = Path(__file__).resolve().parent

@@ -28,7 +28,8 @@ from tuichat.chat.conversation import (
     ReplyFinished,
     ReplyStarted,
 )
-from tuichat.chat.store import Claim, HeldBy, Store
+from tuichat.chat.holders import Claim, HeldBy
+from tuichat.chat.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from apphelpers import screen_text, wait_for
 from textual.app import App
 from textual.widgets import DataTable, Input, OptionList
 
-from tuichat.chat.store import HeldBy, Store
+from tuichat.chat.holders import HeldBy
+from tuichat.chat.store import Store
+from tuichat.chat.transfer import import_conversation
 from tuichat.errors import TuichatError
 from tuichat.ui.screens import history as history_screen
 from tuichat.ui.screens.dialogs import ConfirmScreen
@@ -403,7 +405,7 @@ HOSTILE = {
 
 
 async def test_a_hostile_import_draws_no_control_sequence(store: Store) -> None:
-    conv = store.import_json(json.dumps(HOSTILE))
+    conv = import_conversation(store, json.dumps(HOSTILE))
     app = Host(store)
     async with app.run_test(size=(100, 30)) as pilot:
         await opened(pilot)

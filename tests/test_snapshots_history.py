@@ -23,6 +23,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Input
 
 from tuichat.chat.store import Store
+from tuichat.chat.transfer import import_conversation
 from tuichat.ui.screens.history import ConversationsScreen
 from tuichat.ui.screens.image_picker import ImagePickerScreen, ImageTree
 
@@ -102,7 +103,7 @@ def history(tmp_path: Path, utc: None) -> Iterator[Store]:
                     for n, (role, content) in enumerate(messages)
                 ],
             }
-            store.import_json(json.dumps(document))
+            import_conversation(store, json.dumps(document))
         yield store
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from tuichat.chat import store as store_module
 from tuichat.chat.store import DEFAULT_TITLE, SNIPPET_MARKS, Store
+from tuichat.chat.transfer import export_conversation, import_conversation
 from tuichat.errors import TuichatError
 
 HERE = Path(__file__).resolve().parent
@@ -437,12 +438,12 @@ def _sample_conversation(store: Store) -> int:
 
 def test_json_export_import_round_trip(store: Store) -> None:
     conv = _sample_conversation(store)
-    exported = store.export(conv, "json")
+    exported = export_conversation(store, conv, "json")
     document = json.loads(exported)
     assert document["tuichat_export"] == 1
     assert document["conversation"]["title"] == "Write a haiku"
 
-    copy = store.import_json(exported)
+    copy = import_conversation(store, exported)
     assert copy != conv
     original, imported = store.get_conversation(conv), store.get_conversation(copy)
     assert original is not None and imported is not None
@@ -472,14 +473,14 @@ def test_import_of_a_streaming_reply_marks_it_interrupted(store: Store) -> None:
             "messages": [{"role": "assistant", "content": "half", "state": "streaming"}],
         }
     )
-    conv = store.import_json(text)
+    conv = import_conversation(store, text)
     assert [m.state for m in store.messages(conv)] == ["interrupted"]
     assert store.recover_interrupted() == 0
 
 
 def test_markdown_export(store: Store) -> None:
     conv = _sample_conversation(store)
-    text = store.export(conv, "md")
+    text = export_conversation(store, conv, "md")
     assert text.startswith("# Write a haiku\n")
     assert "- Model: internlm2" in text
     assert "- Server: http://127.0.0.1:23333" in text
@@ -495,7 +496,7 @@ def test_markdown_export(store: Store) -> None:
 
 def test_export_of_a_missing_conversation_is_a_user_error(store: Store) -> None:
     with pytest.raises(TuichatError, match="no longer exists"):
-        store.export(999, "md")
+        export_conversation(store, 999, "md")
 
 
 @pytest.mark.parametrize(
@@ -527,7 +528,7 @@ def test_export_of_a_missing_conversation_is_a_user_error(store: Store) -> None:
 )
 def test_bad_import_says_what_is_wrong(store: Store, text: str, fragment: str) -> None:
     with pytest.raises(TuichatError) as caught:
-        store.import_json(text)
+        import_conversation(store, text)
     assert fragment in str(caught.value)
     assert store.list_conversations() == []
 
@@ -655,7 +656,7 @@ def test_two_compared_conversations_are_a_pair_until_either_is_deleted(store: St
     assert (second.partner_id, second.compare_side, second.compare_label) == (a, "B", "w4a16")
     assert other.partner_id is None
     assert {c.id: c.partner_id for c in store.list_conversations()} == {a: b, b: a, lone: None}
-    assert f"side A of a pair with conversation {b}" in store.export(a)
+    assert f"side A of a pair with conversation {b}" in export_conversation(store, a)
     store.delete(b)
     kept = store.get_conversation(a)
     assert kept is not None and kept.partner_id is None and kept.compare_side is None
@@ -716,11 +717,11 @@ def test_a_json_export_of_one_compare_side_brings_the_pair_back_on_import(store:
     store.add_message(b, "user", "same question")
     store.add_message(b, "assistant", "answer from B")
     store.link_pair(a, b, ("bf16", "w4a16"))
-    exported = store.export(b, "json")
+    exported = export_conversation(store, b, "json")
 
     other = Store.open(tmp_path / "elsewhere.sqlite3")
     try:
-        new_b = other.import_json(exported)
+        new_b = import_conversation(other, exported)
         side_b = other.get_conversation(new_b)
         assert side_b is not None and side_b.compare_side == "B" and side_b.compare_label == "w4a16"
         assert side_b.partner_id is not None
@@ -737,7 +738,7 @@ def test_a_json_export_of_a_plain_conversation_imports_as_one(store: Store) -> N
     conv = store.create_conversation()
     store.add_message(conv, "user", "alone")
     before = len(store.list_conversations())
-    new = store.import_json(store.export(conv, "json"))
+    new = import_conversation(store, export_conversation(store, conv, "json"))
     assert len(store.list_conversations()) == before + 1
     imported = store.get_conversation(new)
     assert imported is not None and imported.partner_id is None

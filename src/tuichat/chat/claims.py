@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
-from tuichat.chat.store import Claim, HeldBy, Store
+from tuichat.chat.holders import Claim, HeldBy
+from tuichat.chat.store import Store
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -30,8 +30,9 @@ from tuichat.chat.claims import Holding
 from tuichat.chat.claims import ReadOnly as ReadOnly  # an event like the others: front ends import it from here
 from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
 from tuichat.chat.client import Notice as StreamNotice
+from tuichat.chat.holders import Claim, HeldBy
 from tuichat.chat.sampling import Sampling
-from tuichat.chat.store import Claim, HeldBy, Store
+from tuichat.chat.store import Store
 from tuichat.chat.turns import Attachment, ChatSession, Turn, as_role, as_state
 from tuichat.server.metrics import compute_reply_stats
 

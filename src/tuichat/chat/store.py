@@ -1,4 +1,4 @@
-"""Conversation history in SQLite: saved as it happens, searchable, exportable.
+"""Conversation history in SQLite: saved as it happens, searchable.
 
 Every finished turn is committed at once and a streaming reply is rewritten every few hundred
 milliseconds, so a crash, `kill -9`, a lost SSH session or a dying server leaves at most the last fraction of
@@ -8,7 +8,9 @@ marks it 'interrupted', keeping its text.
 Two tuichats on one chat would interleave its turns, so a process that opens a conversation claims it first
 (`Store.claim`): a row in `claims` naming the holder the same way a streaming reply names its writer, so a holder
 killed with `kill -9` frees its claims by dying. While a live process holds a conversation, every other one may
-only read it: adding, undoing or deleting its messages is refused with a sentence naming the holder's pid.
+only read it: adding, undoing or deleting its messages is refused with a sentence naming the holder's pid. The
+writer ids and the claims are `tuichat.chat.holders` (mixed in as `ClaimTable`); exports and imports are
+`tuichat.chat.transfer`.
 
 Text from outside (an imported file) is cleaned of terminal control sequences on the way in, and everything
 read back for display or export is cleaned again on the way out (see `tuichat.chat.sanitize`).
@@ -25,39 +27,30 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from tuichat import paths
-from tuichat.chat.sanitize import clean, clean_data, clean_line
+from tuichat.chat.holders import Claim, ClaimTable, live_lock, live_replies, writer_alive, writer_id
+from tuichat.chat.sanitize import clean_line
 from tuichat.errors import TuichatError
 
 DEFAULT_TITLE = "New chat"
 TITLE_MAX_CHARS = 48
 ROLES = ("system", "user", "assistant", "error")
 STATES = ("done", "streaming", "stopped", "interrupted", "error")
-EXPORT_FORMAT_VERSION = 1
 # Snippet highlight marks: plain characters that are neither Markdown nor Textual markup syntax.
 SNIPPET_MARKS = ("«", "»")
 
 _CONVERSATION_FIELDS = ("title", "model", "server_url", "profile", "lmdeploy_version")
-_PARTIAL_NOTES = {
-    "streaming": "*(reply in progress)*",
-    "stopped": "*(reply stopped)*",
-    "interrupted": "*(reply interrupted)*",
-    "error": "*(reply failed)*",
-}
 
 
 def default_path() -> Path:
@@ -93,19 +86,6 @@ class Message:
     sampling: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     images: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class HeldBy:
-    """A conversation is open in another live tuichat process, which alone may add to it."""
-
-    conversation_id: int
-    pid: int
-    since: float  # when that process claimed it
-
-    def sentence(self) -> str:
-        since = datetime.fromtimestamp(self.since).strftime("%H:%M")
-        return f"Conversation {self.conversation_id} is open in another tuichat (pid {self.pid}, since {since})."
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,116 +243,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Who is writing a streaming reply. A writer id is "pid:boot_id:start_time" so that neither a reboot nor a
-# recycled pid makes a dead writer look alive (on Linux; elsewhere only the pid is checked).
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """The start time of `pid` from /proc, or None if it is gone or a zombie; "" if /proc is unavailable."""
-    if not os.path.isdir("/proc/self"):
-        return ""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-_BOOT_ID = _read("/proc/sys/kernel/random/boot_id") or ""
-_own_writer: tuple[int, str] | None = None
-
-
-def _writer_id() -> str:
-    global _own_writer
-    pid = os.getpid()
-    if _own_writer is None or _own_writer[0] != pid:  # recomputed after a fork
-        _own_writer = (pid, f"{pid}:{_BOOT_ID}:{_proc_start_time(pid) or ''}")
-    return _own_writer[1]
-
-
-def _writer_alive(writer: str | None) -> bool:
-    if not writer:
-        return False
-    pid_text, _, rest = writer.partition(":")
-    boot, _, start = rest.partition(":")
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if boot and _BOOT_ID and boot != _BOOT_ID:
-        return False
-    current = _proc_start_time(pid)
-    if current is None:
-        return False
-    if current:
-        return not start or current == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# Replies being streamed by Stores open in this process, as (database path, message id): a reply written
-# by our own pid is alive only while the Store that began it is still open.
-_live_replies: set[tuple[str, int]] = set()
-_live_lock = threading.Lock()
-# Tokens of the claims held by Stores open in this process: a claim by our own pid is alive only while listed.
-_live_claims: set[str] = set()
-
-
-def _claim_alive(holder: str, token: str) -> bool:
-    if holder == _writer_id():
-        with _live_lock:
-            return token in _live_claims
-    return _writer_alive(holder)
-
-
-class Claim:
-    """This process holds a conversation: others may read it but not add to it until `release` (or until
-    the Store closes, or the process dies). Usable as a context manager."""
-
-    __slots__ = ("_store", "conversation_id", "token")
-
-    def __init__(self, store: Store, conversation_id: int, token: str) -> None:
-        self._store = store
-        self.conversation_id = conversation_id
-        self.token = token
-
-    @property
-    def held(self) -> bool:
-        with _live_lock:
-            return self.token in _live_claims
-
-    def release(self) -> None:
-        """Let other tuichats continue the conversation; releasing twice does nothing."""
-        self._store._release(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"Claim(conversation_id={self.conversation_id}, held={self.held})"
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
@@ -399,7 +269,7 @@ def _fts_query(query: str) -> str:
     return " ".join(terms) + "*"
 
 
-class Store:
+class Store(ClaimTable):
     """One open history database. Safe to share between the UI thread and a worker thread."""
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
@@ -463,9 +333,9 @@ class Store:
                 with contextlib.suppress(TuichatError, sqlite3.Error):
                     self._release(claim)  # if the row stays, it is dead anyway once forgotten or we exit
             self._forget_claims()
-            with _live_lock:
+            with live_lock:
                 for msg_id in self._my_replies:
-                    _live_replies.discard((self._key, msg_id))
+                    live_replies.discard((self._key, msg_id))
             self._my_replies.clear()
             self._db.close()
 
@@ -520,7 +390,7 @@ class Store:
                     clean_line(title) or DEFAULT_TITLE,
                     now,
                     now,
-                    *(_label(value) for value in (model, server_url, profile, lmdeploy_version)),
+                    *(clean_label(value) for value in (model, server_url, profile, lmdeploy_version)),
                 ),
             )
             conv_id = _rowid(cur)
@@ -541,7 +411,7 @@ class Store:
         if not fields:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        values = [_label(value) for value in fields.values()]
+        values = [clean_label(value) for value in fields.values()]
         with self._write() as db:
             db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values, conv_id))
 
@@ -553,93 +423,7 @@ class Store:
         with self._write() as db:
             self._refuse_if_held(db, conv_id)
             db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
-        with self._lock:
-            claim = self._claims.pop(conv_id, None)
-        if claim is not None:  # its row went with the conversation
-            with _live_lock:
-                _live_claims.discard(claim.token)
-
-    # -- claims: one tuichat at a time per conversation ------------------------------------------------------
-
-    def claim(self, conv_id: int) -> Claim | HeldBy:
-        """Take `conv_id` for this process, or say which live process has it. A claim left by a process that
-        has died (even by kill -9) is taken over. Claiming one this Store already holds returns that Claim."""
-        with self._lock:
-            mine = self._claims.get(conv_id)
-            if mine is not None:
-                return mine
-            token = secrets.token_hex(8)
-            try:
-                with self._write() as db:
-                    held = self._other_holder(db, conv_id)
-                    if held is not None:
-                        return held
-                    db.execute(
-                        "INSERT OR REPLACE INTO claims (conversation_id, holder, pid, token, claimed) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (conv_id, _writer_id(), os.getpid(), token, time.time()),
-                    )
-                    # Listed before the commit: once another Store of ours can see the row, it must see it alive.
-                    with _live_lock:
-                        _live_claims.add(token)
-            except BaseException:
-                with _live_lock:
-                    _live_claims.discard(token)
-                raise
-            claim = Claim(self, conv_id, token)
-            self._claims[conv_id] = claim
-            return claim
-
-    def holder(self, conv_id: int) -> HeldBy | None:
-        """Who else holds `conv_id`: None when it is free, its holder died, or this Store holds it."""
-        with self._lock:
-            return self._other_holder(self._db, conv_id)
-
-    def held_elsewhere(self) -> dict[int, HeldBy]:
-        """Every conversation another live process (or another Store of this one) holds, by id."""
-        with self._lock:
-            rows = self._db.execute("SELECT conversation_id, holder, pid, token, claimed FROM claims").fetchall()
-            mine = {claim.token for claim in self._claims.values()}
-        return {
-            conv_id: HeldBy(conv_id, pid, claimed)
-            for conv_id, holder, pid, token, claimed in rows
-            if token not in mine and _claim_alive(holder, token)
-        }
-
-    def _other_holder(self, db: sqlite3.Connection, conv_id: int) -> HeldBy | None:
-        row = db.execute(
-            "SELECT holder, pid, token, claimed FROM claims WHERE conversation_id = ?", (conv_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        holder, pid, token, claimed = row
-        mine = self._claims.get(conv_id)
-        if (mine is not None and mine.token == token) or not _claim_alive(holder, token):
-            return None
-        return HeldBy(conv_id, pid, claimed)
-
-    def _refuse_if_held(self, db: sqlite3.Connection, conv_id: int) -> None:
-        held = self._other_holder(db, conv_id)
-        if held is not None:
-            raise TuichatError(f"{held.sentence()} Only that one can change it; read it here, or close it there first.")
-
-    def _release(self, claim: Claim) -> None:
-        with self._lock:
-            if self._claims.get(claim.conversation_id) is not claim:
-                return
-            with self._write() as db:
-                db.execute(
-                    "DELETE FROM claims WHERE conversation_id = ? AND token = ?", (claim.conversation_id, claim.token)
-                )
-            del self._claims[claim.conversation_id]
-            with _live_lock:
-                _live_claims.discard(claim.token)
-
-    def _forget_claims(self) -> None:
-        with _live_lock:
-            for claim in self._claims.values():
-                _live_claims.discard(claim.token)
-        self._claims.clear()
+        self._drop_claim(conv_id)  # its row went with the conversation
 
     def list_conversations(self, limit: int | None = None) -> list[Conversation]:
         sql = _CONVERSATION_SELECT + " ORDER BY c.updated DESC, c.id DESC"
@@ -728,7 +512,7 @@ class Store:
                     _json_or_none(sampling),
                     _json_or_none(stats),
                     json.dumps(list(images), ensure_ascii=False),
-                    _writer_id() if state == "streaming" else None,
+                    writer_id() if state == "streaming" else None,
                 ),
             )
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conv_id))
@@ -807,13 +591,11 @@ class Store:
         Replies still being written by a live tuichat (this one or another) are left alone."""
         with self._lock:
             rows = self._db.execute("SELECT id, writer FROM messages WHERE state = 'streaming'").fetchall()
-            with _live_lock:
-                live = {msg_id for key, msg_id in _live_replies if key == self._key}
-            own = _writer_id()
+            with live_lock:
+                live = {msg_id for key, msg_id in live_replies if key == self._key}
+            own = writer_id()
             dead = [
-                msg_id
-                for msg_id, writer in rows
-                if (msg_id not in live if writer == own else not _writer_alive(writer))
+                msg_id for msg_id, writer in rows if (msg_id not in live if writer == own else not writer_alive(writer))
             ]
             if not dead:
                 return 0
@@ -826,13 +608,13 @@ class Store:
 
     def _track(self, msg_id: int) -> None:
         self._my_replies.add(msg_id)
-        with _live_lock:
-            _live_replies.add((self._key, msg_id))
+        with live_lock:
+            live_replies.add((self._key, msg_id))
 
     def _untrack(self, msg_id: int) -> None:
         self._my_replies.discard(msg_id)
-        with _live_lock:
-            _live_replies.discard((self._key, msg_id))
+        with live_lock:
+            live_replies.discard((self._key, msg_id))
 
     # -- search ----------------------------------------------------------------------------------------------
 
@@ -859,37 +641,8 @@ class Store:
             for conv, msg, title, snip, role, created in rows
         ]
 
-    # -- export / import -------------------------------------------------------------------------------------
-
-    def export(self, conv_id: int, fmt: Literal["md", "json"] = "md") -> str:
-        conv = self.get_conversation(conv_id)
-        if conv is None:
-            raise TuichatError(f"Conversation {conv_id} no longer exists; pick another one to export.")
-        msgs = self.messages(conv_id)
-        if fmt == "json":
-            # one side of a compare run carries the other side along, so an import restores the pair
-            partner = self.get_conversation(conv.partner_id) if conv.partner_id is not None else None
-            return _export_json(conv, msgs, (partner, self.messages(partner.id)) if partner is not None else None)
-        if fmt == "md":
-            return _export_markdown(conv, msgs)
-        raise ValueError(f"unknown export format {fmt!r}")
-
-    def import_json(self, text: str) -> int:
-        """Add a conversation from `export(..., "json")` output; returns its new id. An export of one side of a
-        compare run brings the other side too, and the two are linked again."""
-        conv, msgs = _parse_export(text)
-        comparison = _parse_comparison(text)
-        conv_id = self._insert_conversation(conv, msgs)
-        if comparison is not None:
-            side, label, other_label, other, other_msgs = comparison
-            other_id = self._insert_conversation(other, other_msgs)
-            if side == "A":
-                self.link_pair(conv_id, other_id, (label, other_label))
-            else:
-                self.link_pair(other_id, conv_id, (other_label, label))
-        return conv_id
-
-    def _insert_conversation(self, conv: Mapping[str, Any], msgs: Sequence[Mapping[str, Any]]) -> int:
+    def insert_conversation(self, conv: Mapping[str, Any], msgs: Sequence[Mapping[str, Any]]) -> int:
+        """Add a whole conversation at once (an import); every text must be cleaned already."""
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO conversations (title, created, updated, model, server_url, profile, "
@@ -960,7 +713,8 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         raise
 
 
-def _label(value: str | None) -> str | None:
+def clean_label(value: str | None) -> str | None:
+    """A label from the history cleaned for display: no terminal sequences in lists, headers or exports."""
     return None if value is None else clean_line(value)
 
 
@@ -972,14 +726,14 @@ def _conversation(row: tuple[Any, ...]) -> Conversation:
         clean_line(title) or DEFAULT_TITLE,
         created,
         updated,
-        _label(model),
-        _label(server_url),
-        _label(profile),
-        _label(version),
+        clean_label(model),
+        clean_label(server_url),
+        clean_label(profile),
+        clean_label(version),
         count,
         partner,
         side,
-        _label(label),
+        clean_label(label),
     )
 
 
@@ -1021,209 +775,3 @@ def _message(row: tuple[Any, ...]) -> Message:
         json.loads(stats) if stats else None,
         json.loads(images) if images and images != "[]" else [],
     )
-
-
-# -- export / import formats ---------------------------------------------------------------------------------
-
-
-def _export_json(
-    conv: Conversation, msgs: list[Message], partner: tuple[Conversation, list[Message]] | None = None
-) -> str:
-    document: dict[str, Any] = {"tuichat_export": EXPORT_FORMAT_VERSION, **_export_body(conv, msgs)}
-    if partner is not None:
-        other, other_msgs = partner
-        document["comparison"] = {
-            "side": conv.compare_side,
-            "label": clean_line(conv.compare_label or ""),
-            "partner": {
-                "side": other.compare_side,
-                "label": clean_line(other.compare_label or ""),
-                **_export_body(other, other_msgs),
-            },
-        }
-    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
-
-
-def _export_body(conv: Conversation, msgs: list[Message]) -> dict[str, Any]:
-    return {
-        "conversation": {
-            "title": clean_line(conv.title),
-            "created": conv.created,
-            "updated": conv.updated,
-            "model": _label(conv.model),
-            "server_url": _label(conv.server_url),
-            "profile": _label(conv.profile),
-            "lmdeploy_version": _label(conv.lmdeploy_version),
-        },
-        # Cleaned too: JSON escapes C0 controls but not C1 ones nor bidi controls, and `jq -r` would
-        # unescape the rest onto a terminal.
-        "messages": [
-            {
-                "role": m.role,
-                "content": clean(m.content),
-                "state": m.state,
-                "created": m.created,
-                "sampling": clean_data(m.sampling),
-                "stats": clean_data(m.stats),
-                "images": [clean_line(name) for name in m.images],
-            }
-            for m in msgs
-        ],
-    }
-
-
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-
-
-def _stats_line(stats: Mapping[str, Any]) -> str:
-    parts = []
-    ttft = stats.get("ttft")
-    if isinstance(ttft, int | float):
-        parts.append(f"first token {ttft:.2f} s")
-    speed = stats.get("tokens_per_s")
-    if isinstance(speed, int | float):
-        parts.append(f"{speed:.1f} tokens/s")
-    for key, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
-        value = stats.get(key)
-        if isinstance(value, int):
-            parts.append(f"{value} {label} tokens")
-    return "_" + " · ".join(parts) + "_" if parts else ""
-
-
-def _export_markdown(conv: Conversation, msgs: list[Message]) -> str:
-    lines = [f"# {clean_line(conv.title)}", ""]
-    for label, value in (
-        ("Model", conv.model),
-        ("Server", conv.server_url),
-        ("Profile", conv.profile),
-        ("LMDeploy", conv.lmdeploy_version),
-    ):
-        if value:
-            lines.append(f"- {label}: {clean_line(value)}")
-    if conv.partner_id is not None:
-        lines.append(f"- Compared: side {conv.compare_side} of a pair with conversation {conv.partner_id}")
-    lines += [f"- Date: {_when(conv.created)}", ""]
-    for m in msgs:
-        lines += [f"## {m.role.capitalize()}", ""]
-        if m.images:
-            lines += ["Images: " + ", ".join(clean_line(name) for name in m.images), ""]
-        content = clean(m.content)
-        if content:
-            lines += [content.rstrip("\n"), ""]
-        note = _PARTIAL_NOTES.get(m.state)
-        if note and m.role == "assistant":
-            lines += [note, ""]
-        if m.stats:
-            stats_line = _stats_line(m.stats)
-            if stats_line:
-                lines += [stats_line, ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _bad_import(detail: str) -> TuichatError:
-    return TuichatError(f"This is not a tuichat conversation export: {detail}.")
-
-
-def _optional_text(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return clean_line(value) or None  # an imported file is untrusted: no terminal sequences in it
-    raise _bad_import(f"{where} must be text")
-
-
-def _timestamp(value: Any, where: str, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad_import(f"{where} must be a time in seconds")
-    return float(value)
-
-
-def _parse_export(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TuichatError(
-            f"The file is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            "import a file written by tuichat's JSON export."
-        ) from exc
-    if not isinstance(document, dict) or "tuichat_export" not in document:
-        raise _bad_import('the "tuichat_export" key is missing; import a file written by tuichat\'s JSON export')
-    if document["tuichat_export"] != EXPORT_FORMAT_VERSION:
-        raise TuichatError(
-            f"This export has format version {document['tuichat_export']!r}, but this tuichat reads version "
-            f"{EXPORT_FORMAT_VERSION}; upgrade tuichat to import it."
-        )
-    return _parse_body(document)
-
-
-def _parse_comparison(text: str) -> tuple[str, str, str, dict[str, Any], list[dict[str, Any]]] | None:
-    """The other side carried by an export of one side of a compare run: (this side, its label, the other's
-    label, the other conversation, its messages); None when the export is of a plain conversation."""
-    comparison = json.loads(text).get("comparison")
-    if comparison is None:
-        return None
-    if not isinstance(comparison, dict) or not isinstance(comparison.get("partner"), dict):
-        raise _bad_import('"comparison" must be an object with the other side under "partner"')
-    side = comparison.get("side")
-    if side not in ("A", "B"):
-        raise _bad_import(f'"comparison.side" is {side!r}; it must be "A" or "B"')
-    labels = [_optional_text(c.get("label"), "a comparison label") or "" for c in (comparison, comparison["partner"])]
-    conv, msgs = _parse_body(comparison["partner"], where="comparison.partner.")
-    return side, labels[0], labels[1], conv, msgs
-
-
-def _parse_body(document: Mapping[str, Any], where: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    raw_conv = document.get("conversation")
-    raw_msgs = document.get("messages")
-    if not isinstance(raw_conv, dict):
-        raise _bad_import(f'"{where}conversation" must be an object')
-    if not isinstance(raw_msgs, list):
-        raise _bad_import(f'"{where}messages" must be a list')
-    now = time.time()
-    title = _optional_text(raw_conv.get("title"), "the conversation title")
-    conv: dict[str, Any] = {
-        "title": title or DEFAULT_TITLE,
-        "created": _timestamp(raw_conv.get("created"), "conversation.created", now),
-    }
-    conv["updated"] = _timestamp(raw_conv.get("updated"), "conversation.updated", conv["created"])
-    for key in ("model", "server_url", "profile", "lmdeploy_version"):
-        conv[key] = _optional_text(raw_conv.get(key), f"conversation.{key}")
-    msgs: list[dict[str, Any]] = []
-    prefix = where
-    for index, raw in enumerate(raw_msgs, start=1):
-        where = f"{prefix}message {index}"
-        if not isinstance(raw, dict):
-            raise _bad_import(f"{where} must be an object")
-        role = raw.get("role")
-        if role not in ROLES:
-            raise _bad_import(f"{where} has role {role!r}; it must be one of {', '.join(ROLES)}")
-        content = raw.get("content")
-        if not isinstance(content, str):
-            raise _bad_import(f'{where} has no text "content"')
-        state = raw.get("state", "done")
-        if state not in STATES:
-            raise _bad_import(f"{where} has state {state!r}; it must be one of {', '.join(STATES)}")
-        if state == "streaming":  # nobody is writing it any more
-            state = "interrupted"
-        sampling, stats = raw.get("sampling"), raw.get("stats")
-        for name, value in (("sampling", sampling), ("stats", stats)):
-            if value is not None and not isinstance(value, dict):
-                raise _bad_import(f'{where}: "{name}" must be an object')
-        images = raw.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
-            raise _bad_import(f'{where}: "images" must be a list of file names')
-        msgs.append(
-            {
-                "role": role,
-                "content": clean(content),
-                "state": state,
-                "created": _timestamp(raw.get("created"), f"{where}.created", conv["created"]),
-                "sampling": clean_data(sampling),
-                "stats": clean_data(stats),
-                "images": [name for name in (clean_line(image) for image in images) if name],
-            }
-        )
-    return conv, msgs

@@ -66,6 +66,7 @@ def paired_order(convs: list[Conversation]) -> list[Conversation]:
 
 def run(args: argparse.Namespace) -> int:
     from tuichat.chat.store import Store
+    from tuichat.chat.transfer import export_conversation, import_conversation
 
     try:
         with Store.open() as store:
@@ -95,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
             if args.command == "export":
                 if store.get_conversation(args.id) is None:
                     raise TuichatError(f"no conversation {args.id}: see `tuichat history` for the ids")
-                text = store.export(args.id, args.format)
+                text = export_conversation(store, args.id, args.format)
                 # JSON escapes C0 controls but not C1 or bidi ones; cleaning JSON text keeps it valid JSON.
                 sys.stdout.write(clean(text))
                 return 0
             if args.command == "import":
                 text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))
-                new_id = store.import_json(text)
+                new_id = import_conversation(store, text)
                 print(f"imported as conversation {new_id}")
                 return 0
     except TuichatError as exc:

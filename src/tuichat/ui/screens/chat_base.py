@@ -20,7 +20,7 @@ from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.status_line import StatusLine
 
 if TYPE_CHECKING:
-    from tuichat.chat.store import HeldBy
+    from tuichat.chat.holders import HeldBy
     from tuichat.ui.app import TuichatApp
 
 

@@ -51,7 +51,7 @@ class SavedChats(ChatBase):
     async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
         """Show a saved chat to continue it. One that another tuichat holds is shown read-only when the user
         chose that in F4; otherwise (--continue, --conversation) the chat stays new and a notice says why."""
-        from tuichat.chat.store import HeldBy
+        from tuichat.chat.holders import HeldBy
 
         store = self.conversation.store
         assert store is not None

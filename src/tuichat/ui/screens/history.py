@@ -33,7 +33,8 @@ from tuichat.cli.history import pair_mark, paired_order
 from tuichat.ui.screens.dialogs import ConfirmScreen
 
 if TYPE_CHECKING:
-    from tuichat.chat.store import Conversation, HeldBy, SearchHit, Store
+    from tuichat.chat.holders import HeldBy
+    from tuichat.chat.store import Conversation, SearchHit, Store
 
 SEARCH_DELAY = 0.15  # seconds of typing pause before a search runs
 SEARCH_LIMIT = 50
