@@ -129,7 +129,7 @@ def _declared() -> dict[str, Binding]:
         ("tuichat.ui.screens.server", "ServerScreen"),
         ("tuichat.ui.screens.profile_editor", "ProfileEditorScreen"),
         ("tuichat.ui.screens.models", "ModelsScreen"),
-        ("tuichat.ui.screens.models", "PullScreen"),
+        ("tuichat.ui.screens.pull", "PullScreen"),
         ("tuichat.ui.screens.quantize", "QuantizeScreen"),
         ("tuichat.ui.screens.fleet", "FleetScreen"),
     )

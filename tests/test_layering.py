@@ -115,3 +115,25 @@ def test_import_linter_contract_covers_every_domain_module() -> None:
     expected = {"tuichat." + module_name(p) for p in domain_modules() if p.stem not in ("__init__", "__main__", "main")}
     uncovered = {m for m in expected if not any(m == s or m.startswith(s + ".") for s in listed)}
     assert uncovered == set()
+
+
+MAX_CLASS_LINES = 450  # past this a class holds more than one job: split it (issue 19)
+
+
+def long_classes(source: str, where: str) -> list[str]:
+    return [
+        f"{where}:{node.lineno} class {node.name} is {(node.end_lineno or node.lineno) - node.lineno + 1} lines"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef) and (node.end_lineno or node.lineno) - node.lineno + 1 > MAX_CLASS_LINES
+    ]
+
+
+def test_no_class_in_src_is_longer_than_the_limit() -> None:
+    found = [bad for path in sorted(SRC.rglob("*.py")) for bad in long_classes(path.read_text(), str(path))]
+    assert not found, "split these classes:\n" + "\n".join(found)
+
+
+def test_the_class_length_check_catches_a_long_class() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_CLASS_LINES))
+    assert long_classes(f"class Big:\n{body}\n", "big.py") == [f"big.py:1 class Big is {MAX_CLASS_LINES + 1} lines"]
+    assert long_classes("class Small:\n    x = 1\n", "small.py") == []

@@ -28,7 +28,8 @@ from tuichat.models.quantize import Probes, default_record_dir, find_orphan_jobs
 from tuichat.server.gpu import GpuInfo
 from tuichat.server.procgroup import group_pids, process_start_ticks, spawn_group
 from tuichat.ui.screens.dialogs import ConfirmScreen
-from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, PullScreen, column_widths
+from tuichat.ui.screens.models import ModelsResult, ModelsScreen, ModelsTable, column_widths
+from tuichat.ui.screens.pull import PullScreen
 from tuichat.ui.screens.quantize import QuantizeScreen
 
 GB = 1000**3

@@ -28,7 +28,8 @@ from tuichat.models.discovery import inspect_model
 from tuichat.models.pull import ProgressView
 from tuichat.models.quantize import Probes
 from tuichat.server.gpu import GpuInfo, GpuSnapshot
-from tuichat.ui.screens.models import ModelsScreen, ModelsTable, PullDone, PullScreen
+from tuichat.ui.screens.models import ModelsScreen, ModelsTable
+from tuichat.ui.screens.pull import PullDone, PullScreen
 from tuichat.ui.screens.quantize import QuantizeScreen
 
 SIZES = [(80, 24), (120, 40)]
