@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from apphelpers import settled, wait_for
 from fakegpu import FakeGpuReader
 from standin.harness import STANDIN_COMMAND, Standin, free_port, pid_alive, run_standin
 from textual.pilot import Pilot
@@ -40,15 +41,6 @@ GIB = 1024**3
 SIZES = [(80, 24), (120, 40)]
 ONE = ("--fake-tokens-per-chunk", "1")
 DEADLINE = 60.0  # seconds a whole Pilot test may take, even on a loaded machine
-
-
-async def wait_for(pilot: Pilot[Any], condition: Any, timeout: float = 10.0) -> None:
-    """Let the app run until `condition()` holds; fail with a clear message after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await pilot.pause(0.02)
 
 
 @pytest.fixture
@@ -406,7 +398,7 @@ async def settle_fixed(pilot: Pilot[Any]) -> None:
     prompt = screen.query_one(PromptArea)
     prompt.cursor_blink = False  # a blinking cursor would make the picture depend on the moment it is taken
     prompt.text = "And which one is faster?"
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])

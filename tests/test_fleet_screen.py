@@ -4,11 +4,10 @@ tests/test_fleet_screen.py` to renew the baselines, after looking at the report)
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from apphelpers import screen_text, settled, wait_for
 from textual.app import App
 from textual.pilot import Pilot
 
@@ -37,19 +36,6 @@ REPLIES = (
     ReplyRow("Another reply while a batch ran on the same fleet", ReplyServed(3, 4.0, 5.0, "several", ("n1", "n2"))),
     ReplyRow("Still streaming", ReplyServed(4, 6.0)),
 )
-
-
-def screen_text(app: App[Any]) -> str:
-    """What the screen shows, as plain text (the app helpers' version, without importing the chat app)."""
-    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
-
-
-async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await pilot.pause(0.02)
 
 
 class Host(App[None]):
@@ -113,7 +99,7 @@ async def _settled(pilot: Pilot[Any]) -> None:
     await wait_for(
         pilot, lambda: isinstance(pilot.app.screen, FleetScreen) and "n2 (went down)" in screen_text(pilot.app)
     )
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", SIZES)

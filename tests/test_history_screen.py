@@ -259,7 +259,7 @@ async def test_empty_history_says_so_and_how_to_start(store: Store) -> None:
         text = screen_text(app)
         assert "type a message and press Enter" in text
         await pilot.press("enter", "r", "d")  # nothing to open, rename or delete: nothing happens
-        await pilot.pause(0.05)
+        await pilot.pause(0.05)  # waiting for nothing to happen: no condition to wait for
         assert isinstance(app.screen, ConversationsScreen) and app.results == []
         await pilot.press("escape")
         await wait_for(pilot, lambda: bool(app.results))

@@ -39,7 +39,7 @@ async def test_turns_far_above_are_unmounted_without_moving_the_view() -> None:
     app = Host()
     async with app.run_test(size=(60, 20)) as pilot:
         messages, turns = await filled(pilot, 40)
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: len(messages.messages()) < 40)
         mounted = messages.messages()
         assert len(mounted) < 40 < len(turns)  # most of the 80 turns cost no widget
         assert len(mounted) + len(messages.parked_turns()) == len(turns)
@@ -86,14 +86,14 @@ async def test_copying_a_selected_message_from_far_up_a_long_chat() -> None:
     app = app_for(server, cursor_blink=False)
     async with app.run_test(size=(80, 24)) as pilot:
         prompt = app.query_one("#prompt")
-        for n in range(30):
+        for n in range(16):  # 32 turns: the first ones are parked at 80x24
             prompt.text = f"message number {n}"  # type: ignore[attr-defined]
             prompt.focus()
             await pilot.press("enter")
             await wait_for(pilot, lambda n=n: not app.streaming and len(app.chat.turns) == 2 * (n + 1))
         messages = app.query_one(MessageList)
         await wait_for(pilot, lambda: any(t.content == "message number 0" for t in messages.parked_turns()))
-        for _ in range(60):
+        for _ in range(32):
             await pilot.press("ctrl+up")
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: app.last_copied == "message number 0")

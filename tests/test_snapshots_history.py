@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apphelpers import wait_for
+from apphelpers import settled, wait_for
 from textual.app import App
 from textual.pilot import Pilot
 from textual.screen import Screen
@@ -122,7 +122,7 @@ async def history_ready(pilot: Pilot[Any]) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
     await wait_for(pilot, lambda: app.screen.query_one("#history-table", DataTable).row_count == len(CHATS))
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 async def search_ready(pilot: Pilot[Any]) -> None:
@@ -140,7 +140,7 @@ async def picker_ready(pilot: Pilot[Any]) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: isinstance(app.screen, ImagePickerScreen))
     await wait_for(pilot, lambda: app.screen.query_one(ImageTree).cursor_line == 0)
-    await pilot.pause(0.1)
+    await settled(pilot)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apphelpers import wait_for
+from apphelpers import settled, wait_for
 from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
@@ -91,17 +91,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hermetic_home: Path) -
     hermetic_home.mkdir(parents=True, exist_ok=True)
     (hermetic_home / "config.toml").write_text(f'[models]\nroots = ["{root}"]\n')
     return tmp_path
-
-
-async def settled(pilot: Pilot[Any]) -> None:
-    """Wait until the screen is still (two screenshots 0.1 s apart are the same), not a fixed pause."""
-    before = None
-    for _ in range(60):
-        await pilot.pause(0.1)
-        now = pilot.app.export_screenshot()
-        if now == before:
-            return
-        before = now
 
 
 def no_blink(pilot: Pilot[Any]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apphelpers import wait_for
+from apphelpers import settled, wait_for
 from fakegpu import FakeGpuReader
 from textual.app import App
 from textual.pilot import Pilot
@@ -76,18 +76,6 @@ def no_blink(pilot: Pilot[Any]) -> None:
 
 def server_app(manager: ServerManager, name: str) -> Host:
     return Host(lambda: ServerScreen(manager, load_config(), name, None))
-
-
-async def settled(pilot: Pilot[Any]) -> None:
-    """Wait until the screen is still (two screenshots 0.1 s apart are the same), not a fixed pause."""
-    before = None
-    for _ in range(60):
-        await pilot.pause(0.1)
-        now = pilot.app.export_screenshot()
-        if now == before:
-            return
-        before = now
-    raise AssertionError("the screen kept changing for 6 s")
 
 
 async def stopped_ready(pilot: Pilot[Any]) -> None:
