@@ -134,6 +134,7 @@ async def test_retry_regenerates_the_last_reply_with_current_sampling() -> None:
         await type_and_send(pilot, "question")
         await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
         server.reply = "second answer"
+        await wait_for(pilot, lambda: bool(app.query(SamplingPane)))  # hidden at 120 columns: mounted after start-up
         app.query_one(SamplingPane).set_value("temperature", "1.5")
         await wait_for(pilot, lambda: app.chat_screen.conversation.sampling.temperature == 1.5)
         await pilot.press("ctrl+r")

@@ -103,8 +103,9 @@ def test_sampling_pane_with_a_refused_value(snap_compare: Any, size: tuple[int, 
     async def before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
         app = pilot.app
-        if not app.query_one("#sampling").display:
-            await pilot.press("f2")
+        if not app.query("#sampling") or not app.query_one("#sampling").display:
+            await pilot.press("f2")  # hidden below 140 columns (and mounted only a while after start-up)
+            await wait_for(pilot, lambda: bool(app.query("#temperature")))
         app.query_one("#temperature").value = "3"  # type: ignore[attr-defined]
         app.query_one("#top_k").value = "40"  # type: ignore[attr-defined]
         await wait_for(pilot, lambda: "in [0, 2]" in screen_text(app))  # the refusal is shown

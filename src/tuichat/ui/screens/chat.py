@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 
 WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
 WIDER = 170  # and from this one the status pane too
+# Hidden panes are mounted this long after start-up, so that F2/F3 show them at once later: not sooner, where
+# their ~100 ms would delay a restored history's first screen (a key that wants one mounts it at once anyway).
+PANES_LATER_S = 1.0
 FLUSH_EVERY = 0.033  # seconds between writes into the live Markdown stream (about 30 a second)
 
 
@@ -98,8 +101,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         return (width >= WIDE if show is None else show), (width >= WIDER if show_status is None else show_status)
 
     def compose(self) -> ComposeResult:
-        # A hidden pane is mounted only after the first frame: the two are about 30 of its 45 widgets, and each
-        # costs styling and composing before anything is on screen. A shown one is part of the first frame.
+        # A hidden pane is mounted only a while after start-up (PANES_LATER_S): the two are about 30 of the first
+        # frame's 45 widgets, and each costs styling and composing. A shown one is part of the first frame.
         show_sampling, show_status = self._panes_shown()
         with Horizontal(id="body"):
             with Vertical(id="chat-column"):
@@ -116,7 +119,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
     def on_mount(self) -> None:
         self._no_blink(self)
         if self._sampling_pane() is None or self._status_pane() is None:
-            self.call_after_refresh(self._mount_panes_later)
+            self.set_timer(PANES_LATER_S, self._mount_panes_later)
         self._owner.chat_mounted()
 
     def _no_blink(self, root: Widget) -> None:
@@ -135,6 +138,10 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         return panes.first() if panes else None
 
     async def _mount_panes_later(self) -> None:
+        # Not while a reply streams: their ~100 ms of composing and styling would be a stall in it.
+        if self.streaming:
+            self.set_timer(PANES_LATER_S, self._mount_panes_later)
+            return
         # A quick quit can come before the first frame is out: then there is nothing left to mount into.
         with contextlib.suppress(MountError, NoMatches):
             await self._mount_hidden_panes()

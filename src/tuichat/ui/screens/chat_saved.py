@@ -15,7 +15,8 @@ from tuichat.ui.widgets.reply_message import ReplyMessage
 if TYPE_CHECKING:
     from tuichat.chat.store import Store
 
-RESTORE_LIMIT = 20  # turns mounted when a conversation opens (about a screenful); ctrl+t loads more
+RESTORE_LIMIT = 20  # turns mounted when a conversation opens (a few screens); ctrl+t loads more
+FIRST_SCREEN_TURNS = 6  # of them, mounted before the others: three exchanges fill a screen of ordinary replies
 
 
 class SavedChats(ChatBase):
@@ -78,12 +79,19 @@ class SavedChats(ChatBase):
         turns = self.conversation.chat.turns
         container = self.messages
         await container.remove_children()
-        shown = turns[-RESTORE_LIMIT:]
+        # The newest turns come first, alone: the screen they fill is what the user waits for (each restored
+        # reply is a Markdown render with its code highlighted). The rest of the RESTORE_LIMIT turns are mounted
+        # above them once that frame is out, as ctrl+t would; a message to show (F4 search) gets them at once.
+        shown = turns[-RESTORE_LIMIT:] if message_id is not None else turns[-FIRST_SCREEN_TURNS:]
         self.hidden_turns = len(turns) - len(shown)
         widgets: list[Static | ReplyMessage] = [message_widget(t) for t in shown]
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets)
+        rest = min(self.hidden_turns, RESTORE_LIMIT - len(shown))
+        if rest > 0:
+            # two refreshes on: the first lays the first screen out, the second paints it scrolled to the end
+            self.call_after_refresh(self.call_after_refresh, self._restore_rest, conv_id, self.hidden_turns, rest)
         target = None
         if message_id is not None:
             while self.hidden_turns and not any(t.msg_id == message_id for t in turns[self.hidden_turns :]):
@@ -100,12 +108,21 @@ class SavedChats(ChatBase):
         text = f"⋯ {self.hidden_turns} earlier messages: {self._owner.key_name('load_earlier')} shows them"
         return Static(Text(text, style="dim"), id="earlier")
 
+    async def _restore_rest(self, conv_id: int, hidden: int, count: int) -> None:
+        """The second part of opening a chat: `count` more turns above the first screen, the view left alone.
+        Skipped when the chat changed meanwhile (another one opened, a new chat, or ctrl+t already loaded them)."""
+        if self.conversation.conversation_id == conv_id and self.hidden_turns == hidden:
+            await self._load_earlier(count, scroll=False)
+
     async def action_load_earlier(self) -> None:
         if not self.hidden_turns:
             self.notify("Every message of this chat is shown.")
             return
+        await self._load_earlier(RESTORE_LIMIT, scroll=True)
+
+    async def _load_earlier(self, count: int, *, scroll: bool) -> None:
         container = self.messages
-        start = max(0, self.hidden_turns - RESTORE_LIMIT)
+        start = max(0, self.hidden_turns - count)
         batch = self.conversation.chat.turns[start : self.hidden_turns]
         self.hidden_turns = start
         await self.query("#earlier").remove()
@@ -113,7 +130,7 @@ class SavedChats(ChatBase):
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets, before=0 if container.children else None)
-        if batch:
+        if batch and scroll:
             # Show what was asked for: the view goes to the first of the messages just loaded.
             container.release_anchor()
             first = widgets[1] if self.hidden_turns else widgets[0]

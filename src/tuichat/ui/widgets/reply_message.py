@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.widgets import Static
@@ -52,6 +54,31 @@ def stats_text(stats: dict[str, Any] | None) -> str:
     return format_reply_stats(parsed) if parsed is not None else ""
 
 
+class DrawnOnce:
+    """A renderable drawn once per width and reused: laying out a chat asks every finished reply for its height at
+    each arrange pass, and Rich's Markdown renders (and syntax-highlights) the whole reply again each time. A
+    restored chat of 10 replies was drawn ~25 times over before its first screen was still (bench/RESULTS.md)."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+        self._key: tuple[object, ...] | None = None
+        self._lines: list[list[Segment]] = []
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        key = (id(console), options.max_width, options.justify, options.overflow, options.no_wrap)
+        if key != self._key:
+            # the height a caller asks for only crops what it shows, so the lines of a width serve them all
+            self._lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+            self._key = key
+        newline = Segment.line()
+        for line in self._lines:
+            yield from line
+            yield newline
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.renderable)
+
+
 class ReplyMessage(Static):
     """An assistant reply: a live Markdown stream while it arrives, then one cheap widget."""
 
@@ -89,7 +116,7 @@ class ReplyMessage(Static):
             # the reply's own, which selection changes
             muted = self.get_component_rich_style("stats").color
             body = Group(body, Text(self._stats_shown, style=Style(color=muted)))
-        self.content = body  # unlike update(), also forgets the height measured for the previous content
+        self.content = DrawnOnce(body)  # unlike update(), also forgets the height measured for the previous content
 
     async def write(self, text: str) -> None:
         if self._markdown is None:
