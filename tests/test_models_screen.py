@@ -505,6 +505,8 @@ async def test_esc_stops_a_pull_keeping_the_part_and_enter_resumes_it_with_a_ran
         assert "[2/3] model.safetensors" in pull_text(app) and "left" in pull_text(app)
         await pilot.press("escape")
         await wait_for(pilot, lambda: form.state == "stopped", timeout=20)
+        # the sentence is drawn on the frame after the state changes: wait for it, not for the state alone
+        await wait_for(pilot, lambda: "Press Enter to go on" in pull_text(app))
         text = pull_text(app)
         assert "1 of 3 files of tiny/tiny-chat are in the cache" in text
         assert "fetched so far are kept and resume" in text and "Press Enter to go on" in text

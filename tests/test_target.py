@@ -30,6 +30,8 @@ REFUSED = [
     ("http://-box", "not a host name", "http://127.0.0.1:23333"),
     ("http://box\x1b]52;c;x\x07", "control characters", "http://127.0.0.1:23333"),
     ("", "empty", "http://127.0.0.1:23333"),
+    ("http://[::1:8000", "Invalid IPv6", "http://127.0.0.1:23333"),  # the closing bracket is missing
+    ("http://[fe80::zz]:8000", "not appear to be an IPv4 or IPv6 address", "http://127.0.0.1:23333"),
 ]
 
 

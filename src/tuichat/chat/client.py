@@ -18,17 +18,21 @@ one (`{"error": {"message"}}`); both are understood.
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
-from httpx_sse import SSEError, aconnect_sse
+from typing import TYPE_CHECKING, Any
 
 from tuichat.chat.sampling import Sampling
 from tuichat.chat.sanitize import StreamCleaner, clean
 from tuichat.errors import TuichatError
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+# httpx (~70 ms to import, with its command-line tool's click and rich when they are installed) and ssl are
+# imported by the first request, not with this module: the chat's first frame needs neither.
 
 DEFAULT_URL = "http://127.0.0.1:23333"
 SSH_HINT = "for a server on another machine, forward its port: ssh -L 23333:127.0.0.1:23333 HOST"
@@ -150,26 +154,43 @@ class ChatClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.stall_timeout = stall_timeout
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(connect=connect_timeout, read=stall_timeout, write=30.0, pool=connect_timeout),
-            trust_env=False,
-            transport=transport,
-            # Loading the CA bundle costs ~30 ms at start-up (measured); plain http:// never needs it.
-            verify=self.base_url.startswith("https://"),
-        )
+        self._connect_timeout = connect_timeout
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None  # made by the first request (see `_http`)
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The connection pool, made on first use."""
+        if self._client is None:
+            import httpx
+
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            connect = self._connect_timeout
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=httpx.Timeout(connect=connect, read=self.stall_timeout, write=30.0, pool=connect),
+                trust_env=False,
+                transport=self._transport,
+                # Loading the CA bundle costs ~30 ms (measured); plain http:// never needs it.
+                verify=self.base_url.startswith("https://"),
+            )
+        return self._client
 
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient({self.base_url!r}, api_key={'set' if self.api_key else 'none'})"
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     # -- plain requests ---------------------------------------------------------------------------------------
 
     def _transport_error(self, exc: Exception) -> ChatError:
+        import ssl
+
+        import httpx
+
         tls = _ssl_cause(exc)
         if tls is not None:
             reason = tls.reason or ""
@@ -280,6 +301,8 @@ class ChatClient:
         return self._status_error(status, body, model, models)
 
     async def _get(self, path: str) -> httpx.Response:
+        import httpx
+
         try:
             return await self._http.get(path)
         except httpx.HTTPError as exc:
@@ -287,6 +310,8 @@ class ChatClient:
 
     async def health(self) -> Health:
         """`/health` without raising: ok, or why not (down, loading, old server with no /health)."""
+        import httpx
+
         try:
             resp = await self._http.get("/health", timeout=min(5.0, self.stall_timeout))
         except httpx.HTTPError as exc:
@@ -328,6 +353,8 @@ class ChatClient:
 
     async def count_tokens(self, text: str) -> int | None:
         """Exact token count from the server's tokenizer (`/v1/encode`), or None if it has no such endpoint."""
+        import httpx
+
         try:
             resp = await self._http.post("/v1/encode", json={"input": text, "add_bos": False})
         except httpx.HTTPError:
@@ -348,6 +375,8 @@ class ChatClient:
 
     async def engine_info(self) -> dict[str, Any] | None:
         """PyTorch-backend engine facts (block_size, num_gpu_blocks); None where the server has none."""
+        import httpx
+
         try:
             resp = await self._http.get("/distserve/engine_info")
         except httpx.HTTPError:
@@ -378,6 +407,9 @@ class ChatClient:
     ) -> AsyncGenerator[StreamEvent, None]:
         """Stream one reply. Closing the generator (or cancelling its task) closes the connection, which makes
         LMDeploy stop generating: that is how Stop works."""
+        import httpx
+        from httpx_sse import SSEError, aconnect_sse
+
         body = self.chat_body(model, messages, sampling)
         try:
             async with aconnect_sse(self._http, "POST", "/v1/chat/completions", json=body) as source:
@@ -513,6 +545,8 @@ def _unknown_model_text(model: str | None, detail: str | None, models: Sequence[
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
     """The `ssl.SSLError` behind an httpx error (httpx wraps httpcore's error, which wraps the ssl one)."""
+    import ssl
+
     seen: BaseException | None = exc
     for _ in range(6):
         if seen is None:

@@ -64,6 +64,7 @@ class TuichatApp(App[None]):
         self._keymap_error: str | None = None
         self._hung_up = False
         self._save_timer: Any = None
+        self._background_started = False  # first_screen_shown has run
         self.server_link = ServerLink(self)
         self.status = StatusWatch(self)
         self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
@@ -164,22 +165,32 @@ class TuichatApp(App[None]):
             self.status.start()
         screen.status_line.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         screen.prompt.focus()
-        self.store = screen.open_history()
+        self.store = screen.open_history()  # a saved chat to show calls first_screen_shown once it is drawn
         self._watch_hangup()
         if self.options.managed and self.profile_name:
-            self.server_link.bring_up(self.profile_name)
-        else:
-            # After the first frame: the request is not needed to draw it, and its set-up would delay it.
-            self.call_after_refresh(self.server_link.check_server)
+            self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
+        if not screen.restoring:
+            self.call_after_refresh(self.first_screen_shown)
+
+    def first_screen_shown(self) -> None:
+        """The first screen the user waits for is out (the first frame, or a saved chat's newest turns): now the
+        server check and the first status reading, whose imports (httpx) and requests would have delayed it."""
+        if self._background_started:
+            return
+        self._background_started = True
+        if not (self.options.managed and self.profile_name):
+            self.server_link.check_server()
+        if self.options.watch_server:
+            self.status.poll()
+        # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the
+        # user reads it, rather than on the first Enter, where the import (~40 ms) would add to the TTFT.
+        self.set_timer(0.2, _preload_markdown)
 
     def on_ready(self) -> None:
         if self._keymap_error:
             self.notify(self._keymap_error, severity="error", timeout=15)
         self.first_frame_s = time.perf_counter() - START_TIME
         self.log.info(f"first frame after {self.first_frame_s:.3f} s")
-        # The Markdown modules load lazily so the first frame does not wait for them; load them now, while the
-        # user reads the screen, rather than on the first Enter, where the import (~40 ms) would add to the TTFT.
-        self.set_timer(0.2, _preload_markdown)
 
     # -- the server -------------------------------------------------------------------------------------------
 

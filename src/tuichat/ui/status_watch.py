@@ -63,8 +63,8 @@ class StatusWatch:
         self._busy_until = float("-inf")  # until then the timer polls at every tick (a reply streams or just ended)
 
     def start(self) -> None:
+        """The poll timer; the first reading is the app's to ask for (`poll`), once its first screen is out."""
         self.app.set_interval(self.app.options.poll_interval, self._tick)
-        self.app.call_after_refresh(self.poll)
 
     def _tick(self) -> None:
         """The poll timer: read now while a reply streams (or just ended), else only every `IDLE_FACTOR` ticks."""

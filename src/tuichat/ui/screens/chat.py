@@ -25,7 +25,7 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widget import MountError, Widget
-from textual.widgets import Footer, Input, TextArea
+from textual.widgets import Input, TextArea
 
 from tuichat.chat.client import ChatClient
 from tuichat.chat.conversation import (
@@ -47,6 +47,7 @@ from tuichat.ui.screens.chat_copy import CopyAndSelect
 from tuichat.ui.screens.chat_images import ImageAttachments
 from tuichat.ui.screens.chat_saved import SavedChats
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
+from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.reply_message import ReplyMessage, stats_text
@@ -114,7 +115,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             if show_status:
                 yield StatusPane(id="status")
         yield StatusLine(id="statusline")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self._no_blink(self)

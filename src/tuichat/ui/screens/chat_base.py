@@ -30,6 +30,7 @@ class ChatBase(Screen[None]):
     _owner: TuichatApp
     conversation: Conversation
     hidden_turns: int = 0  # turns of a restored conversation not mounted yet
+    restoring: bool = False  # the saved chat named at start-up is being shown (the app waits for it)
     _title: str = ""  # the open chat's title, which sub_title shows with the read-only mark
     _refused: tuple[str, float] = ("", 0.0)  # the last refusal said, and when (not repeated while on screen)
 

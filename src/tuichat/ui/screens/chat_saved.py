@@ -44,10 +44,20 @@ class SavedChats(ChatBase):
             if last is None:
                 self.notify("No saved conversation yet: starting a new one.")
         if conv_id is not None:
-            self.call_after_refresh(self.open_conversation, conv_id)
+            self.restoring = True
+            self.call_after_refresh(self._open_at_start, conv_id)
         if recovered:
             self.notify(f"{recovered} reply(ies) cut off by an earlier exit were kept and marked interrupted.")
         return store
+
+    async def _open_at_start(self, conv_id: int) -> None:
+        """--continue / --conversation: show the chat, then tell the app its first screen is out (two refreshes on:
+        one lays it out, the next paints it scrolled to the end) so the app's background work starts after it."""
+        try:
+            await self.open_conversation(conv_id)
+        finally:
+            self.restoring = False
+            self.call_after_refresh(self.call_after_refresh, self._owner.first_screen_shown)
 
     async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
         """Show a saved chat to continue it. One that another tuichat holds is shown read-only when the user

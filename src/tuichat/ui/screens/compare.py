@@ -33,7 +33,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Label, Static
+from textual.widgets import Label, Static
 
 from tuichat.chat.conversation import (
     Conversation,
@@ -52,6 +52,7 @@ from tuichat.server.gpu import GpuReader, format_bytes, memory_split
 from tuichat.server.metrics import parse_metrics
 from tuichat.ui.keyids import binding
 from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.reply_message import stats_text
@@ -253,7 +254,7 @@ class CompareScreen(Screen[None]):
                 yield Label("", id="sampling-target")
                 yield SamplingPane(self.sides[0].conversation.sampling, id="sampling-pane")
         yield PromptArea(id="prompt")
-        yield Footer()
+        yield KeyFooter()
 
     async def on_mount(self) -> None:
         for pane in self.panes:

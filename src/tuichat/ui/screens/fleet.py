@@ -21,12 +21,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import BindingType
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Label, Static
+from textual.widgets import DataTable, Label, Static
 
 from tuichat.durations import format_compact
 from tuichat.server.attribution import ReplyServed
 from tuichat.server.fleet import FleetView, NodeView, node_label
 from tuichat.ui.keyids import binding
+from tuichat.ui.widgets.key_footer import KeyFooter
 
 _HEALTH_STYLE = {"up": "green", "down": "bold red", "starting": "yellow", "unknown": "dim"}
 # what a person scans for first comes first: on a narrow terminal the table scrolls sideways to the rest
@@ -133,7 +134,7 @@ class FleetScreen(Screen[None]):
             ),
             id="fleet-hint",
         )
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         nodes = self.query_one("#fleet-nodes", DataTable)

@@ -25,12 +25,13 @@ from textual.containers import Horizontal, Vertical
 from textual.coordinate import Coordinate
 from textual.screen import ModalScreen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Input, Label, OptionList, Static
+from textual.widgets import DataTable, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from tuichat.chat.sanitize import clean_line
 from tuichat.cli.history import pair_mark, paired_order
 from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.widgets.key_footer import KeyFooter
 
 if TYPE_CHECKING:
     from tuichat.chat.holders import HeldBy
@@ -194,7 +195,7 @@ class ConversationsScreen(ModalScreen[HistoryChoice | None]):
             with Horizontal(id="history-rename-row"):
                 yield Label("New title:", id="history-rename-label")
                 yield Input(id="history-rename")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.load()

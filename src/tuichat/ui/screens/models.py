@@ -30,7 +30,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.coordinate import Coordinate
-from textual.widgets import DataTable, Footer, Input, Label, Static
+from textual.widgets import DataTable, Input, Label, Static
 
 from tuichat.config import Config, load_config, save_profile
 from tuichat.errors import TuichatError
@@ -52,6 +52,7 @@ from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader, format_bytes
 from tuichat.server.profiles import parse_profile, validate_name
 from tuichat.ui.screens.models_orphans import OrphanJobs
 from tuichat.ui.screens.quantize import QuantizeScreen, tilde, tilde_text
+from tuichat.ui.widgets.key_footer import KeyFooter
 
 _COLUMNS = ("name", "arch", "params", "dtype", "quant", "size", "vlm")
 _LABELS = {
@@ -186,7 +187,7 @@ class ModelsScreen(OrphanJobs[ModelsResult | None]):
                 placeholder="owner/name (or a folder) · Enter makes a profile for it", id="mdl-hub", compact=True
             )
         yield Static("", id="mdl-message")
-        yield Footer(compact=True, show_command_palette=False)
+        yield KeyFooter(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_one(ModelsTable).focus()

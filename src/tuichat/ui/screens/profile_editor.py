@@ -23,7 +23,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
-from textual.widgets import Checkbox, Footer, Input, Label, Select, Static
+from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from tuichat.config import Config, overwrite_question, save_profile
 from tuichat.errors import ConfigError
@@ -37,6 +37,7 @@ from tuichat.server.profiles import (
     profile_to_table,
 )
 from tuichat.ui.screens.dialogs import ConfirmScreen
+from tuichat.ui.widgets.key_footer import KeyFooter
 
 FieldKind = Literal["text", "int", "float", "port", "argv", "select", "bool", "secret"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -206,7 +207,7 @@ class ProfileEditorScreen(ModalScreen[str | None]):
                     if spec.key == "server_name":
                         yield Static("", id="pe-server_name-warning", classes="pe-warning")
             yield Static("", id="pe-message")
-        yield Footer()
+        yield KeyFooter()
 
     def _title(self) -> str:
         if self.original_name is None:

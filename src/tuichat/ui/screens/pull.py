@@ -21,7 +21,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, Static
+from textual.widgets import Input, Label, Static
 
 from tuichat.durations import format_duration
 from tuichat.errors import TuichatError
@@ -31,6 +31,7 @@ from tuichat.models.fit import fit_sentence, model_facts
 from tuichat.server.gpu import GpuReader, GpuSnapshot, NvmlReader, format_bytes
 from tuichat.ui.screens.models import fit_text
 from tuichat.ui.screens.quantize import tilde_text
+from tuichat.ui.widgets.key_footer import KeyFooter
 
 
 def text_bar(done: int, total: int | None, width: int) -> str:
@@ -118,7 +119,7 @@ class PullScreen(Screen[ModelInfo | None]):
         yield Static("", id="pull-all")
         yield Static("", id="pull-log")
         yield Static("", id="pull-message")
-        yield Footer(compact=True, show_command_palette=False)
+        yield KeyFooter(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         for field in self.query(Input).results():

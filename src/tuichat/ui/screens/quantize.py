@@ -33,7 +33,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
-from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
+from textual.widgets import Button, Input, ProgressBar, Select, Static
 
 from tuichat import paths
 from tuichat.chat.sanitize import clean
@@ -57,6 +57,7 @@ from tuichat.ui.screens.quantize_form import QuantizeForm, default_output
 from tuichat.ui.screens.quantize_form import model_base_name as model_base_name
 from tuichat.ui.screens.quantize_form import tilde as tilde
 from tuichat.ui.screens.quantize_form import tilde_text as tilde_text
+from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.log_view import LogView
 
 TICK = 0.5  # seconds between polls of the job
@@ -139,7 +140,7 @@ class QuantizeScreen(QuantizeForm):
             yield ProgressBar(total=1.0, show_eta=False, id="qz-progress")
             yield Static("", id="qz-message")
         yield LogView(keep=LOG_KEEP, id="qz-log")
-        yield Footer(compact=True, show_command_palette=False)
+        yield KeyFooter(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         for field in self.query(Input).results():

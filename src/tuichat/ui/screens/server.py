@@ -26,7 +26,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Input, Label, ProgressBar, Static
+from textual.widgets import Input, Label, ProgressBar, Static
 
 from tuichat.config import Config, load_config
 from tuichat.durations import format_duration
@@ -39,6 +39,7 @@ from tuichat.ui.screens.dialogs import ChoiceScreen
 from tuichat.ui.screens.profile_editor import ProfileEditorScreen
 from tuichat.ui.screens.server_log import ServerLog
 from tuichat.ui.screens.server_log import tidy_line as tidy_line
+from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.log_view import LogView
 
 TICK = 0.5  # seconds between log reads, and between state polls while starting or stopping
@@ -144,7 +145,7 @@ class ServerScreen(ServerLog[ServerAction | None]):
         yield Static("", id="srv-message")
         yield Input(placeholder="search the log · Enter keeps it · Esc clears", id="srv-search", compact=True)
         yield LogView(keep=LOG_KEEP, id="srv-log")
-        yield Footer(compact=True, show_command_palette=False)  # every key of the panel fits 80 columns
+        yield KeyFooter(compact=True, show_command_palette=False)  # every key of the panel fits 80 columns
 
     def on_mount(self) -> None:
         self._follow(self._log_path(), from_start=False)
