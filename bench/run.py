@@ -754,7 +754,7 @@ def startup_table(report: Report) -> list[str]:
         ]
         failed = len([t for t in empty + full if t.error])
         lines.append(
-            f"| {'Textual floor (empty app)' if name == 'floor' else name} | "
+            f"| {'Textual floor (Static + Footer)' if name == 'floor' else name} | "
             + " | ".join(cells)
             + " |"
             + (f" {failed} run(s) timed out" if failed else "")
@@ -888,7 +888,7 @@ def idle_table(report: Report) -> list[str]:
         "| --- | --- | --- | --- |",
     ]
     for t in report.idle:
-        name = "Textual floor (empty app)" if t.client == "floor" else t.client
+        name = "Textual floor (Static + Footer)" if t.client == "floor" else t.client
         lines.append(
             f"| {name} | {fmt(t.cpu_pct, 1, 2)} | {fmt(t.bytes_per_s, 1, 0)} | "
             f"{'–' if t.polls is None else t.polls} |" + (f" {t.error}" if t.error else "")

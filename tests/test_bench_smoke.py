@@ -59,7 +59,7 @@ def test_quick_case_prints_every_figure_and_marks_a_missing_peer(tmp_path: Path,
     table = proc.stdout
 
     # 1. start-up: the Textual floor and tuichat have timings; oterm is reported, not fatal
-    floor = _row(table, "Textual floor (empty app)")
+    floor = _row(table, "Textual floor (Static + Footer)")
     assert 0 < _number(floor[1]) < 30
     tui = _row(table, "tuichat")
     assert 0 < _number(tui[1]) < 30 and 0 < _number(tui[3]) < 60
