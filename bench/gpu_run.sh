@@ -59,7 +59,7 @@ $command_line
 model = "$model_dir"
 backend = "pytorch"
 model_name = "m1b"
-session_len = 8192
+session_len = 32768  # 100 live exchanges in one chat (the growth figure) outgrew 8192 at exchange ~93
 cache_max_entry_count = 0.5
 api_key = "$key"
 stop_timeout = 60

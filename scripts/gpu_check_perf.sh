@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The third session's device call (carry .kit): issue 15's figures on the final code, bench/gpu_run.sh against a
+# real lmdeploy 0.18 api_server (start-up with and without a 500-message history, streaming and first-token
+# overhead, the status-pane case and the server's pace, 100 live exchanges, idle), then what is left on the GPU.
+#   bash scripts/gpu_check_perf.sh
+set -u
+LOG_NAME=perf.log
+source scripts/gpu_common.sh
+log "bench/gpu_run.sh on the final code"
+CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 timeout 500 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"
+tail -90 "$OUT/bench.log"
+sleep 2; echo "GPU apps at the end: [$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)]"
+pgrep -fa "lmdeploy|serve_entry" | grep -v pgrep || echo "no lmdeploy process left"
+log "done"
