@@ -35,6 +35,7 @@ from tuichat.ui.screens.chat import ChatScreen
 from tuichat.ui.screens.dialogs import HelpScreen, QuitScreen, help_rows
 from tuichat.ui.server_link import ServerLink
 from tuichat.ui.status_watch import StatusWatch
+from tuichat.ui.widgets.reply_message import warm_up_markdown
 from tuichat.ui.widgets.status_pane import StatusView
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ class TuichatApp(App[None]):
             self.status.poll()
         # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the
         # user reads it, rather than on the first Enter, where the import (~40 ms) would add to the TTFT.
-        self.set_timer(0.2, _preload_markdown)
+        self.set_timer(0.2, warm_up_markdown)
 
     def on_ready(self) -> None:
         if self._keymap_error:
@@ -423,16 +424,3 @@ def make_app(options: AppOptions | None = None) -> TuichatApp:
 
 
 __all__ = ["AppOptions", "TuichatApp", "__version__", "make_app"]
-
-
-def _preload_markdown() -> None:
-    """Load and warm what the first reply draws with, so its first word does not wait for it: the modules, the
-    parser's link finder (linkify compiles its patterns on first use: ~10 ms, measured inside the first word)
-    and Python's syntax highlighter (the most common fence; ~30 ms of regex compiling on its first block)."""
-    import rich.markdown  # noqa: F401
-    import textual.widgets._markdown  # noqa: F401
-    from markdown_it import MarkdownIt
-    from rich.syntax import Syntax
-
-    MarkdownIt("gfm-like").parse("see https://example.com and `code`")  # the live reply's parser (Textual's)
-    Syntax("", "python").highlight("x = 1\n")  # compiles the lexer class's patterns, which every highlighter shares
