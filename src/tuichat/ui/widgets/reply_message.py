@@ -23,8 +23,9 @@ from tuichat.chat.turns import Turn, TurnState
 from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
 
 if TYPE_CHECKING:  # Markdown (markdown-it, pygments' lexers) loads with the first reply, not before the first frame
-    from textual.widgets import Markdown
     from textual.widgets.markdown import MarkdownStream
+
+    from tuichat.ui.widgets.live_markdown import LiveMarkdown
 
 STATE_MARKS: dict[TurnState, str] = {
     "stopped": "■ stopped by you: partial reply",
@@ -59,9 +60,10 @@ def warm_up_markdown() -> None:
     parser's link finder (linkify compiles its patterns on first use: ~10 ms, measured inside the first word)
     and Python's syntax highlighter (the most common fence; ~30 ms of regex compiling on its first block)."""
     import rich.markdown  # noqa: F401
-    import textual.widgets._markdown  # noqa: F401
     from markdown_it import MarkdownIt
     from rich.syntax import Syntax
+
+    import tuichat.ui.widgets.live_markdown  # noqa: F401  (and with it Textual's Markdown widgets)
 
     MarkdownIt("gfm-like").parse("see https://example.com and `code`")  # the live reply's parser (Textual's)
     Syntax("", "python").highlight("x = 1\n")  # compiles the lexer class's patterns, which every highlighter shares
@@ -103,16 +105,16 @@ class ReplyMessage(Static):
         super().__init__("", classes="message assistant", markup=False)
         self.turn = turn
         self.live = live
-        self._markdown: Markdown | None = None
+        self._markdown: LiveMarkdown | None = None
         self._stream: MarkdownStream | None = None
         self._finishing = False
         self._stats_shown = ""  # the stats line as drawn: show_stats redraws only when it changed
 
     def compose(self) -> Any:
         if self.live:
-            from textual.widgets import Markdown
+            from tuichat.ui.widgets.live_markdown import LiveMarkdown
 
-            self._markdown = Markdown("", classes="live")
+            self._markdown = LiveMarkdown("", classes="live")
             yield self._markdown
 
     def on_mount(self) -> None:
@@ -144,6 +146,7 @@ class ReplyMessage(Static):
         markdown = self._markdown
         if markdown is None or not self.live:
             return
+        markdown.settle_finished()
         needed = markdown.outer_size.height + self.styles.gutter.height
         floor = self.styles.min_height
         reserved = floor.cells if floor is not None and floor.cells is not None else 0

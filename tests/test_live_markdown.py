@@ -1,0 +1,70 @@
+"""The streaming reply's paragraphs grow in steps of rows (issue 15) without ever hiding text that has arrived.
+
+`rows_at_most` decides, without wrapping, whether a paragraph's new text still fits the rows it holds: it must
+never say fewer rows than word wrapping really takes, or the end of a streaming reply would be cut off. And a
+paragraph that stopped growing must give its spare rows back, so a reply in several paragraphs has no gaps.
+"""
+
+from __future__ import annotations
+
+import random
+
+from apphelpers import ScriptedServer, app_for, screen_text, wait_for
+from rich.console import Console
+from rich.text import Text
+
+from tuichat.ui.widgets.live_markdown import LiveMarkdown, LiveParagraph, rows_at_most
+from tuichat.ui.widgets.prompt_area import PromptArea
+
+
+def wrapped_rows(text: str, width: int) -> int:
+    console = Console(width=width, file=None, legacy_windows=False)
+    return sum(len(Text(line).wrap(console, width)) for line in text.split("\n"))
+
+
+def test_the_bound_is_never_below_what_word_wrap_takes() -> None:
+    rng = random.Random(15)
+    alphabet = ["a", "bb", "ccc", "déjà", "x" * 9, "中文", "🙂", "`code`", "https://example.com/a/b"]
+    checked = 0
+    for _ in range(600):
+        width = rng.randint(8, 120)
+        words = [rng.choice(alphabet) * rng.randint(1, 3) for _ in range(rng.randint(1, 400))]
+        lines = " ".join(words).replace("ccc ccc", "ccc\nccc")
+        bound = rows_at_most(lines, width)
+        if bound is None:  # a word as wide as a row: no cheap bound, the paragraph is laid out as Textual does
+            assert any(len(w) >= width for w in lines.split()) or "中" in lines or "🙂" in lines
+            continue
+        checked += 1
+        assert bound >= wrapped_rows(lines, width), (width, lines[:80])
+    assert checked > 250  # most cases have a bound
+
+
+def test_a_word_wider_than_the_row_has_no_cheap_bound() -> None:
+    assert rows_at_most("short words then " + "x" * 50, 40) is None
+    assert rows_at_most("fits", 40) == 1
+    assert rows_at_most("one\ntwo\nthree", 40) == 3
+
+
+async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_no_spare_rows() -> None:
+    paragraphs = [" ".join(f"p{p}w{i}" for i in range(60)) for p in range(3)]
+    server = ScriptedServer("\n\n".join(paragraphs))
+    server.pieces = 60  # three words a chunk, 20 chunks a second: about 3 s
+    server.delay = 0.05
+    app = app_for(server, cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        prompt.text = "three paragraphs please"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: bool(app.query(LiveMarkdown)))
+        markdown = app.query_one(LiveMarkdown)
+        for p in range(3):
+            await wait_for(pilot, lambda p=p: f"p{p}w40" in app.chat.turns[-1].content)
+            # the newest word that arrived is drawn: the rows a paragraph holds never cut its end off
+            newest = app.chat.turns[-1].content.split()[-1]
+            await wait_for(pilot, lambda w=newest: w in screen_text(app))
+            blocks = [b for b in markdown.children if isinstance(b, LiveParagraph)]
+            assert len(blocks) == p + 1
+            assert blocks[-1].reserved > 0  # the growing one holds rows, so a flush is a repaint, not a layout
+            assert all(b.reserved == 0 for b in blocks[:-1])  # finished ones hold exactly their own rows
+        await wait_for(pilot, lambda: not app.streaming and "p2w59" in screen_text(app))
