@@ -225,6 +225,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
 
     def _show_event(self, event: Event) -> None:
         if isinstance(event, ReplyStarted):
+            self._hold_echo()
             self.status_line.set(state="streaming", last="waiting for first token")
         elif isinstance(event, ModelChosen):
             self.status_line.set(model=event.model)
@@ -259,8 +260,10 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             text = "".join(self._pending)
             self._pending.clear()
             await self._live.write(text)
+            self._release_echo()  # the first words are in the reply's widgets: draw them with the sent message
 
     def _stream_ended(self) -> ReplyMessage | None:
+        self._release_echo()
         if self._flusher is not None:
             self._flusher.stop()
             self._flusher = None

@@ -1,4 +1,5 @@
-"""What every part of the chat screen shares: its engine, its widgets by role, notes, the title and the refusals.
+"""What every part of the chat screen shares: its engine, its widgets by role, notes, the title, the refusals and
+the held echo (a sent message drawn with the first words of its reply).
 
 The chat screen is one `ChatScreen` built from small parts (`chat_saved`, `chat_copy`, `chat_images`), each a
 class on this base, so a part reads the same `conversation`, `messages` and `prompt` as the screen itself and
@@ -7,6 +8,7 @@ mypy checks every use. Only `ChatScreen` holds bindings and composes widgets.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,14 @@ if TYPE_CHECKING:
     from tuichat.ui.app import TuichatApp
 
 
+# After Enter the screen is not repainted until the reply's first words are in, or this long: the message just
+# sent and the first words then come in one frame. Drawn apart, the first frame (the sent message, the new reply's
+# widgets, about 15 ms of layout) was still being drawn when a quick server's first chunk came, and the chunk
+# waited for it: 50 -> 34 ms from Enter to the first word against the stand-in. 40 ms is far below what reads as
+# a delay of the echo.
+ECHO_WAIT_S = 0.04
+
+
 class ChatBase(Screen[None]):
     """The chat screen's shared state and widget accessors (see the module docstring)."""
 
@@ -33,6 +43,7 @@ class ChatBase(Screen[None]):
     restoring: bool = False  # the saved chat named at start-up is being shown (the app waits for it)
     _title: str = ""  # the open chat's title, which sub_title shows with the read-only mark
     _refused: tuple[str, float] = ("", 0.0)  # the last refusal said, and when (not repeated while on screen)
+    _echo_hold: contextlib.ExitStack | None = None  # repaints held until a reply's first words (ECHO_WAIT_S)
 
     @property
     def messages(self) -> MessageList:
@@ -88,3 +99,16 @@ class ChatBase(Screen[None]):
         """Say where the user looks (title and the empty prompt) that the chat shown belongs to another tuichat."""
         self.app.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
         self.prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
+
+    def _hold_echo(self) -> None:
+        """Hold repaints from Enter until the reply's first words are in, or ECHO_WAIT_S at most."""
+        if self._echo_hold is None:
+            hold = contextlib.ExitStack()
+            hold.enter_context(self.app.batch_update())
+            self._echo_hold = hold
+            self.app.set_timer(ECHO_WAIT_S, self._release_echo)  # the app's: it runs even if a screen covers this
+
+    def _release_echo(self) -> None:
+        hold, self._echo_hold = self._echo_hold, None
+        if hold is not None:
+            hold.close()

@@ -137,8 +137,12 @@ class ReplyMessage(Static):
         if self._markdown is None:
             return
         if self._stream is None:
+            # The first words are appended here and now, so they are in the widgets when the caller returns (the
+            # chat screen draws them in the same frame as the message just sent); the rest goes through the stream.
             self._stream = self._markdown.get_stream(self._markdown)
-        await self._stream.write(text)
+            await self._markdown.append(text)
+        else:
+            await self._stream.write(text)
         self.call_after_refresh(self._reserve_rows)
 
     def _reserve_rows(self) -> None:
