@@ -24,11 +24,13 @@ def rows_at_most(text: str, width: int) -> int | None:
     one (a word as wide as a row, which is folded: text without spaces, such as Chinese, or a long URL)."""
     rows = 0
     for line in text.split("\n"):
-        cells = cell_len(line)
+        ascii_only = line.isascii()  # then a character is a cell, and the lengths are counted in C
+        cells = len(line) if ascii_only else cell_len(line)
         if cells <= width:
             rows += 1
             continue
-        longest = max((cell_len(word) for word in line.split()), default=0)
+        words = line.split()
+        longest = max(map(len if ascii_only else cell_len, words), default=0)
         if longest >= width:
             return None
         # a row ends only where the next word does not fit, so each holds at least width - longest cells
