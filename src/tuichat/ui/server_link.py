@@ -70,8 +70,12 @@ class ServerLink:
                     text = preflight_note(name, exc, app.key_name("server"))
                 else:
                     text = self._failure(name, exc)
-                app.call_from_thread(screen.add_note, "error", text)
-                app.call_from_thread(lambda: screen.status_line.set(state="failed"))
+
+                def failed() -> None:  # one step on the loop: the note and the state are never seen apart
+                    screen.add_note("error", text)
+                    screen.status_line.set(state="failed")
+
+                app.call_from_thread(failed)
                 return
             app.call_from_thread(
                 screen.add_note, "notice", f"Starting {name} ({profile.model}); F5 shows its progress and log."
