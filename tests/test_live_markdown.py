@@ -46,10 +46,10 @@ def test_a_word_wider_than_the_row_has_no_cheap_bound() -> None:
 
 
 async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_no_spare_rows() -> None:
-    paragraphs = [" ".join(f"p{p}w{i}" for i in range(60)) for p in range(3)]
+    paragraphs = [" ".join(f"p{p}w{i}" for i in range(150)) for p in range(3)]  # ~15 rows each at 80 columns
     server = ScriptedServer("\n\n".join(paragraphs))
-    server.pieces = 60  # three words a chunk, 20 chunks a second: about 3 s
-    server.delay = 0.05
+    server.pieces = 150  # three words a chunk, 50 chunks a second: about 3 s
+    server.delay = 0.02
     app = app_for(server, cursor_blink=False)
     async with app.run_test(size=(80, 24)) as pilot:
         prompt = app.query_one(PromptArea)
@@ -59,12 +59,28 @@ async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_n
         await wait_for(pilot, lambda: bool(app.query(LiveMarkdown)))
         markdown = app.query_one(LiveMarkdown)
         for p in range(3):
-            await wait_for(pilot, lambda p=p: f"p{p}w40" in app.chat.turns[-1].content)
+            await wait_for(pilot, lambda p=p: f"p{p}w120" in app.chat.turns[-1].content)
             # the newest word that arrived is drawn: the rows a paragraph holds never cut its end off
             newest = app.chat.turns[-1].content.split()[-1]
             await wait_for(pilot, lambda w=newest: w in screen_text(app))
             blocks = [b for b in markdown.children if isinstance(b, LiveParagraph)]
             assert len(blocks) == p + 1
-            assert blocks[-1].reserved > 0  # the growing one holds rows, so a flush is a repaint, not a layout
+            assert blocks[-1].reserved > 0  # the long growing one holds rows: a flush is a repaint, not a layout
             assert all(b.reserved == 0 for b in blocks[:-1])  # finished ones hold exactly their own rows
-        await wait_for(pilot, lambda: not app.streaming and "p2w59" in screen_text(app))
+        await wait_for(pilot, lambda: not app.streaming and "p2w149" in screen_text(app))
+
+
+async def test_a_short_paragraph_takes_exactly_its_rows_while_it_streams() -> None:
+    server = ScriptedServer(" ".join(f"s{i}" for i in range(30)))  # two rows at 80 columns
+    server.pieces = 10
+    server.delay = 0.05
+    app = app_for(server, cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        prompt = app.query_one(PromptArea)
+        prompt.focus()
+        prompt.text = "a short one"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "s20" in app.chat.turns[-1].content and "s20" in screen_text(app))
+        blocks = list(app.query(LiveParagraph).results())
+        assert blocks and all(b.reserved == 0 for b in blocks)  # no spare rows under a short reply
+        await wait_for(pilot, lambda: not app.streaming and "s29" in screen_text(app))

@@ -5,7 +5,8 @@ a streaming reply (about 20 a second) rearranged every widget on screen: about a
 (bench/RESULTS.md, third session). `LiveParagraph` reserves its rows `ROWS_STEP` at a time and, while its text
 still fits them, is only repainted. Whether it fits is decided without wrapping: every source line takes at most
 ceil(cells / (width - longest word)) rows under word wrap, so the reserved rows never cut text off; they may leave
-a few blank rows under the last line while the reply streams. A paragraph that is no longer the last block
+a few blank rows under the last line while the reply streams. A paragraph shorter than one step is sized as
+Textual sizes it. A paragraph that is no longer the last block
 (`settle`) and the finished reply (a plain widget of its own) take exactly their rows.
 """
 
@@ -48,7 +49,9 @@ class LiveParagraph(MarkdownParagraph):
         self._content = content
         width = self.content_size.width
         needed = rows_at_most(content.plain, width) if width > 0 and self.parent is self._markdown else None
-        if needed is None:  # not laid out yet, nested (lists, quotes), or no cheap bound: Textual's own way
+        if needed is None or (needed < ROWS_STEP and not self.reserved):
+            # not laid out yet, nested (lists, quotes), no cheap bound, or still short (a few layouts cost little,
+            # and a short reply then takes exactly its rows from the start): Textual's own way
             self.settle()
             self.update(content)
         elif needed > self.reserved or width != self._reserved_width:
