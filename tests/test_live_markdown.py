@@ -8,10 +8,12 @@ paragraph that stopped growing must give its spare rows back, so a reply in seve
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from apphelpers import ScriptedServer, app_for, screen_text, wait_for
 from rich.console import Console
 from rich.text import Text
+from textual.pilot import Pilot
 
 from tuichat.ui.widgets.live_markdown import LiveMarkdown, LiveParagraph, rows_at_most
 from tuichat.ui.widgets.prompt_area import PromptArea
@@ -45,17 +47,25 @@ def test_a_word_wider_than_the_row_has_no_cheap_bound() -> None:
     assert rows_at_most("one\ntwo\nthree", 40) == 3
 
 
+def slow_server(reply: str, pieces: int, delay: float) -> ScriptedServer:
+    server = ScriptedServer(reply)
+    server.pieces, server.delay = pieces, delay
+    return server
+
+
+async def send(pilot: Pilot[Any], text: str) -> None:
+    prompt = pilot.app.query_one(PromptArea)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+
+
 async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_no_spare_rows() -> None:
     paragraphs = [" ".join(f"p{p}w{i}" for i in range(150)) for p in range(3)]  # ~15 rows each at 80 columns
-    server = ScriptedServer("\n\n".join(paragraphs))
-    server.pieces = 150  # three words a chunk, 50 chunks a second: about 3 s
-    server.delay = 0.02
-    app = app_for(server, cursor_blink=False)
+    # three words a chunk, 50 chunks a second: about 3 s
+    app = app_for(slow_server("\n\n".join(paragraphs), 150, 0.02), cursor_blink=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        prompt = app.query_one(PromptArea)
-        prompt.focus()
-        prompt.text = "three paragraphs please"
-        await pilot.press("enter")
+        await send(pilot, "three paragraphs please")
         await wait_for(pilot, lambda: bool(app.query(LiveMarkdown)))
         markdown = app.query_one(LiveMarkdown)
         for p in range(3):
@@ -71,15 +81,9 @@ async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_n
 
 
 async def test_a_short_paragraph_takes_exactly_its_rows_while_it_streams() -> None:
-    server = ScriptedServer(" ".join(f"s{i}" for i in range(30)))  # two rows at 80 columns
-    server.pieces = 10
-    server.delay = 0.05
-    app = app_for(server, cursor_blink=False)
+    app = app_for(slow_server(" ".join(f"s{i}" for i in range(30)), 10, 0.05), cursor_blink=False)  # two rows
     async with app.run_test(size=(80, 24)) as pilot:
-        prompt = app.query_one(PromptArea)
-        prompt.focus()
-        prompt.text = "a short one"
-        await pilot.press("enter")
+        await send(pilot, "a short one")
         await wait_for(pilot, lambda: "s20" in app.chat.turns[-1].content and "s20" in screen_text(app))
         blocks = list(app.query(LiveParagraph).results())
         assert blocks and all(b.reserved == 0 for b in blocks)  # no spare rows under a short reply
