@@ -54,3 +54,17 @@ async def test_exchanges_do_not_pile_up_footer_keys() -> None:
         await pilot.pause()
         assert len(app.screen.query(FooterKey)) == before_dom
         assert footer_keys_alive() <= before
+
+
+async def test_the_footer_is_rebuilt_only_when_its_keys_change() -> None:
+    app = app_for(ScriptedServer())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: "ready" in screen_text(app) and "palette" in footer_line(app))
+        keys = list(app.screen.query(FooterKey))
+        for _ in range(4):  # Textual refreshes bindings on every focus change; nothing shown changes here
+            app.screen.refresh_bindings()
+            await pilot.pause()
+        assert list(app.screen.query(FooterKey)) == keys  # the same widgets: no rebuild
+        await pilot.resize_terminal(80, 24)  # Copy no longer fits: that is a change, and it is drawn
+        await wait_for(pilot, lambda: "^o" not in footer_line(app))
+        assert list(app.screen.query(FooterKey)) != keys

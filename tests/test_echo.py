@@ -30,3 +30,32 @@ async def test_a_slow_first_word_does_not_hold_the_sent_message_back() -> None:
         assert time.monotonic() - pressed < ECHO_WAIT_S + 0.5
         await wait_for(pilot, lambda: "late words" in screen_text(app), timeout=10)
         assert app.chat_screen._echo_hold is None  # nothing is held once the reply streams
+
+
+async def test_a_saved_chat_is_on_screen_before_the_server_is_asked_anything() -> None:
+    """With --continue the first screen the user waits for is the saved chat: the health check, the first
+    status reading and their imports come after it, not in the middle of it (issue 15)."""
+    import httpx
+
+    from tuichat.chat.store import Store, default_path
+
+    with Store.open(default_path()) as store:
+        conv = store.create_conversation(title="saved")
+        for n in range(30):
+            store.add_message(conv, "user", f"question {n}")
+            store.add_message(conv, "assistant", f"answer number {n}")
+    server = ScriptedServer()
+    seen_at_first_request: list[bool] = []
+    handle = server.handle
+
+    async def watching(request: httpx.Request) -> httpx.Response:
+        if not seen_at_first_request:
+            seen_at_first_request.append("answer number 29" in screen_text(app))
+        return await handle(request)
+
+    server.handle = watching  # type: ignore[method-assign]
+    app = app_for(server, continue_last=True, cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: "ready" in screen_text(app))
+        assert seen_at_first_request == [True]
+        await wait_for(pilot, lambda: len(app.chat_screen.messages.messages()) > 6)  # the rest came after it

@@ -3,6 +3,11 @@ frame does not need waits until after it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import pytest
 from apphelpers import ScriptedServer, app_for, wait_for
 
@@ -35,3 +40,19 @@ async def test_the_cursor_stops_blinking_without_keys_and_a_key_wakes_it(monkeyp
         assert prompt.text == "ab"
         assert prompt.blinking
         await wait_for(pilot, lambda: len(flips) >= rested + 2)  # blinking again after the key
+
+
+def test_the_first_frame_needs_no_http_stack() -> None:
+    """httpx (~70 ms to import) loads with the first request, not with the app, and never with its own CLI."""
+    code = (
+        "import sys\n"
+        "from tuichat.ui.app import AppOptions, make_app\n"
+        "make_app(AppOptions(url='http://127.0.0.1:9', use_store=False, watch_server=False))\n"
+        "print('httpx' in sys.modules)\n"
+        "import httpx\n"
+        "print('click' in sys.modules, 'pygments' in sys.modules)\n"
+    )
+    env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False"]

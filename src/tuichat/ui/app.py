@@ -65,7 +65,7 @@ class TuichatApp(App[None]):
         self._keymap_error: str | None = None
         self._hung_up = False
         self._save_timer: Any = None
-        self._background_started = False  # first_screen_shown has run
+        self.first_screen_out = False  # first_screen_shown has run: background work may start
         self.server_link = ServerLink(self)
         self.status = StatusWatch(self)
         self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
@@ -176,11 +176,13 @@ class TuichatApp(App[None]):
     def first_screen_shown(self) -> None:
         """The first screen the user waits for is out (the first frame, or a saved chat's newest turns): now the
         server check and the first status reading, whose imports (httpx) and requests would have delayed it."""
-        if self._background_started:
+        if self.first_screen_out:
             return
-        self._background_started = True
+        self.first_screen_out = True
         if not (self.options.managed and self.profile_name):
             self.server_link.check_server()
+            if len(self.chat):  # a saved chat was opened (--continue): its exact size, asked for now
+                self.status.count_context()
         if self.options.watch_server:
             self.status.poll()
         # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the

@@ -100,7 +100,9 @@ class StatusWatch:
         meter.reset()
         meter.estimate_from(t.content for t in turns if t.role in ("user", "assistant"))
         self.redraw()
-        if self.app.server_link.target_known:  # else the count is asked for once the launched server is up
+        # else the count is asked for once the launched server is up, or (at start-up, --continue) once the
+        # saved chat's first screen is out: its request and httpx's import would delay that screen
+        if self.app.server_link.target_known and self.app.first_screen_out:
             self.count_context()
 
     def count_context(self) -> None:
