@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 from textual.pilot import Pilot
 
-from tuichat.ui.widgets.live_markdown import LiveMarkdown, LiveParagraph, rows_at_most
+from tuichat.ui.widgets.live_markdown import ROWS_STEP, LiveMarkdown, LiveParagraph, rows_at_most
 from tuichat.ui.widgets.prompt_area import PromptArea
 
 
@@ -88,3 +88,24 @@ async def test_a_short_paragraph_takes_exactly_its_rows_while_it_streams() -> No
         blocks = list(app.query(LiveParagraph).results())
         assert blocks and all(b.reserved == 0 for b in blocks)  # no spare rows under a short reply
         await wait_for(pilot, lambda: not app.streaming and "s29" in screen_text(app))
+
+
+def blank_rows_under_the_reply(text: str) -> int:
+    """Rows between the last line of reply text and the prompt box, in the chat column."""
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.lstrip().startswith("╭"))
+    last = max(i for i, line in enumerate(lines[:top]) if "w" in line and any(c.isdigit() for c in line))
+    return sum(1 for line in lines[last + 1 : top] if not line.strip(" █▏▕│"))
+
+
+async def test_the_newest_words_stay_near_the_bottom_while_a_long_paragraph_streams() -> None:
+    app = app_for(slow_server(" ".join(f"w{i}" for i in range(600)), 200, 0.02), cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await send(pilot, "one long paragraph")
+        for words in range(150, 600, 90):
+            await wait_for(pilot, lambda n=words: f"w{n}" in app.chat.turns[-1].content)
+            newest = app.chat.turns[-1].content.split()[-1]
+            await wait_for(pilot, lambda w=newest: w in screen_text(app))
+            # what the paragraph holds ahead (< one step, plus the bound's slack of a row), and nothing on top
+            assert blank_rows_under_the_reply(screen_text(app)) <= ROWS_STEP + 2
+        await wait_for(pilot, lambda: not app.streaming)

@@ -17,7 +17,7 @@ from textual.content import Content
 from textual.widgets import Markdown
 from textual.widgets._markdown import MarkdownBlock, MarkdownParagraph
 
-ROWS_STEP = 8  # rows a growing paragraph reserves at a time
+ROWS_STEP = 4  # rows a growing paragraph reserves at a time (at most this many blank rows under its last line)
 
 
 def rows_at_most(text: str, width: int) -> int | None:
@@ -79,6 +79,11 @@ class LiveMarkdown(Markdown):
     """Textual's Markdown with `LiveParagraph` for paragraphs; `settle_finished` trims the ones that stopped growing."""
 
     BLOCKS: dict[str, type[MarkdownBlock]] = {**Markdown.BLOCKS, "paragraph_open": LiveParagraph}
+
+    def holds_rows(self) -> bool:
+        """Whether the last block is a paragraph holding rows (then nothing around it need hold any)."""
+        last = self.children[-1] if self.children else None
+        return isinstance(last, LiveParagraph) and last.reserved > 0
 
     def settle_finished(self) -> None:
         """Every paragraph but the last block: more text can only come to the last one."""

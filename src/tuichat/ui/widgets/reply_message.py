@@ -151,6 +151,12 @@ class ReplyMessage(Static):
         if markdown is None or not self.live:
             return
         markdown.settle_finished()
+        if markdown.holds_rows():
+            # its growing paragraph already holds rows in steps: a step of our own on top would only add blank
+            # rows under the newest words (up to twice the step, at the bottom of the view)
+            if self.styles.min_height is not None:
+                self.styles.min_height = None
+            return
         needed = markdown.outer_size.height + self.styles.gutter.height
         floor = self.styles.min_height
         reserved = floor.cells if floor is not None and floor.cells is not None else 0
