@@ -362,6 +362,12 @@ def settle(pty: PtyClient, quiet: float = 0.3, limit: float = 2.0) -> None:
             return
 
 
+def start_ready(pty: PtyClient, client: Client) -> str | None:
+    """Start the client and wait until it can take a prompt; the error for the trial when it never could."""
+    pty.start()
+    return "never became ready" if pty.wait_for_text(client.ready_text, 120) is None else None
+
+
 def startup_trial(client: Client, server: Server, history: int, workdir: Path) -> StartupTrial:
     home = Path(tempfile.mkdtemp(dir=workdir))
     pty = launch(client, home, server, history)
@@ -423,9 +429,8 @@ def stream_trial(
     pty.max_word = chunks
     pty.words_from_screen = screen_words
     try:
-        pty.start()
-        if pty.wait_for_text(client.ready_text, 120) is None:
-            trial.error = "never became ready"
+        trial.error = start_ready(pty, client)
+        if trial.error:
             return trial
         if history and pty.wait_for_text(HISTORY_END, 120) is None:
             trial.error = "history never shown"
@@ -485,9 +490,8 @@ def growth_trial(client: Client, rig_: Rig, settings: Settings, workdir: Path) -
     pty = launch(client, home, rig_.server, 0)
     step = 10 ** len(str(settings.growth_words))  # room for every word of one reply below the next base
     try:
-        pty.start()
-        if pty.wait_for_text(client.ready_text, 120) is None:
-            trial.error = "never became ready"
+        trial.error = start_ready(pty, client)
+        if trial.error:
             return trial
         settle(pty, limit=settings.settle_s)
         trial.rss_mb.append(pty.rss_mb())
@@ -521,9 +525,8 @@ def idle_trial(client: Client, rig_: Rig, settings: Settings, workdir: Path) -> 
     if client.name == "tuichat":
         (home / "config.toml").write_text("[ui]\nshow_status = true\nshow_sampling = true\n")
     try:
-        pty.start()
-        if pty.wait_for_text(client.ready_text, 120) is None:
-            trial.error = "never became ready"
+        trial.error = start_ready(pty, client)
+        if trial.error:
             return trial
         settle(pty, limit=settings.settle_s)
         pty.pause_screen()  # the harness's own pyte work would compete with the client for the 2 cores
