@@ -88,13 +88,9 @@ def writer_alive(writer: str | None) -> bool:
         return False
     if current:
         return not start or current == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from tuichat.server.procgroup import pid_alive  # no /proc here: the pid alone, as the launcher checks it
+
+    return pid_alive(pid)
 
 
 # Replies being streamed by Stores open in this process, as (database path, message id): a reply written
