@@ -181,8 +181,7 @@ class TuichatApp(App[None]):
         self.first_screen_out = True
         if not (self.options.managed and self.profile_name):
             self.server_link.check_server()
-            if len(self.chat):  # a saved chat was opened (--continue): its exact size, asked for now
-                self.status.count_context()
+        self.status.first_screen_shown()
         if self.options.watch_server:
             self.status.poll()
         # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the

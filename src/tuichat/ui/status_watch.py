@@ -46,6 +46,7 @@ class StatusWatch:
     def __init__(self, app: TuichatApp) -> None:
         self.app = app
         self.view = StatusView(context=ContextMeter(None))
+        self.count_when_shown = False  # a saved chat opened at start-up waits for the first screen to be counted
         self._gen_rate = RateTracker()
         self._kv_history = History()
         self._rate_history = History()
@@ -102,7 +103,16 @@ class StatusWatch:
         self.redraw()
         # else the count is asked for once the launched server is up, or (at start-up, --continue) once the
         # saved chat's first screen is out: its request and httpx's import would delay that screen
-        if self.app.server_link.target_known and self.app.first_screen_out:
+        if self.app.server_link.target_known:
+            if self.app.first_screen_out:
+                self.count_context()
+            else:
+                self.count_when_shown = True
+
+    def first_screen_shown(self) -> None:
+        """The app's first screen is out: the count a saved chat opened at start-up waited for."""
+        if self.count_when_shown:
+            self.count_when_shown = False
             self.count_context()
 
     def count_context(self) -> None:
