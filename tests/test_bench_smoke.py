@@ -76,7 +76,9 @@ def test_quick_case_prints_every_figure_and_marks_a_missing_peer(tmp_path: Path,
         assert _number(row[2]) == 300
         lag_p50, lag_p95 = _number(row[3]), _number(row[4])
         assert 0 <= lag_p50 <= lag_p95 < 30_000
-        if client != "curl -N":  # curl's few ms of CPU round to 0 %; a Python client's never do
+        # CPU is counted in clock ticks of 10 ms: curl's and the raw loop's few ms of a quick run can round to 0 %
+        # (the raw loop's did once, on a loaded machine); a Textual app's never do
+        if client == "tuichat":
             assert _number(row[7]) > 0, f"{client} [{case}]: no CPU time measured for the client: {row}"
         assert re.fullmatch(r"[01]/1", row[6])
         assert len(row) == 9, f"{client} [{case}] reported an error: {row}"
