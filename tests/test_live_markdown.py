@@ -10,12 +10,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from apphelpers import ScriptedServer, app_for, screen_text, wait_for
 from rich.console import Console
 from rich.text import Text
+from textual.app import App, ComposeResult
 from textual.pilot import Pilot
+from textual.strip import Strip
+from textual.visual import Visual
 
-from tuichat.ui.widgets.live_markdown import ROWS_STEP, LiveMarkdown, LiveParagraph, rows_at_most
+from tuichat.ui.widgets import live_markdown
+from tuichat.ui.widgets.live_markdown import ROWS_STEP, LiveMarkdown, LiveParagraph, last_row_start, rows_at_most
 from tuichat.ui.widgets.prompt_area import PromptArea
 
 
@@ -109,3 +114,48 @@ async def test_the_newest_words_stay_near_the_bottom_while_a_long_paragraph_stre
             # what the paragraph holds ahead (< one step, plus the bound's slack of a row), and nothing on top
             assert blank_rows_under_the_reply(screen_text(app)) <= ROWS_STEP + 2
         await wait_for(pilot, lambda: not app.streaming)
+
+
+class OneReply(App[None]):
+    def compose(self) -> ComposeResult:
+        yield LiveMarkdown()
+
+
+def row_cells(strip: Strip) -> list[tuple[str, object]]:
+    return [(segment.text, segment.style) for segment in strip]
+
+
+async def test_rows_kept_between_flushes_are_the_rows_a_whole_wrap_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the last row of the growing paragraph is wrapped again at each flush: what it draws must still be,
+    row for row and style for style, what wrapping the whole text gives, whatever the flushes cut through (words,
+    bold and code markers, wide characters)."""
+    rng = random.Random(19)
+    words = ["a", "word", "longer", "**bold text**", "`code`", "déjà", "中文", "x" * 12, "*em*", "end."]
+    text = " ".join(rng.choice(words) for _ in range(450))
+    wrapped: list[int] = []  # the length of each text whose last row was looked for: the whole, or a tail
+
+    def spy(text: str, width: int) -> int:
+        wrapped.append(len(text))
+        return last_row_start(text, width)
+
+    monkeypatch.setattr(live_markdown, "last_row_start", spy)
+    app = OneReply()
+    async with app.run_test(size=(70, 40)) as pilot:
+        markdown = app.query_one(LiveMarkdown)
+        at, checked = 0, 0
+        while at < len(text):
+            step = rng.randint(1, 40)
+            await markdown.append(text[at : at + step])
+            at += step
+            await pilot.pause()
+            paragraph = markdown.query(LiveParagraph).last()
+            if not paragraph.reserved:
+                continue
+            width = paragraph.size.width
+            whole = Visual.to_strips(paragraph, paragraph._content, width, None, paragraph.visual_style)
+            drawn = [paragraph.render_line(y) for y in range(len(whole))]
+            assert [row_cells(s) for s in drawn] == [row_cells(s) for s in whole], at
+            checked += 1
+        assert checked > 60
+        # most flushes wrapped only a tail of a row or two, not the paragraph (thousands of characters by then)
+        assert sum(n < 3 * 70 for n in wrapped) > 0.6 * len(wrapped) and max(wrapped) > 2000

@@ -8,16 +8,45 @@ ceil(cells / (width - longest word)) rows under word wrap, so the reserved rows 
 a few blank rows under the last line while the reply streams. A paragraph shorter than one step is sized as
 Textual sizes it. A paragraph that is no longer the last block
 (`settle`) and the finished reply (a plain widget of its own) take exactly their rows.
+
+While it holds rows, the paragraph also keeps its wrapped rows between flushes. Word wrap is greedy, so text
+appended to a paragraph can change only its last row and the rows after it: those are wrapped again and marked
+for repaint, and the rows above are neither wrapped nor drawn again. Textual's own paragraph wrapped and drew
+the whole paragraph at every flush, a sixth of a fast stream's CPU once it was long (bench/RESULTS.md).
+
+Every flush parses the reply's last block again, so the parser is built once (`live_parser`), not at each
+flush as Textual's default does, and it is Rich's Markdown (what the finished reply is drawn with), without
+the link finder: its scan of the whole block was another tenth of a long paragraph's CPU, and the finished
+reply does not make links either.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
+from markdown_it import MarkdownIt
+from rich._wrap import divide_line
 from rich.cells import cell_len
+from rich.segment import Segment
+from rich.style import Style as RichStyle
 from textual.content import Content
+from textual.geometry import Region
+from textual.strip import Strip
+from textual.style import Style
+from textual.visual import Visual
 from textual.widgets import Markdown
 from textual.widgets._markdown import MarkdownBlock, MarkdownParagraph
 
+from tuichat.ui.widgets.sizing import virtual_size_without_relayout
+
 ROWS_STEP = 4  # rows a growing paragraph reserves at a time (at most this many blank rows under its last line)
+
+
+@cache
+def live_parser() -> MarkdownIt:
+    """The one parser of every live reply: CommonMark with tables and strikethrough, as Rich parses a finished
+    reply (markdown-it keeps no state between parses)."""
+    return MarkdownIt().enable("strikethrough").enable("table")
 
 
 def rows_at_most(text: str, width: int) -> int | None:
@@ -39,11 +68,53 @@ def rows_at_most(text: str, width: int) -> int | None:
     return rows
 
 
-class LiveParagraph(MarkdownParagraph):
-    """A top-level paragraph of the streaming reply: repainted, not laid out again, while its text fits its rows."""
+def last_row_start(text: str, width: int) -> int:
+    """Where in `text` its last row begins when word-wrapped to `width` cells as Textual wraps a paragraph."""
+    line_start = text.rfind("\n") + 1  # a hard break always starts a row
+    offsets = divide_line(text[line_start:], width, fold=True)
+    return line_start + (offsets[-1] if offsets else 0)
 
+
+def _shifted(strips: list[Strip], dx: int, dy: int) -> list[Strip]:
+    """The rows of a paragraph's tail as rows of the whole: Textual stores in each segment where its text is in
+    the paragraph (source line y, character x), which text selection reads. Rows wrapped from a tail count from
+    the tail's start: x moves by `dx` on its first source line, and y by `dy` (the hard breaks before it)."""
+    if not dx and not dy:
+        return strips
+    moved: list[Strip] = []
+    for strip in strips:
+        segments: list[Segment] = []
+        for segment in strip:
+            style = segment.style
+            offset = style.meta.get("offset") if style is not None and style._meta else None
+            if offset is not None and style is not None:
+                x, y = offset
+                meta = {**style.meta, "offset": (x + dx if y == 0 else x, y + dy)}
+                segment = Segment(segment.text, style + RichStyle.from_meta(meta), segment.control)
+            segments.append(segment)
+        moved.append(Strip(segments, strip.cell_length))
+    return moved
+
+
+def _spans_before(content: Content, end: int) -> list[tuple[int, int, object]]:
+    return [(start, min(stop, end), style) for start, stop, style in content.spans if start < end]
+
+
+class LiveParagraph(MarkdownParagraph):
+    """A top-level paragraph of the streaming reply: repainted, not laid out again, while its text fits its rows,
+    and wrapped and drawn again only from its last row on."""
+
+    virtual_size = virtual_size_without_relayout()
     reserved = 0  # rows held for the text (0: sized by its content, as Textual's paragraph is)
     _reserved_width = 0  # the content width the rows were worked out for
+    _rows: list[Strip] | None = None  # the text's rows, while rows are held
+    _rows_of: Content | None = None  # the text `_rows` were made from
+    _rows_key: tuple[int, Style] | None = None  # and for which width and style
+    _last_start = 0  # where in `_rows_of` its last row begins
+
+    def render(self) -> Content:
+        # the text as set, not Static's copy: a flush that fits the held rows does not go through update()
+        return self._content
 
     def set_content(self, content: Content) -> None:
         self._content = content
@@ -58,9 +129,57 @@ class LiveParagraph(MarkdownParagraph):
             self.reserved = (needed // ROWS_STEP + 1) * ROWS_STEP
             self._reserved_width = width
             self.styles.height = self.reserved
-            self.update(content)
+            self.refresh(layout=True)
+        elif self._rows is not None and self._rows_of is not None and self._extends(self._rows_of, content):
+            first = len(self._rows) - 1  # the rows above the last one drawn cannot change
+            self.refresh(Region(0, first, width, max(self.reserved - first, 1)))
         else:
-            self.update(content, layout=False)
+            self.refresh()
+
+    def _extends(self, old: Content, new: Content) -> bool:
+        """Whether `new` only appends to `old`: then the rows before old's last row stay as they are (the first
+        word of that row can only grow, so it still does not fit on the row above)."""
+        end = self._last_start
+        return new.plain.startswith(old.plain) and _spans_before(new, end) == _spans_before(old, end)
+
+    def _wrapped_rows(self) -> list[Strip]:
+        width = self.size.width
+        style = self.visual_style
+        content = self._content
+        rows, old = self._rows, self._rows_of
+        if rows is not None and old is content and self._rows_key == (width, style):
+            return rows
+        if rows is not None and old is not None and self._rows_key == (width, style) and self._extends(old, content):
+            start = self._last_start
+            tail = content[start:]
+            plain = content.plain
+            line_start = plain.rfind("\n", 0, start) + 1
+            tail_rows = Visual.to_strips(self, tail, width, None, style)
+            rows = rows[:-1] + _shifted(tail_rows, start - line_start, plain.count("\n", 0, start))
+            self._last_start = start + last_row_start(tail.plain, width)
+        else:
+            rows = Visual.to_strips(self, content, width, None, style)
+            self._last_start = last_row_start(content.plain, width)
+        self._rows, self._rows_of, self._rows_key = rows, content, (width, style)
+        return rows
+
+    def render_line(self, y: int) -> Strip:
+        if not self.reserved or self.text_selection is not None or not self._plain_wrap():
+            self._rows = None  # drawn Textual's way (a selection is drawn into the rows): the kept rows go stale
+            return super().render_line(y)
+        rows = self._wrapped_rows()
+        return rows[y] if y < len(rows) else Strip.blank(self.size.width, self.visual_style.rich_style)
+
+    def _plain_wrap(self) -> bool:
+        """Whether the paragraph is wrapped as `last_row_start` assumes (Textual's defaults for a paragraph)."""
+        styles = self.styles
+        return (
+            styles.text_wrap == "wrap"
+            and styles.text_overflow == "fold"
+            and styles.line_pad == 0
+            and styles.text_align in ("left", "start")
+            and tuple(styles.content_align) == ("left", "top")
+        )
 
     def on_resize(self) -> None:
         # only a new width matters (the reserved rows themselves change the height): the bound no longer holds
@@ -72,13 +191,18 @@ class LiveParagraph(MarkdownParagraph):
         if self.reserved:
             self.reserved = 0
             self._reserved_width = 0
+            self._rows = self._rows_of = None
             self.styles.height = "auto"
 
 
 class LiveMarkdown(Markdown):
     """Textual's Markdown with `LiveParagraph` for paragraphs; `settle_finished` trims the ones that stopped growing."""
 
+    virtual_size = virtual_size_without_relayout()
     BLOCKS: dict[str, type[MarkdownBlock]] = {**Markdown.BLOCKS, "paragraph_open": LiveParagraph}
+
+    def __init__(self, markdown: str = "", *, classes: str | None = None) -> None:
+        super().__init__(markdown, classes=classes, parser_factory=live_parser)
 
     def holds_rows(self) -> bool:
         """Whether the last block is a paragraph holding rows (then nothing around it need hold any)."""

@@ -26,6 +26,7 @@ from textual.widget import AwaitMount, Widget
 from tuichat.chat.turns import Turn
 from tuichat.ui.widgets.note_message import NoteMessage
 from tuichat.ui.widgets.reply_message import ReplyMessage
+from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 from tuichat.ui.widgets.user_message import UserMessage
 
 MessageWidget = UserMessage | ReplyMessage | NoteMessage
@@ -67,6 +68,7 @@ class MessageList(VerticalScroll):
     """The scrolling list of messages; follows the bottom only while the user is at the bottom."""
 
     can_focus = True
+    virtual_size = virtual_size_without_relayout()
     _housekeep_timer: Timer | None = None
     _leaving: weakref.WeakSet[Widget] | None = None  # removed by parking, still among the children for a moment
 

@@ -21,6 +21,7 @@ from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
 from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
+from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 
 if TYPE_CHECKING:  # Markdown (markdown-it, pygments' lexers) loads with the first reply, not before the first frame
     from textual.widgets.markdown import MarkdownStream
@@ -57,15 +58,14 @@ def stats_text(stats: dict[str, Any] | None) -> str:
 
 def warm_up_markdown() -> None:
     """Load and warm what the first reply draws with, so its first word does not wait for it: the modules, the
-    parser's link finder (linkify compiles its patterns on first use: ~10 ms, measured inside the first word)
-    and Python's syntax highlighter (the most common fence; ~30 ms of regex compiling on its first block)."""
+    live parser (built and run once) and Python's syntax highlighter (the most common fence; ~30 ms of regex
+    compiling on its first block)."""
     import rich.markdown  # noqa: F401
-    from markdown_it import MarkdownIt
     from rich.syntax import Syntax
 
-    import tuichat.ui.widgets.live_markdown  # noqa: F401  (and with it Textual's Markdown widgets)
+    from tuichat.ui.widgets.live_markdown import live_parser  # and with it Textual's Markdown widgets
 
-    MarkdownIt("gfm-like").parse("see https://example.com and `code`")  # the live reply's parser (Textual's)
+    live_parser().parse("a *word* and `code`\n\n| a |\n| - |\n| b |\n")
     Syntax("", "python").highlight("x = 1\n")  # compiles the lexer class's patterns, which every highlighter shares
 
 
@@ -100,6 +100,7 @@ class ReplyMessage(Static):
     # "stats": the same class the stats line had as a widget of its own, so every screen's `.assistant .stats` rule
     # (the chat's messages.tcss, the compare screen's compare.tcss) still colours it
     COMPONENT_CLASSES: ClassVar[set[str]] = {"stats"}
+    virtual_size = virtual_size_without_relayout()
 
     def __init__(self, turn: Turn, live: bool = False) -> None:
         super().__init__("", classes="message assistant", markup=False)
