@@ -17,7 +17,8 @@ from textual.widget import Widget
 
 from tuichat.server.gpu import GpuSnapshot
 from tuichat.server.metrics import ContextMeter, parse_metrics
-from tuichat.ui.widgets.status_pane import StatusPane, StatusView
+from tuichat.ui.status_view import StatusView
+from tuichat.ui.widgets.status_pane import StatusPane
 
 
 def count_refreshes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:

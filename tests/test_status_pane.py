@@ -215,7 +215,7 @@ async def test_the_fleet_section_lists_each_node_and_shows_a_dead_one_down() -> 
     from textual.app import App, ComposeResult
 
     from tuichat.server.fleet import FleetView, NodeView
-    from tuichat.ui.widgets.status_pane import StatusView
+    from tuichat.ui.status_view import StatusView
 
     class Host(App[None]):
         def compose(self) -> ComposeResult:

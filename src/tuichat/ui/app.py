@@ -32,15 +32,14 @@ from tuichat.keymap import check_keys, display_key, keys_for
 from tuichat.ui.app_options import AppOptions, choose_managed
 from tuichat.ui.keyids import install_key_parser, mouse_holds_escape, screen_bindings
 from tuichat.ui.screens.chat import ChatScreen
-from tuichat.ui.screens.dialogs import HelpScreen, QuitScreen, help_rows
 from tuichat.ui.server_link import ServerLink
 from tuichat.ui.status_watch import StatusWatch
 from tuichat.ui.widgets.reply_message import warm_up_markdown
-from tuichat.ui.widgets.status_pane import StatusView
 
 if TYPE_CHECKING:
     from tuichat.chat.store import Store
     from tuichat.server.launcher import ManagedServer
+    from tuichat.ui.status_view import StatusView
 
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 
@@ -210,6 +209,8 @@ class TuichatApp(App[None]):
     # -- other screens ----------------------------------------------------------------------------------------
 
     def show_help(self) -> None:
+        from tuichat.ui.screens.dialogs import HelpScreen, help_rows  # the dialogs load when one is first shown
+
         self.push_screen(HelpScreen(help_rows(self.chat_screen.BINDINGS, self.user_keys)))
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
@@ -221,6 +222,7 @@ class TuichatApp(App[None]):
 
         from tuichat.keymap import BY_ID
         from tuichat.ui.compare_with import compare_with
+        from tuichat.ui.screens.dialogs import help_rows
 
         yield SystemCommand(
             "Compare with…",
@@ -391,6 +393,8 @@ class TuichatApp(App[None]):
                     self.run_worker(self._stop_and_exit(server), exit_on_error=False)
                 else:
                     self.exit()
+
+            from tuichat.ui.screens.dialogs import QuitScreen
 
             self.push_screen(QuitScreen(server.name, server.url), answer)
 

@@ -28,8 +28,8 @@ from tuichat.server.metrics import (
     parse_metrics,
     summarize_for_status,
 )
+from tuichat.ui.status_view import StatusView
 from tuichat.ui.widgets.status_line import StatusLine
-from tuichat.ui.widgets.status_pane import StatusPane, StatusView
 
 IDLE_FACTOR = 2.5  # idle: read every 2.5 poll intervals (5 s at the default 2 s); lmdeploy's gauges move every ~10 s
 SETTLE_POLLS = 5  # after a reply ends, keep the streaming pace this many intervals: the final figures come late
@@ -258,6 +258,8 @@ class StatusWatch:
     def redraw(self) -> None:
         view = self.view
         screen = self.app.chat_screen
+        from tuichat.ui.widgets.status_pane import StatusPane  # mounted after start-up: loaded with it
+
         panes = screen.query(StatusPane)
         if not panes:
             return  # a reading that lands while the app shuts down: nothing is left to draw on

@@ -53,10 +53,10 @@ from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.reply_message import ReplyMessage, stats_text
 from tuichat.ui.widgets.sampling_pane import SamplingPane
 from tuichat.ui.widgets.status_line import StatusLine
-from tuichat.ui.widgets.status_pane import StatusPane
 
 if TYPE_CHECKING:
     from tuichat.ui.app import TuichatApp
+    from tuichat.ui.widgets.status_pane import StatusPane
 
 WIDE = 140  # from this width the sampling pane shows by default (each visible pane costs layout per frame)
 WIDER = 170  # and from this one the status pane too
@@ -113,13 +113,15 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             if show_sampling:
                 yield SamplingPane(self.conversation.sampling, id="sampling")
             if show_status:
+                from tuichat.ui.widgets.status_pane import StatusPane  # else loaded when it is mounted
+
                 yield StatusPane(id="status")
         yield StatusLine(id="statusline")
         yield KeyFooter()
 
     def on_mount(self) -> None:
         self._no_blink(self)
-        if self._sampling_pane() is None or self._status_pane() is None:
+        if self._sampling_pane() is None or not self.query("#status"):
             self.set_timer(PANES_LATER_S, self._mount_panes_later)
         self._owner.chat_mounted()
 
@@ -135,8 +137,12 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         return panes.first() if panes else None
 
     def _status_pane(self) -> StatusPane | None:
-        panes = self.query(StatusPane)
-        return panes.first() if panes else None
+        panes = self.query("#status")
+        if not panes:
+            return None
+        from tuichat.ui.widgets.status_pane import StatusPane  # loaded by then: the pane is mounted
+
+        return panes.first(StatusPane)
 
     async def _mount_panes_later(self) -> None:
         # Not while a reply streams: their ~100 ms of composing and styling would be a stall in it.
@@ -162,6 +168,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             await body.mount(sampling, after=self.query_one("#chat-column"))
             mounted.append(sampling)
         if status is None:
+            from tuichat.ui.widgets.status_pane import StatusPane
+
             status = StatusPane(id="status")
             status.display = False
             await body.mount(status)

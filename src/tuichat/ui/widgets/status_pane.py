@@ -12,7 +12,7 @@ node's own /metrics could be read) and stays hidden for a plain server.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
@@ -23,31 +23,14 @@ from textual.containers import VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
 from tuichat.server.gpu import GpuSnapshot, describe_no_gpu, format_bytes, memory_split
-from tuichat.server.metrics import ContextMeter, ServerMetrics, reply_stats_from_dict
+from tuichat.server.metrics import reply_stats_from_dict
 
 if TYPE_CHECKING:  # the fleet module (and the server manager behind it) loads only when a fleet is shown
     from tuichat.server.fleet import FleetView
+    from tuichat.ui.status_view import StatusView
 
 BAR_WIDTH = 20
 SPARK_POINTS = 60  # the most recent readings a sparkline draws
-
-
-@dataclass
-class StatusView:
-    """Everything the pane shows, gathered by the app."""
-
-    gpu: GpuSnapshot | None = None
-    our_pids: set[int] = field(default_factory=set)
-    metrics: ServerMetrics | None = None
-    metrics_error: str | None = None
-    gen_rate: float | None = None  # server-side generation tokens/s
-    kv_history: list[float] = field(default_factory=list)
-    rate_history: list[float] = field(default_factory=list)
-    launch: dict[str, Any] = field(default_factory=dict)  # backend, cache share, quant policy, session_len, ...
-    kv_capacity: int | None = None  # tokens the KV cache holds (num_gpu_blocks x block_size), when known
-    last_reply: dict[str, Any] | None = None
-    context: ContextMeter | None = None
-    fleet: FleetView | None = None  # set when the chat goes through lmdeploy's proxy
 
 
 def bar(fraction: float | None, width: int = BAR_WIDTH, style: str = "green") -> Text:
