@@ -5,9 +5,13 @@ from __future__ import annotations
 import gc
 
 from apphelpers import ScriptedServer, app_for, screen_text, wait_for
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
 from textual.widgets._footer import FooterKey
 
 from tuichat.ui.app import TuichatApp
+from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.prompt_area import PromptArea
 
 
@@ -68,3 +72,40 @@ async def test_the_footer_is_rebuilt_only_when_its_keys_change() -> None:
         await pilot.resize_terminal(80, 24)  # Copy no longer fits: that is a change, and it is drawn
         await wait_for(pilot, lambda: "^o" not in footer_line(app))
         assert list(app.screen.query(FooterKey)) != keys
+
+
+class Toggle(Screen[None]):
+    BINDINGS = [Binding("r", "retry", "Retry"), Binding("u", "undo", "Undo")]
+    ready = False
+
+    def compose(self) -> ComposeResult:
+        yield KeyFooter()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return True if action == "undo" or self.ready else None  # None: shown, greyed
+
+    def action_retry(self) -> None:
+        self.app.exit("retried")
+
+
+class ToggleApp(App[str]):
+    def on_mount(self) -> None:
+        self.push_screen(Toggle())
+
+
+async def test_a_key_that_turns_on_or_off_is_redrawn_in_place() -> None:
+    """Only a key's state changed (Retry once a chat has a reply): the same key widgets are greyed or lit, and
+    a click or key on one does what its state says; nothing is rebuilt."""
+    app = ToggleApp()
+    async with app.run_test(size=(80, 10)) as pilot:
+        screen = app.screen
+        assert isinstance(screen, Toggle)
+        await wait_for(pilot, lambda: {"retry", "undo"} <= {key.action for key in screen.query(FooterKey)})
+        keys = {key.action: key for key in screen.query(FooterKey)}
+        assert keys["retry"].has_class("-disabled") and not keys["undo"].has_class("-disabled")
+        screen.ready = True
+        screen.refresh_bindings()
+        await wait_for(pilot, lambda: not keys["retry"].has_class("-disabled"))
+        assert {key.action: key for key in screen.query(FooterKey)} == keys  # the same widgets
+        await pilot.click(keys["retry"])  # a lit key acts
+        assert app.return_value == "retried"

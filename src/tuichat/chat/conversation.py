@@ -308,14 +308,18 @@ class Conversation(Holding):
         if messages is None:
             return None
         self._took(got)
-        from tuichat.chat.images import reopened_images_note  # lazy: start-up does not need the image code
         from tuichat.chat.sanitize import clean
 
         turns: list[Turn] = []
         for msg in messages:
             if msg.role == "system":
                 continue
-            note = reopened_images_note(msg.images) if msg.role == "user" else None
+            note = None
+            if msg.role == "user" and msg.images:
+                # only then: the image code (and the model discovery behind it) costs ~10 ms of a restore
+                from tuichat.chat.images import reopened_images_note
+
+                note = reopened_images_note(msg.images)
             if note:  # before its message, so that Retry does not remove it
                 turns.append(Turn("notice", note))
             # Saved text may come from an imported file: clean it as if it had just streamed in.

@@ -258,14 +258,12 @@ class StatusWatch:
     def redraw(self) -> None:
         view = self.view
         screen = self.app.chat_screen
-        from tuichat.ui.widgets.status_pane import StatusPane  # mounted after start-up: loaded with it
+        if screen.query("#status"):  # mounted a second after start-up; until then the status line alone shows
+            from tuichat.ui.widgets.status_pane import StatusPane
 
-        panes = screen.query(StatusPane)
-        if not panes:
-            return  # a reading that lands while the app shuts down: nothing is left to draw on
-        pane = panes.first()
-        if pane.display:
-            pane.show(view)
+            pane = screen.query_one("#status", StatusPane)
+            if pane.display:
+                pane.show(view)
         parts = []
         if view.metrics is not None:
             parts.append(summarize_for_status(view.metrics, view.gen_rate, width=44))
@@ -278,6 +276,9 @@ class StatusWatch:
         warning = view.context.warning() if view.context else None
         if warning:
             parts.insert(0, "⚠ context nearly full")
-        line, extra = screen.query_one(StatusLine), " · ".join(parts)
+        lines = screen.query(StatusLine)
+        if not lines:
+            return  # a reading that lands while the app shuts down: nothing is left to draw on
+        line, extra = lines.first(), " · ".join(parts)
         if line.extra != extra:  # the same figures again: a redraw would only cost a frame
             line.set(extra=extra)

@@ -3,8 +3,9 @@
 Textual's Footer rebuilds all of its key widgets (compose, styles, layout: 20-30 ms for the chat's nine keys) each
 time a screen's bindings are refreshed, and Textual refreshes them on every focus change as well as on each
 `refresh_bindings()`. Opening a saved chat did that four times in a row, ahead of the chat's first screen
-(bench/RESULTS.md). This one waits for the frame, then rebuilds once, and only if a key, its label, its state or
-its tooltip differs from what is drawn.
+(bench/RESULTS.md). This one waits for the frame, then rebuilds once, and only if a key, its label or its
+tooltip differs from what is drawn. When only keys' states changed (Retry and Undo once a chat has turns), the
+drawn keys are greyed or lit in place: a restored chat did that rebuild between its first frame and its history.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from textual.widgets import Footer
+from textual.widgets._footer import FooterKey
 
 if TYPE_CHECKING:
     from textual.screen import Screen
@@ -46,7 +48,23 @@ class KeyFooter(Footer):
         self._pending = False
         if not self.is_attached:
             return
-        shown = self.shown_keys()
-        if shown != self._drawn:
-            self._drawn = shown
-            await self.recompose()
+        shown, drawn = self.shown_keys(), self._drawn
+        if shown == drawn:
+            return
+        self._drawn = shown
+        if drawn is not None and _same_keys(shown, drawn):
+            enabled: dict[str, bool] = {}
+            for _key, _display, _description, action, on, _tooltip in shown:
+                enabled.setdefault(action, on)  # Footer draws each action once, with its first binding
+            for key in self.query(FooterKey).results():
+                off = not enabled.get(key.action, True)
+                if key._disabled != off:
+                    key._disabled = off  # what a click on it checks
+                    key.set_class(off, "-disabled")
+            return
+        await self.recompose()
+
+
+def _same_keys(a: KeyRow, b: KeyRow) -> bool:
+    """The same keys, labels, actions and tooltips, in the same order: only states may differ."""
+    return len(a) == len(b) and all(x[:4] == y[:4] and x[5] == y[5] for x, y in zip(a, b, strict=True))
