@@ -39,8 +39,10 @@ from tuichat.ui.widgets.reply_message import warm_up_markdown
 if TYPE_CHECKING:
     from tuichat.chat.store import Store
     from tuichat.server.launcher import ManagedServer
+    from tuichat.ui.render_cache import RenderCache
     from tuichat.ui.status_view import StatusView
 
+CACHE_FLUSH_S = 1.0  # newly drawn replies are written to the render cache this long after the first of them
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 
 
@@ -58,6 +60,7 @@ class TuichatApp(App[None]):
         self.config = config
         self.target = target
         self.store: Store | None = None
+        self.render_cache: RenderCache | None = None  # finished replies' drawn rows, with the history
         self.last_copied: str | None = None
         self.first_frame_s: float | None = None
         self.user_keys: dict[str, str] = {}  # the checked [keys] table
@@ -166,6 +169,16 @@ class TuichatApp(App[None]):
         screen.status_line.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         screen.prompt.focus()
         self.store = screen.open_history()  # a saved chat to show calls first_screen_shown once it is drawn
+        if self.store is not None:
+            from tuichat.ui.render_cache import RenderCache
+
+            # beside the history it is drawn from (a private folder); written a moment after new rows, and at exit
+            cache = self.render_cache = RenderCache.open(self.store.path.parent)
+
+            def flush_soon() -> None:
+                self.set_timer(CACHE_FLUSH_S, cache.flush)
+
+            cache.when_new = flush_soon
         self._watch_hangup()
         if self.options.managed and self.profile_name:
             self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
@@ -413,6 +426,8 @@ class TuichatApp(App[None]):
         self.status.close()
         if self.server_link.manager is not None:
             self.server_link.manager.close()
+        if self.render_cache is not None:
+            self.render_cache.close()
         if self.store is not None:
             self.store.close()
 

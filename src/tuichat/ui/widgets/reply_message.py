@@ -10,6 +10,7 @@ Model text is never interpreted as Textual markup, and it was cleaned of control
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -26,6 +27,7 @@ from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 if TYPE_CHECKING:  # Markdown (markdown-it, pygments' lexers) loads with the first reply, not before the first frame
     from textual.widgets.markdown import MarkdownStream
 
+    from tuichat.ui.render_cache import RenderCache
     from tuichat.ui.widgets.live_markdown import LiveMarkdown
 
 STATE_MARKS: dict[TurnState, str] = {
@@ -72,18 +74,46 @@ def warm_up_markdown() -> None:
 class DrawnOnce:
     """A renderable drawn once per width and reused: laying out a chat asks every finished reply for its height at
     each arrange pass, and Rich's Markdown renders (and syntax-highlights) the whole reply again each time. A
-    restored chat of 10 replies was drawn ~25 times over before its first screen was still (bench/RESULTS.md)."""
+    restored chat of 10 replies was drawn ~25 times over before its first screen was still (bench/RESULTS.md).
 
-    def __init__(self, renderable: RenderableType) -> None:
-        self.renderable = renderable
+    With a `RenderCache` and a key, the rows of a width are looked up there first, and what is drawn is kept
+    there: a reply restored at a width it was drawn at before is then drawn without making its renderable at all
+    (for a reply, without loading Markdown)."""
+
+    def __init__(
+        self, make: Callable[[], RenderableType], key: str | None = None, cache: RenderCache | None = None
+    ) -> None:
+        self._make = make
+        self._renderable: RenderableType | None = None
+        self._cache_key, self._cache = key, cache
         self._key: tuple[object, ...] | None = None
         self._lines: list[list[Segment]] = []
+
+    @property
+    def renderable(self) -> RenderableType:
+        if self._renderable is None:
+            self._renderable = self._make()
+        return self._renderable
+
+    def _render(self, console: Console, options: ConsoleOptions) -> list[list[Segment]]:
+        stored = None
+        if self._cache is not None and self._cache_key is not None:
+            from tuichat.ui.render_cache import reply_key
+
+            stored = reply_key(self._cache_key, options.max_width, options.justify, options.overflow, options.no_wrap)
+            lines = self._cache.get(stored)
+            if lines is not None:
+                return lines
+        # the height a caller asks for only crops what it shows, so the lines of a width serve them all
+        lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+        if stored is not None and self._cache is not None:
+            self._cache.put(stored, lines)
+        return lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         key = (id(console), options.max_width, options.justify, options.overflow, options.no_wrap)
         if key != self._key:
-            # the height a caller asks for only crops what it shows, so the lines of a width serve them all
-            self._lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+            self._lines = self._render(console, options)
             self._key = key
         newline = Segment.line()
         for line in self._lines:
@@ -125,14 +155,20 @@ class ReplyMessage(Static):
     def _draw_finished(self) -> None:
         # The stats line's colour is the theme's muted text, resolved through a component class: a Rich Text in
         # the same renderable as the body cannot name a Textual theme variable itself.
-        self._stats_shown = stats_text(self.turn.stats)
-        body = reply_renderable(self.turn.content, self.turn.state)
-        if self._stats_shown:
-            # only its colour (blended with the background, as Textual draws muted text); the background stays
-            # the reply's own, which selection changes
-            muted = self.get_component_rich_style("stats").color
-            body = Group(body, Text(self._stats_shown, style=Style(color=muted)))
-        self.content = DrawnOnce(body)  # unlike update(), also forgets the height measured for the previous content
+        self._stats_shown = stats = stats_text(self.turn.stats)
+        text, state = self.turn.content, self.turn.state
+        # only its colour (blended with the background, as Textual draws muted text); the background stays the
+        # reply's own, which selection changes
+        muted = self.get_component_rich_style("stats").color if stats else None
+
+        def make() -> RenderableType:
+            body = reply_renderable(text, state)
+            return Group(body, Text(stats, style=Style(color=muted))) if stats else body
+
+        cache = getattr(self.app, "render_cache", None)
+        # a streaming reply's text still changes: only a finished one is worth keeping
+        key = f"{state}\0{stats}\0{muted}\0{text}" if cache is not None and state != "streaming" else None
+        self.content = DrawnOnce(make, key, cache)  # unlike update(), also forgets the previous content's height
 
     async def write(self, text: str) -> None:
         if self._markdown is None:
