@@ -162,9 +162,10 @@ class TuichatClient(Client):
         home.mkdir(parents=True, exist_ok=True)
         if status_pane:
             (home / "config.toml").write_text("[ui]\nshow_status = true\n")
-        if history:
+        target = home / "data" / "history.sqlite3"
+        if history and not target.exists():  # a home started in again keeps its history (and its WAL) as it is
             (home / "data").mkdir(mode=0o700, exist_ok=True)
-            shutil.copyfile(tuichat_history_template(history, server), home / "data" / "history.sqlite3")
+            shutil.copyfile(tuichat_history_template(history, server), target)
 
     def argv(self, home: Path, server: Server, history: int = 0) -> list[str]:
         # BENCH_TUICHAT_PRELUDE: Python run before tuichat's main(), to A/B a change without editing src/
