@@ -33,26 +33,37 @@ def answer() -> int:
 """
 
 
+def history_with(tmp_path: Path, replies: int) -> tuple[Path, list[int]]:
+    """A history database holding `replies` assistant messages; their ids."""
+    path = tmp_path / "history.sqlite3"
+    with Store.open(path) as store:
+        conv = store.create_conversation(title="t")
+        ids = [store.add_message(conv, "assistant", f"reply {n}") for n in range(replies)]
+    return path, ids
+
+
 def test_rows_come_back_with_their_styles_after_a_reopen(tmp_path: Path) -> None:
+    history, (msg,) = history_with(tmp_path, 1)
     rows = [
         [Segment("bold red", Style(bold=True, color="red")), Segment(" plain ")],
         [Segment("on blue", Style(bgcolor="#0000ff", italic=True, underline=True)), Segment("中文 ✓", None)],
         [],
     ]
-    cache = RenderCache.open(tmp_path)
-    cache.put("k", rows)
+    cache = RenderCache.open(history)
+    cache.put("k", rows, msg)
     assert cache.get("k") == rows  # before it is written, too
     cache.close()
-    again = RenderCache.open(tmp_path)
+    again = RenderCache.open(history)
     assert again.get("k") == rows
     assert again.get("other") is None
     assert stat.S_IMODE((tmp_path / FILE_NAME).stat().st_mode) == 0o600
 
 
 def test_a_damaged_file_is_an_empty_cache(tmp_path: Path) -> None:
+    history, (msg,) = history_with(tmp_path, 1)
     (tmp_path / FILE_NAME).write_bytes(b"this is not sqlite" * 100)
-    cache = RenderCache.open(tmp_path)  # raises nothing
-    cache.put("k", [[Segment("x")]])
+    cache = RenderCache.open(history)  # raises nothing
+    cache.put("k", [[Segment("x")]], msg)
     cache.flush()
     assert cache.get("k") is None  # and keeps nothing: every reply is simply drawn
     cache.close()
@@ -60,17 +71,43 @@ def test_a_damaged_file_is_an_empty_cache(tmp_path: Path) -> None:
 
 def test_the_least_recently_used_go_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(render_cache, "MAX_ROWS", 3)
-    cache = RenderCache.open(tmp_path)
+    history, ids = history_with(tmp_path, 4)
+    cache = RenderCache.open(history)
     for n in range(3):
-        cache.put(f"k{n}", [[Segment(str(n))]])
+        cache.put(f"k{n}", [[Segment(str(n))]], ids[n])
         cache.flush()
     assert cache.get("k0") is not None  # read: now the most recently used
     cache.flush()
-    cache.put("k3", [[Segment("3")]])
+    cache.put("k3", [[Segment("3")]], ids[3])
     cache.flush()
     kept = {key for key in ("k0", "k1", "k2", "k3") if cache.get(key) is not None}
     assert kept == {"k0", "k2", "k3"}
     cache.close()
+
+
+def test_what_the_history_deletes_the_cache_forgets(tmp_path: Path) -> None:
+    """The drawn rows are chat text: a chat deleted, or an exchange undone, must not live on in the cache."""
+    path = tmp_path / "history.sqlite3"
+    with Store.open(path) as store:
+        kept_conv, gone_conv = store.create_conversation(title="kept"), store.create_conversation(title="gone")
+        kept = store.add_message(kept_conv, "assistant", "kept")
+        store.add_message(gone_conv, "user", "question")
+        gone = store.add_message(gone_conv, "assistant", "gone")
+        cache = RenderCache.open(path)
+        store.deleted = cache.drop_deleted
+        cache.put("kept", [[Segment("kept")]], kept)
+        cache.put("gone", [[Segment("secret")]], gone)
+        cache.flush()
+        assert cache.get("gone") is not None
+        store.delete(gone_conv)
+        assert cache.get("gone") is None and cache.get("kept") is not None
+        cache.close()
+    assert b"secret" not in (tmp_path / FILE_NAME).read_bytes() + _wal(tmp_path)
+
+
+def _wal(folder: Path) -> bytes:
+    wal = folder / (FILE_NAME + "-wal")
+    return wal.read_bytes() if wal.exists() else b""
 
 
 def test_the_key_changes_with_everything_the_drawing_depends_on() -> None:

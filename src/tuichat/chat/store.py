@@ -280,6 +280,9 @@ class Store(ClaimTable):
         self._my_replies: set[int] = set()
         self._claims: dict[int, Claim] = {}
         self.recovered_on_open = 0
+        # called after messages were deleted (a chat, an exchange undone, a reply replaced), so what keeps copies
+        # of them (the UI's render cache) can forget them too
+        self.deleted: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -424,6 +427,7 @@ class Store(ClaimTable):
             self._refuse_if_held(db, conv_id)
             db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
         self._drop_claim(conv_id)  # its row went with the conversation
+        self._tell_deleted()
 
     def list_conversations(self, limit: int | None = None) -> list[Conversation]:
         sql = _CONVERSATION_SELECT + " ORDER BY c.updated DESC, c.id DESC"
@@ -572,6 +576,11 @@ class Store(ClaimTable):
                 self._refuse_if_held(db, row[0])
             db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
         self._untrack(msg_id)
+        self._tell_deleted()
+
+    def _tell_deleted(self) -> None:
+        if self.deleted is not None:
+            self.deleted()
 
     def delete_last_exchange(self, conv_id: int) -> int:
         """Remove the last user message and everything after it (undo); returns how many messages went."""
@@ -584,7 +593,8 @@ class Store(ClaimTable):
                 return 0
             cur = db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conv_id, row[0]))
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
-            return cur.rowcount
+        self._tell_deleted()
+        return cur.rowcount
 
     def recover_interrupted(self) -> int:
         """Mark replies left 'streaming' by a process that has died as 'interrupted', keeping their text.

@@ -173,7 +173,8 @@ class TuichatApp(App[None]):
             from tuichat.ui.render_cache import RenderCache
 
             # beside the history it is drawn from (a private folder); written a moment after new rows, and at exit
-            cache = self.render_cache = RenderCache.open(self.store.path.parent)
+            cache = self.render_cache = RenderCache.open(self.store.path)
+            self.store.deleted = cache.drop_deleted  # what the history forgets, the drawn rows forget too
 
             def flush_soon() -> None:
                 self.set_timer(CACHE_FLUSH_S, cache.flush)

@@ -7,9 +7,11 @@ kept here, keyed by everything the drawing depends on (the text, its state and s
 the versions of Rich and of this drawing), and a restored reply found here is drawn from them without Markdown.
 
 It is a cache: a missing, unreadable or stale file only means drawing again. It holds chat text, so it is 0600 in
-the history's private folder. New rows are written in batches (`flush`, which the app runs a second after the
-first new entry: a chat opened and closed at once is kept too), at most `MAX_ROWS` entries are kept, and the least
-recently used go first.
+the history's private folder, and each entry names the message it was drawn from: entries whose message is no
+longer in the history (a chat deleted, an exchange undone, here or by another tuichat) are deleted with every
+write and whenever the history deletes something (`drop_deleted`). New rows are written in batches (`flush`,
+which the app runs a second after the first new entry: a chat opened and closed at once is kept too), at most
+`MAX_ROWS` entries are kept, and the least recently used go first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.segment import Segment
 from rich.style import Style
 
 DRAWING_VERSION = 1  # bump when a reply is drawn differently: older entries then never match
+FILE_VERSION = 1  # the file's layout: a file of another version is emptied and made again
 MAX_ROWS = 4000  # entries kept (a few screens of each of many chats); the least recently used go first
 FILE_NAME = "render-cache.sqlite3"
 
@@ -69,21 +72,28 @@ class RenderCache:
     def __init__(self, db: sqlite3.Connection | None, when_new: Callable[[], None] | None = None) -> None:
         self._db = db
         self.when_new = when_new  # called when rows wait to be written and none did before (the app's flush timer)
-        self._pending: dict[str, tuple[float, str]] = {}
+        self._pending: dict[str, tuple[int, float, str]] = {}
         self._used: dict[str, float] = {}  # entries read since the last flush: their use time moves up
 
     @classmethod
-    def open(cls, folder: Path) -> RenderCache:
-        """The cache in `folder` (the history's); one that cannot be opened is an empty cache that keeps nothing."""
-        path = folder / FILE_NAME
+    def open(cls, history: Path) -> RenderCache:
+        """The cache beside the history database `history`; one that cannot be opened is an empty cache that keeps
+        nothing."""
+        path = history.parent / FILE_NAME
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # created private, never wider
             os.close(fd)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
+            if db.execute("PRAGMA user_version").fetchone()[0] != FILE_VERSION:
+                db.execute("DROP TABLE IF EXISTS drawn")
+                db.execute(f"PRAGMA user_version = {FILE_VERSION}")
             db.execute(
-                "CREATE TABLE IF NOT EXISTS drawn (key TEXT PRIMARY KEY, used REAL NOT NULL, lines TEXT NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS drawn (key TEXT PRIMARY KEY, msg INTEGER NOT NULL, used REAL NOT NULL, "
+                "lines TEXT NOT NULL)"
             )
+            # read-only, and only to see which messages still exist
+            db.execute("ATTACH DATABASE ? AS history", (f"{history.resolve().as_uri()}?mode=ro",))
         except (OSError, sqlite3.Error):
             return cls(None)
         return cls(db)
@@ -91,7 +101,7 @@ class RenderCache:
     def get(self, key: str) -> Lines | None:
         pending = self._pending.get(key)
         if pending is not None:
-            return _decode(pending[1])
+            return _decode(pending[2])
         if self._db is None:
             return None
         try:
@@ -103,28 +113,37 @@ class RenderCache:
             self._used[key] = time.time()
         return lines
 
-    def put(self, key: str, lines: Sequence[Sequence[Segment]]) -> None:
+    def put(self, key: str, lines: Sequence[Sequence[Segment]], msg_id: int) -> None:
+        """Keep the rows `key` names, drawn from message `msg_id` of the history."""
         if self._db is not None:
             if not self._pending and self.when_new is not None:
                 self.when_new()
-            self._pending[key] = (time.time(), _encode([list(line) for line in lines]))
+            self._pending[key] = (msg_id, time.time(), _encode([list(line) for line in lines]))
 
     def flush(self) -> None:
-        """Write what was drawn since the last flush, and drop the least recently used beyond `MAX_ROWS`."""
+        """Write what was drawn since the last flush, drop the least recently used beyond `MAX_ROWS`, and the rows
+        of messages the history no longer has."""
         pending, used = self._pending, self._used
         self._pending, self._used = {}, {}
-        if self._db is None or not (pending or used):
+        if self._db is None:
             return
         with contextlib.suppress(sqlite3.Error), self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO drawn (key, used, lines) VALUES (?, ?, ?)",
-                [(key, at, lines) for key, (at, lines) in pending.items()],
+                "INSERT OR REPLACE INTO drawn (key, msg, used, lines) VALUES (?, ?, ?, ?)",
+                [(key, msg, at, lines) for key, (msg, at, lines) in pending.items()],
             )
             self._db.executemany("UPDATE drawn SET used = ? WHERE key = ?", [(at, key) for key, at in used.items()])
             self._db.execute(
                 "DELETE FROM drawn WHERE key NOT IN (SELECT key FROM drawn ORDER BY used DESC LIMIT ?)", (MAX_ROWS,)
             )
+        self.drop_deleted()
+
+    def drop_deleted(self) -> None:
+        """Delete the rows of messages the history no longer has: what is deleted there goes from here too."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("DELETE FROM drawn WHERE msg NOT IN (SELECT id FROM history.messages)")
 
     def close(self) -> None:
         self.flush()

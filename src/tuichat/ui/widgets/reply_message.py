@@ -81,11 +81,18 @@ class DrawnOnce:
     (for a reply, without loading Markdown)."""
 
     def __init__(
-        self, make: Callable[[], RenderableType], key: str | None = None, cache: RenderCache | None = None
+        self,
+        make: Callable[[], RenderableType],
+        key: str | None = None,
+        cache: RenderCache | None = None,
+        msg_id: int | None = None,
     ) -> None:
         self._make = make
         self._renderable: RenderableType | None = None
-        self._cache_key, self._cache = key, cache
+        # kept in the cache only with the message it is drawn from, which the cache forgets with it
+        self._cache_key: str | None = key if msg_id is not None else None
+        self._cache: RenderCache | None = cache if msg_id is not None else None
+        self._msg_id: int | None = msg_id
         self._key: tuple[object, ...] | None = None
         self._lines: list[list[Segment]] = []
 
@@ -106,8 +113,8 @@ class DrawnOnce:
                 return lines
         # the height a caller asks for only crops what it shows, so the lines of a width serve them all
         lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
-        if stored is not None and self._cache is not None:
-            self._cache.put(stored, lines)
+        if stored is not None and self._cache is not None and self._msg_id is not None:
+            self._cache.put(stored, lines, self._msg_id)
         return lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -168,7 +175,9 @@ class ReplyMessage(Static):
         cache = getattr(self.app, "render_cache", None)
         # a streaming reply's text still changes: only a finished one is worth keeping
         key = f"{state}\0{stats}\0{muted}\0{text}" if cache is not None and state != "streaming" else None
-        self.content = DrawnOnce(make, key, cache)  # unlike update(), also forgets the previous content's height
+        self.content = DrawnOnce(
+            make, key, cache, self.turn.msg_id
+        )  # unlike update(), also forgets the previous content's height
 
     async def write(self, text: str) -> None:
         if self._markdown is None:
