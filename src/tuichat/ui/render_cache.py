@@ -85,6 +85,7 @@ class RenderCache:
             os.close(fd)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA secure_delete=ON")  # a deleted entry's text is overwritten, not left in a free page
             if db.execute("PRAGMA user_version").fetchone()[0] != FILE_VERSION:
                 db.execute("DROP TABLE IF EXISTS drawn")
                 db.execute(f"PRAGMA user_version = {FILE_VERSION}")
