@@ -169,7 +169,7 @@ class TuichatClient(Client):
 
     def argv(self, home: Path, server: Server, history: int = 0) -> list[str]:
         # BENCH_TUICHAT_PRELUDE: Python run before tuichat's main(), to A/B a change without editing src/
-        # (e.g. "import tuichat.ui.screens.chat_stream as s; s.FLUSH_EVERY = 0.02").
+        # (e.g. "import tuichat.ui.app as a; a.FLUSH_EVERY = 0.02").
         prelude = os.environ.get("BENCH_TUICHAT_PRELUDE")
         if prelude:
             code = f"{prelude}\nimport sys\nfrom tuichat.cli.main import main\nsys.exit(main())"

@@ -18,7 +18,7 @@ import pytest
 from standin.fake_lmdeploy import DEFAULT_REPLY, tokenize
 from standin.harness import Standin, free_port, run_standin
 
-from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Health, Notice, Opened, StreamEvent, Usage
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Health, Notice, StreamEvent, Usage
 from tuichat.chat.sampling import Sampling
 from tuichat.server.metrics import parse_metrics
 
@@ -125,13 +125,11 @@ async def real_client(url: str, api_key: str | None = "test-key", **kwargs: Any)
 async def chat(
     client: ChatClient, text: str = "hello", *, model: str = "m", sampling: Sampling | None = None
 ) -> tuple[list[StreamEvent], ChatError | None]:
-    """Every event of one reply but `Opened` (tested on its own below), and the error that ended it (None when it
-    ended normally)."""
+    """Every event of one reply, and the error that ended it (None when it ended normally)."""
     events: list[StreamEvent] = []
     try:
         async for event in client.stream_chat(model, [{"role": "user", "content": text}], sampling or Sampling()):
-            if not isinstance(event, Opened):
-                events.append(event)
+            events.append(event)
     except ChatError as exc:
         return events, exc
     return events, None
@@ -181,20 +179,6 @@ async def test_stream_yields_text_finish_and_usage_with_cached_tokens() -> None:
         Finish("stop"),
         Usage(prompt_tokens=12, completion_tokens=3, total_tokens=15, cached_tokens=8),
     ]
-
-
-async def test_opened_comes_once_before_any_text_and_not_for_a_refused_request() -> None:
-    """Opened says the server took the request (the chat shows the reply then, while the server prefills)."""
-    handler = stream_response(chunk("Hel", role="assistant"), chunk("lo", finish="stop"), "[DONE]")
-    async with mock_client(handler) as client:
-        kinds = [type(e) async for e in client.stream_chat("m", [{"role": "user", "content": "hi"}], Sampling())]
-    assert kinds == [Opened, Delta, Delta, Finish]
-    refused: list[type] = []
-    async with mock_client(json_response(401, flat(401, "Unauthorized.", "authentication_error"))) as client:
-        with pytest.raises(ChatError):
-            async for event in client.stream_chat("m", [{"role": "user", "content": "hi"}], Sampling()):
-                refused.append(type(event))
-    assert refused == []
 
 
 async def test_usage_without_prompt_details_has_no_cached_count() -> None:

@@ -104,14 +104,7 @@ class Notice:
     text: str
 
 
-@dataclass(frozen=True)
-class Opened:
-    """The server took the request: its answer has begun (the status and headers are in, no text yet). The
-    request is out by then, so a front end does the work of showing the reply now, while the server prefills,
-    rather than before the request, where it delayed it (bench/RESULTS.md)."""
-
-
-StreamEvent = Opened | Delta | Finish | Usage | Notice
+StreamEvent = Delta | Finish | Usage | Notice
 
 
 @dataclass(frozen=True)
@@ -424,7 +417,6 @@ class ChatClient:
                 if response.status_code != 200:
                     raise await self._request_error(response.status_code, await response.aread(), model)
                 ctype = response.headers.get("content-type", "")
-                yield Opened()
                 if "text/event-stream" not in ctype:
                     # Old LMDeploy (0.3) reports errors as HTTP 200 JSON; others may ignore `stream`.
                     async for event in self._non_stream_answer(await response.aread(), model):

@@ -28,7 +28,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from tuichat.chat.claims import Holding
 from tuichat.chat.claims import ReadOnly as ReadOnly  # an event like the others: front ends import it from here
-from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Opened, Usage
+from tuichat.chat.client import ChatClient, ChatError, Delta, Finish, Usage
 from tuichat.chat.client import Notice as StreamNotice
 from tuichat.chat.holders import Claim, HeldBy
 from tuichat.chat.sampling import Sampling
@@ -51,9 +51,8 @@ class ReplyStarted:
 
 @dataclass(frozen=True)
 class ReplyOpened:
-    """The reply's turn exists (empty, streaming) and the server has taken its request: a front end shows it now,
-    while the server works on the first token, so that the first text only has to be written into it. A request
-    the server refuses ends with ReplyFailed and no ReplyOpened."""
+    """The reply's turn exists (empty, streaming) and its request is about to go out: a front end shows it now,
+    so the first text only has to be written into it."""
 
     reply: Turn
 
@@ -377,13 +376,8 @@ class Conversation(Holding):
                     self._save(_set_model, conv_id, model)
             messages = self.chat.history(self.sampling.system_prompt)
             reply = self.chat.add(Turn("assistant", "", state="streaming"))
-            opened = False
+            self._emit(ReplyOpened(reply))
             async for event in self.client.stream_chat(self.model, messages, self.sampling):
-                if not opened and isinstance(event, Opened | Delta):
-                    # said once the request is out (Opened), not before it: showing the reply is UI work that,
-                    # done earlier, kept the request waiting
-                    opened = True
-                    self._emit(ReplyOpened(reply))
                 if isinstance(event, Delta):
                     chunks += 1
                     reply.content += event.text

@@ -3,9 +3,8 @@ prompt, the status line and the panes, and turns the chat keys into calls on it.
 
 Every reply-state rule (what Retry hides, what a failed request gives back, how a reply ended, what is saved)
 lives in the engine; this screen only shows what the events say. The chat keys are this screen's BINDINGS, so a
-screen pushed on top (help, history, server panel) switches them off by being on top. Drawing a reply's events,
-saved chats, copying and images are parts of their own (`chat_stream`, `chat_saved`, `chat_copy`, `chat_images`,
-all on `chat_base`).
+screen pushed on top (help, history, server panel) switches them off by being on top. Saved chats, copying and
+images are parts of their own (`chat_saved`, `chat_copy`, `chat_images` on `chat_base`).
 
 The footer is built once: no key's availability changes with a reply (a key that cannot act now says why when
 pressed), so nothing asks Textual's Footer to rebuild its keys per reply; each rebuild left its old key widgets
@@ -24,22 +23,34 @@ from textual.app import ComposeResult
 from textual.binding import ActiveBinding, Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
+from textual.timer import Timer
 from textual.widget import MountError, Widget
 from textual.widgets import Input, TextArea
 
 from tuichat.chat.client import ChatClient
 from tuichat.chat.conversation import (
     Conversation,
+    Event,
+    ModelChosen,
+    Notice,
+    ReadOnly,
+    ReplyCounted,
+    ReplyDelta,
+    ReplyFailed,
+    ReplyFinished,
+    ReplyOpened,
+    ReplyStarted,
 )
+from tuichat.chat.turns import Turn
 from tuichat.ui.keyids import screen_bindings
 from tuichat.ui.screens.chat_copy import CopyAndSelect
 from tuichat.ui.screens.chat_images import ImageAttachments
 from tuichat.ui.screens.chat_saved import SavedChats
-from tuichat.ui.screens.chat_stream import ReplyEvents
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.reply_message import ReplyMessage, stats_text
 from tuichat.ui.widgets.sampling_pane import SamplingPane
 from tuichat.ui.widgets.status_line import StatusLine
 
@@ -52,9 +63,10 @@ WIDER = 170  # and from this one the status pane too
 # Hidden panes are mounted this long after start-up, so that F2/F3 show them at once later: not sooner, where
 # their ~100 ms would delay a restored history's first screen (a key that wants one mounts it at once anyway).
 PANES_LATER_S = 1.0
+FLUSH_EVERY = 0.033  # seconds between writes into the live Markdown stream (about 30 a second)
 
 
-class ChatScreen(ReplyEvents, SavedChats, CopyAndSelect, ImageAttachments):
+class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
     """The chat: messages, prompt, attachments, sampling and status panes, status line."""
 
     # Keys, labels and help texts come from tuichat.keymap (every binding of its "chat" scope).
@@ -72,7 +84,11 @@ class ChatScreen(ReplyEvents, SavedChats, CopyAndSelect, ImageAttachments):
             hold=True,
             count_tokens=True,
         )
-        self._init_reply_events()
+        self._live: ReplyMessage | None = None
+        self._pending: list[str] = []
+        self._flusher: Timer | None = None
+        self._replacing: list[Turn] = []
+        self._shown_stats = ""  # the stats text the status line ends with, to swap when a token count arrives
         self._cut: frozenset[str] = frozenset()  # the keys the footer has no room for at this width
         self._panes_lock = asyncio.Lock()  # the after-first-frame mount and a pane key must not both mount one
 
@@ -207,6 +223,132 @@ class ChatScreen(ReplyEvents, SavedChats, CopyAndSelect, ImageAttachments):
         # Only when the keys that fit change: each rebuild of Textual's Footer restyles (and keeps) its keys.
         if self._footer_cut(self._ordered_bindings()) != self._cut:
             self.refresh_bindings()
+
+    # -- the engine's events ----------------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        # A reply that ends while the app shuts down (quit, hang-up) is saved; nothing is left to draw it on.
+        with contextlib.suppress(NoMatches):
+            self._show_event(event)
+
+    def _show_event(self, event: Event) -> None:
+        if isinstance(event, ReplyStarted):
+            self._hold_echo()
+            self.status_line.set(state="streaming", last="waiting for first token")
+        elif isinstance(event, ModelChosen):
+            self.status_line.set(model=event.model)
+        elif isinstance(event, ReplyOpened):
+            # Mounted before the request goes out, so the first chunk only has to be written (that is the TTFT).
+            self._live = ReplyMessage(event.reply, live=True)
+            self._owner.status.ledger.started(id(event.reply))
+            self.messages.mount(self._live)
+            self._flusher = self.set_interval(FLUSH_EVERY, self._flush)
+        elif isinstance(event, ReplyDelta):
+            self._pending.append(event.text)
+            if event.first:
+                self.call_later(self._flush)  # the first words go out at once
+                self.status_line.set(last="receiving")
+                for widget in self.messages.showing(self._replacing):
+                    widget.remove()  # new text is here: the reply it replaces can go for good
+                self._replacing = []
+        elif isinstance(event, ReplyFinished):
+            self._reply_finished(event)
+        elif isinstance(event, ReplyFailed):
+            self._reply_failed(event)
+        elif isinstance(event, ReplyCounted):
+            self.run_worker(self._reply_counted(event.reply), group="count", exit_on_error=False)
+        elif isinstance(event, ReadOnly):
+            self._read_only_event(event)
+        elif isinstance(event, Notice):
+            self.notify(event.text, severity=event.severity)
+
+    async def _flush(self) -> None:
+        # On a timer rather than per chunk: ~30 writes a second keep Markdown cheap.
+        if self._live is not None and self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            await self._live.write(text)
+            self._release_echo()  # the first words are in the reply's widgets: draw them with the sent message
+
+    def _stream_ended(self) -> ReplyMessage | None:
+        self._release_echo()
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+        self._pending.clear()
+        widget, self._live = self._live, None
+        if widget is not None:
+            self._owner.status.ledger.ended(id(widget.turn))
+            self._owner.status.read_fleet_soon()
+        return widget
+
+    def _reply_finished(self, event: ReplyFinished) -> None:
+        widget = self._stream_ended()
+        app = self._owner
+        app.status.view.last_reply = event.stats
+        meter = app.status.view.context
+        if meter is not None and event.usage is not None and event.usage.prompt_tokens is not None:
+            meter.record_usage(event.usage.prompt_tokens, event.usage.completion_tokens or 0)
+        app.status.redraw()
+        self._shown_stats = stats_text(event.stats)
+        if event.error is None:
+            mark = "stopped" if event.state == "stopped" else ""
+            self.status_line.set(state="ready", last=" · ".join(p for p in (mark, self._shown_stats) if p))
+        if widget is not None:
+            self.call_later(widget.finish)
+
+    def _reply_failed(self, event: ReplyFailed) -> None:
+        if event.partial_kept:  # after ReplyFinished: the text stays, the failure is said
+            self.add_note("error", event.error)
+            state_word = "ready" if event.kind in ("stall", "in_band") else event.kind
+            self.status_line.set(state=state_word, last=" · ".join(p for p in ("cut off", self._shown_stats) if p))
+            return
+        widget = self._stream_ended()
+        if widget is not None:
+            widget.remove()
+        for hidden in self.messages.showing(self._replacing):
+            hidden.display = True  # a failed retry loses nothing: the old reply is back
+        self._replacing = []
+        if event.kind == "stopped":
+            self.status_line.set(state="ready", last="stopped before the first token")
+            return
+        if event.returned is not None:
+            for shown in self.messages.showing([event.returned]):
+                shown.remove()
+            self._give_back(event.returned)
+            if self.conversation.conversation_id is None:
+                self._set_title("")
+        meter = self._owner.status.view.context
+        if event.kind == "too_long" and meter is not None and event.detail:
+            meter.learn_from_error(event.detail)
+            self._owner.status.redraw()
+        self.add_note("error", event.error)
+        self.status_line.set(state={"connect": "unreachable", "empty": "ready"}.get(event.kind, event.kind), last="")
+
+    async def _reply_counted(self, reply: Turn) -> None:
+        before, now = self._shown_stats, stats_text(reply.stats)
+        if reply is self.conversation.chat.last_reply():
+            self._owner.status.view.last_reply = reply.stats
+            self._owner.status.redraw()
+            line = self.status_line
+            if not self.streaming and before and line.last.endswith(before):
+                line.set(last=line.last[: -len(before)] + now)
+                self._shown_stats = now
+        for widget in self.messages.showing([reply]):
+            if isinstance(widget, ReplyMessage):
+                await widget.show_stats()
+
+    def _read_only_event(self, event: ReadOnly) -> None:
+        if event.released:
+            self._mark_read_only(None)
+            self.notify("The other tuichat has let go of this chat: it continues here.")
+            return
+        self.notify(
+            f"{event.held_by.sentence()} It is read-only here: start a new chat "
+            f"({self._owner.key_name('new_chat')}), or quit that tuichat first.",
+            severity="warning",
+            timeout=10,
+        )
 
     # -- sending ----------------------------------------------------------------------------------------------
 
