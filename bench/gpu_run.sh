@@ -15,7 +15,9 @@
 # Everything it writes goes under $OUT (or /tmp/bench-gpu-out).
 #
 # Knobs (environment): LOADS="0 4" CHUNKS=1000 REPS=3 CLIENTS="tuichat,raw httpx,curl -N" EXCHANGES=100 IDLE_S=20
-# STARTUP_REPS=5 SCENARIOS="startup,stream,status,growth,idle" SCENARIOS_LOADED="stream,status"; LMDEPLOY_CMD for a
+# STARTUP_REPS=5 SCENARIOS="startup,stream,status,growth,idle" SCENARIOS_LOADED="stream,status"; AB_SRC=DIR (a copy
+# of another src/) adds an A/B of the first-token overhead on the same server: AB_PAIRS pairs (default 2) of
+# AB_REPS fresh-chat streams (default 5) each, that copy then the working tree's, alternating; LMDEPLOY_CMD for a
 # dry run here: LMDEPLOY_CMD='["python3", "tests/standin/fake_lmdeploy.py"]' LOADS=0 CHUNKS=50 REPS=1 EXCHANGES=5 \
 #   IDLE_S=3 STARTUP_REPS=1 bash bench/gpu_run.sh
 set -uo pipefail
@@ -99,9 +101,29 @@ for load in $loads; do
   fi
 done
 
+if [[ -n ${AB_SRC:-} ]]; then
+  for pair in $(seq "${AB_PAIRS:-2}"); do
+    for side in base current; do
+      src=$PWD/src
+      [[ $side == base ]] && src=$AB_SRC
+      log "A/B first token: pair $pair, $side"
+      python3 bench/run.py --url "$url" --api-key "$key" --model m1b --chunks 100 --reps "${AB_REPS:-5}" \
+        --clients "tuichat,raw httpx" --scenarios stream --src "$src" --out "$out/ab-$pair-$side.md" \
+        >"$out/ab-$pair-$side.table" 2>"$out/ab-$pair-$side.log" || log "A/B run failed ($side)"
+    done
+  done
+fi
+
 for load in $loads; do
   echo
   echo "==================== load: $load concurrent background streams ===================="
   cat "$out/table-load$load.md" 2>/dev/null
 done
+if [[ -n ${AB_SRC:-} ]]; then
+  echo
+  echo "==================== A/B first-token overhead: $AB_SRC (base) vs src/ (current) ===================="
+  for f in "$out"/ab-*-*.md; do
+    echo "$(basename "$f" .md): $(grep -A6 '### 4' "$f" | grep '^| tuichat')"
+  done
+fi
 exit $status

@@ -7,9 +7,12 @@ set -u
 LOG_NAME=perf.log
 source scripts/gpu_common.sh
 log "bench/gpu_run.sh on the final code"
-CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 timeout 500 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
+# AB_SRC (carry bench/out/ab_base_src): the first-token A/B against the commit before the request went out first
+ab=""
+[[ -d bench/out/ab_base_src ]] && ab=$PWD/bench/out/ab_base_src
+CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 AB_SRC=$ab timeout 560 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
-tail -90 "$OUT/bench.log"
+tail -110 "$OUT/bench.log"
 sleep 2; echo "GPU apps at the end: [$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)]"
 pgrep -fa "lmdeploy|serve_entry" | grep -v pgrep || echo "no lmdeploy process left"
 log "done"
