@@ -95,6 +95,9 @@ class RenderCache:
             )
             # read-only, and only to see which messages still exist
             db.execute("ATTACH DATABASE ? AS history", (f"{history.resolve().as_uri()}?mode=ro",))
+            # small page caches (SQLite's default is 2 MB each): a chat left open for days must not grow by them
+            db.execute("PRAGMA main.cache_size = -256")
+            db.execute("PRAGMA history.cache_size = -64")
         except (OSError, sqlite3.Error):
             return cls(None)
         return cls(db)
