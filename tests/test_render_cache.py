@@ -69,6 +69,16 @@ def test_a_damaged_file_is_an_empty_cache(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_control_sequences_in_the_file_never_come_back_out(tmp_path: Path) -> None:
+    """The file is the user's own, but what it gives back is cleaned like an imported file."""
+    history, (msg,) = history_with(tmp_path, 1)
+    cache = RenderCache.open(history)
+    cache.put("k", [[Segment("title \x1b]0;pwned\x07 and \x1b[2J cleared")]], msg)
+    cache.close()
+    (line,) = RenderCache.open(history).get("k") or [[]]
+    assert "".join(seg.text for seg in line) == "title  and  cleared"
+
+
 def test_the_least_recently_used_go_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(render_cache, "MAX_ROWS", 3)
     history, ids = history_with(tmp_path, 4)

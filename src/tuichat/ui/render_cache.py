@@ -29,6 +29,8 @@ from pathlib import Path
 from rich.segment import Segment
 from rich.style import Style
 
+from tuichat.chat.sanitize import clean
+
 DRAWING_VERSION = 1  # bump when a reply is drawn differently: older entries then never match
 FILE_VERSION = 1  # the file's layout: a file of another version is emptied and made again
 MAX_ROWS = 4000  # entries kept (a few screens of each of many chats); the least recently used go first
@@ -63,7 +65,9 @@ def _style(text: str) -> Style | None:
 
 
 def _decode(text: str) -> Lines:
-    return [[Segment(part, _style(style)) for part, style in line] for line in json.loads(text)]
+    # cleaned again on the way out, as an imported file is: whatever is in the file, no control sequence of it
+    # reaches the terminal (the rows were drawn from clean text, which cleaning leaves as it is)
+    return [[Segment(clean(part), _style(style)) for part, style in line] for line in json.loads(text)]
 
 
 class RenderCache:
