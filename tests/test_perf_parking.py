@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from apphelpers import ScriptedServer, app_for, screen_text, wait_for
+from textual._styles_cache import StylesCache
 from textual.app import App, ComposeResult
 from textual.pilot import Pilot
+from textual.widget import Widget
 
 from tuichat.chat.turns import Turn
 from tuichat.ui.widgets.message_list import MessageList, ParkedTurns, message_widget
@@ -98,3 +101,27 @@ async def test_copying_a_selected_message_from_far_up_a_long_chat() -> None:
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: app.last_copied == "message number 0")
         await wait_for(pilot, lambda: "message number 0" in screen_text(app))
+
+
+async def test_parked_turns_leave_none_of_their_drawn_lines_behind() -> None:
+    """A parked widget is freed with the lines it drew. Textual keeps widgets' styles caches as keys of an
+    lru_cache (up to 1,024 of them, each with every line its widget drew), so without release_line_caches
+    every parked turn's lines stayed in memory: a chat left open for days grew by them."""
+    app = Host()
+    async with app.run_test(size=(60, 20)) as pilot:
+        messages = app.query_one(MessageList)
+        turns: list[Turn] = []
+        for n in range(40):  # one exchange at a time, each drawn at the bottom before it scrolls away, as in a chat
+            turns += exchange(n)
+            await messages.mount_all([message_widget(t) for t in turns[-2:]])
+            messages.scroll_end(animate=False, immediate=True)
+            await wait_for(pilot, lambda n=n: f"reply {n}:" in screen_text(app))
+        await wait_for(pilot, lambda: len(messages.messages()) < 40)
+        await pilot.pause()
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, Widget)]
+        owned = {id(w._styles_cache) for w in alive}
+        left = [o for o in gc.get_objects() if isinstance(o, StylesCache) and id(o) not in owned]
+        parked = len(turns) - len(messages.messages())
+        assert parked > 20
+        assert len(left) < 3, f"{len(left)} styles caches of gone widgets for {parked} parked turns"

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from textual._styles_cache import StylesCache
 from textual.await_remove import AwaitRemove
 from textual.containers import VerticalScroll
 from textual.timer import Timer
@@ -199,6 +200,7 @@ class MessageList(VerticalScroll):
             if near:
                 self._unpark_in(spacer, near)
         self._park(top - PARK_SCREENS * view_h, bottom + PARK_SCREENS * view_h, width)
+        release_line_caches()
 
     def _park(self, far_above: float, far_below: float, width: int) -> None:
         children = self._present()
@@ -275,3 +277,17 @@ class MessageList(VerticalScroll):
             pieces.append(ParkedTurns(turns[last + 1 :], heights[last + 1 :], spacer.measured_width))
         super().mount(*pieces, before=spacer)
         self._drop(spacer)
+
+
+def release_line_caches() -> None:
+    """Let go of the drawn lines of widgets that are gone (parked turns, a finished reply's live Markdown).
+
+    Textual 8's `StylesCache.get_inner_outer` is an `lru_cache` on a method, so its 1,024 keys keep the styles
+    caches of that many widgets alive after the widgets themselves are freed, with every line those drew (their
+    Strips, seven small caches each). Over 100 exchanges that was ~2.7 of the 13.5 MB a chat grew by
+    (bench/RESULTS.md). Emptying it after each housekeeping pass frees them; the widgets still mounted keep
+    their own caches, and a colour pair costs one addition to compute again.
+    """
+    cache_clear = getattr(StylesCache.get_inner_outer, "cache_clear", None)
+    if cache_clear is not None:  # a Textual that no longer caches it there: nothing to release
+        cache_clear()
