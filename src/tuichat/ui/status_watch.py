@@ -258,12 +258,9 @@ class StatusWatch:
     def redraw(self) -> None:
         view = self.view
         screen = self.app.chat_screen
-        if screen.query("#status"):  # mounted a second after start-up; until then the status line alone shows
-            from tuichat.ui.widgets.status_pane import StatusPane
-
-            pane = screen.query_one("#status", StatusPane)
-            if pane.display:
-                pane.show(view)
+        pane = screen.status_pane()  # mounted a second after start-up; until then the status line alone shows
+        if pane is not None and pane.display:
+            pane.show(view)
         parts = []
         if view.metrics is not None:
             parts.append(summarize_for_status(view.metrics, view.gen_rate, width=44))

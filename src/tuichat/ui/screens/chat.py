@@ -121,7 +121,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
 
     def on_mount(self) -> None:
         self._no_blink(self)
-        if self._sampling_pane() is None or not self.query("#status"):
+        if self._sampling_pane() is None or self.status_pane() is None:
             self.set_timer(PANES_LATER_S, self._mount_panes_later)
         self._owner.chat_mounted()
 
@@ -136,13 +136,13 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         panes = self.query(SamplingPane)
         return panes.first() if panes else None
 
-    def _status_pane(self) -> StatusPane | None:
-        panes = self.query("#status")
-        if not panes:
+    def status_pane(self) -> StatusPane | None:
+        """The status pane, once mounted (its module loads with it, not before)."""
+        if not self.query("#status"):
             return None
         from tuichat.ui.widgets.status_pane import StatusPane  # loaded by then: the pane is mounted
 
-        return panes.first(StatusPane)
+        return self.query_one("#status", StatusPane)
 
     async def _mount_panes_later(self) -> None:
         # Not while a reply streams: their ~100 ms of composing and styling would be a stall in it.
@@ -160,7 +160,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
 
     async def _mount_panes_now(self) -> tuple[SamplingPane, StatusPane]:
         body = self.query_one("#body", Horizontal)
-        sampling, status = self._sampling_pane(), self._status_pane()
+        sampling, status = self._sampling_pane(), self.status_pane()
         mounted: list[Widget] = []
         if sampling is None:
             sampling = SamplingPane(self.conversation.sampling, id="sampling")

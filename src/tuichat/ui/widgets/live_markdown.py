@@ -119,10 +119,12 @@ class LiveParagraph(MarkdownParagraph):
     def set_content(self, content: Content) -> None:
         self._content = content
         width = self.content_size.width
-        needed = rows_at_most(content.plain, width) if width > 0 and self.parent is self._markdown else None
+        laid_out = width > 0 and self.parent is self._markdown and self._plain_wrap()
+        needed = rows_at_most(content.plain, width) if laid_out else None
         if needed is None or (needed < ROWS_STEP and not self.reserved):
-            # not laid out yet, nested (lists, quotes), no cheap bound, or still short (a few layouts cost little,
-            # and a short reply then takes exactly its rows from the start): Textual's own way
+            # not laid out yet, nested (lists, quotes), wrapped otherwise than a plain paragraph, no cheap bound,
+            # or still short (a few layouts cost little, and a short reply then takes exactly its rows from the
+            # start): Textual's own way
             self.settle()
             self.update(content)
         elif needed > self.reserved or width != self._reserved_width:
@@ -164,14 +166,15 @@ class LiveParagraph(MarkdownParagraph):
         return rows
 
     def render_line(self, y: int) -> Strip:
-        if not self.reserved or self.text_selection is not None or not self._plain_wrap():
+        if not self.reserved or self.text_selection is not None:
             self._rows = None  # drawn Textual's way (a selection is drawn into the rows): the kept rows go stale
             return super().render_line(y)
         rows = self._wrapped_rows()
         return rows[y] if y < len(rows) else Strip.blank(self.size.width, self.visual_style.rich_style)
 
     def _plain_wrap(self) -> bool:
-        """Whether the paragraph is wrapped as `last_row_start` assumes (Textual's defaults for a paragraph)."""
+        """Whether the paragraph is wrapped as `last_row_start` assumes (Textual's defaults for a paragraph): only
+        then does it hold rows, and keep them between flushes."""
         styles = self.styles
         return (
             styles.text_wrap == "wrap"

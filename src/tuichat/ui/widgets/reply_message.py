@@ -22,12 +22,12 @@ from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
 from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
+from tuichat.ui.render_cache import RenderCache, reply_key
 from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 
 if TYPE_CHECKING:  # Markdown (markdown-it, pygments' lexers) loads with the first reply, not before the first frame
     from textual.widgets.markdown import MarkdownStream
 
-    from tuichat.ui.render_cache import RenderCache
     from tuichat.ui.widgets.live_markdown import LiveMarkdown
 
 STATE_MARKS: dict[TurnState, str] = {
@@ -90,9 +90,7 @@ class DrawnOnce:
         self._make = make
         self._renderable: RenderableType | None = None
         # kept in the cache only with the message it is drawn from, which the cache forgets with it
-        self._cache_key: str | None = key if msg_id is not None else None
-        self._cache: RenderCache | None = cache if msg_id is not None else None
-        self._msg_id: int | None = msg_id
+        self._kept_in = (cache, key, msg_id) if cache is not None and key is not None and msg_id is not None else None
         self._key: tuple[object, ...] | None = None
         self._lines: list[list[Segment]] = []
 
@@ -104,17 +102,17 @@ class DrawnOnce:
 
     def _render(self, console: Console, options: ConsoleOptions) -> list[list[Segment]]:
         stored = None
-        if self._cache is not None and self._cache_key is not None:
-            from tuichat.ui.render_cache import reply_key
-
-            stored = reply_key(self._cache_key, options.max_width, options.justify, options.overflow, options.no_wrap)
-            lines = self._cache.get(stored)
+        if self._kept_in is not None:
+            cache, key, msg_id = self._kept_in
+            stored = reply_key(key, options.max_width, options.justify, options.overflow, options.no_wrap)
+            lines = cache.get(stored)
             if lines is not None:
                 return lines
         # the height a caller asks for only crops what it shows, so the lines of a width serve them all
         lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
-        if stored is not None and self._cache is not None and self._msg_id is not None:
-            self._cache.put(stored, lines, self._msg_id)
+        if self._kept_in is not None and stored is not None:
+            cache, _key, msg_id = self._kept_in
+            cache.put(stored, lines, msg_id)
         return lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -175,9 +173,8 @@ class ReplyMessage(Static):
         cache = getattr(self.app, "render_cache", None)
         # a streaming reply's text still changes: only a finished one is worth keeping
         key = f"{state}\0{stats}\0{muted}\0{text}" if cache is not None and state != "streaming" else None
-        self.content = DrawnOnce(
-            make, key, cache, self.turn.msg_id
-        )  # unlike update(), also forgets the previous content's height
+        # setting content, unlike update(), also forgets the height measured for the previous content
+        self.content = DrawnOnce(make, key, cache, self.turn.msg_id)
 
     async def write(self, text: str) -> None:
         if self._markdown is None:
