@@ -291,6 +291,49 @@ def test_fast_keys_during_a_reply_act_or_are_refused_and_never_type(
         tmux.kill()
 
 
+def message_area(screen: str) -> str:
+    """The rows above the prompt box: what the chat shows, without the prompt's own text."""
+    lines = screen.splitlines()
+    top = max(i for i, line in enumerate(lines) if line.startswith("╭"))
+    return "\n".join(lines[:top])
+
+
+def test_a_short_chat_leaves_no_trace_of_what_went(hermetic_home: Path, tmp_path: Path, standin: Standin) -> None:
+    # In a chat shorter than the screen, rows that a message leaves are blank below the rest; the message list
+    # repaints only the regions that changed (not all of itself at each mount or removal), so this reads the
+    # terminal itself after retry, undo and clear: every word that went must be gone from it.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "TUICHAT_HOME": str(hermetic_home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    command = f"env TERM=screen {sys.executable} -m tuichat --url {standin.url} --api-key {standin.api_key}"
+    tmux = Tmux(tmp_path / "tmux.sock", env, command)
+    try:
+        tmux.wait("● ready")
+        standin.configure(reply="alpha reply\n\nwith a second paragraph of several words")
+        tmux.send("first question", "Enter")
+        tmux.wait(lambda s: "second paragraph" in s and "● ready" in s, "the first reply")
+        standin.configure(reply="beta")
+        tmux.send("C-r")  # the retried reply is one row where the first had three
+        text = tmux.wait(lambda s: "beta" in message_area(s) and "● ready" in s, "the retried reply")
+        assert "alpha" not in text and "second paragraph" not in text, text
+        tmux.send("M-u")
+        text = tmux.wait(lambda s: prompt_text(s) == "first question", "the exchange undone")
+        assert "first question" not in message_area(text) and "beta" not in text, text
+        tmux.send("Enter")
+        tmux.wait(lambda s: "beta" in message_area(s) and "● ready" in s, "sent again")
+        tmux.send("C-l")
+        tmux.wait("Clear the")
+        tmux.send("y")
+        text = tmux.wait(lambda s: "beta" not in s and "Clear the" not in s, "the chat cleared")
+        assert "first question" not in text, text
+    finally:
+        tmux.kill()
+
+
 @pytest.mark.parametrize(
     ("data", "keys"),
     [
