@@ -20,8 +20,8 @@ from typing import Any, Self
 
 from textual._styles_cache import StylesCache
 from textual.await_remove import AwaitRemove
-from textual.geometry import Region
 from textual.containers import VerticalScroll
+from textual.geometry import Region
 from textual.timer import Timer
 from textual.widget import AwaitMount, Widget
 
@@ -89,9 +89,7 @@ class MessageList(VerticalScroll):
         self.anchor()
         self.watch(self, "scroll_y", self._scrolled, init=False)
 
-    def refresh(
-        self, *regions: Region, repaint: bool = True, layout: bool = False, recompose: bool = False
-    ) -> Self:
+    def refresh(self, *regions: Region, repaint: bool = True, layout: bool = False, recompose: bool = False) -> Self:
         # A child mounted, removed or resized asks its parent for a layout and a repaint of all of it. The list
         # draws nothing but its background, and after a layout the compositor repaints every region whose widget
         # appeared, moved, resized or went: in a short chat the frame after Enter drew and sent all 35 rows of
