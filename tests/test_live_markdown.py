@@ -159,3 +159,24 @@ async def test_rows_kept_between_flushes_are_the_rows_a_whole_wrap_gives(monkeyp
         assert checked > 60
         # most flushes wrapped only a tail of a row or two, not the paragraph (thousands of characters by then)
         assert sum(n < 3 * 70 for n in wrapped) > 0.6 * len(wrapped) and max(wrapped) > 2000
+
+
+async def test_the_first_words_go_into_the_paragraph_mounted_with_the_reply() -> None:
+    # Mounting a block for the first words was on the first token's path; the empty paragraph mounted with the
+    # live Markdown (while the server prefills) takes them instead, and a first block of another kind replaces it.
+    app = OneReply()
+    async with app.run_test(size=(70, 20)) as pilot:
+        markdown = app.query_one(LiveMarkdown)
+        (empty,) = markdown.children
+        assert isinstance(empty, LiveParagraph) and not empty._content.plain
+        await markdown.append("The first words")
+        await pilot.pause()
+        assert list(markdown.children) == [empty] and empty._content.plain == "The first words"
+        assert screen_text(app).splitlines()[0].strip() == "The first words"  # no blank row above them
+
+    app = OneReply()
+    async with app.run_test(size=(70, 20)) as pilot:
+        markdown = app.query_one(LiveMarkdown)
+        await markdown.append("```python\nprint(1)\n")
+        await wait_for(pilot, lambda: "print(1)" in screen_text(app))
+        assert not markdown.query(LiveParagraph)
