@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ from tuichat.chat.conversation import (
     ReplyDelta,
     ReplyFailed,
     ReplyFinished,
+    ReplyOpened,
     ReplyStarted,
 )
 from tuichat.chat.holders import Claim, HeldBy
@@ -245,6 +248,71 @@ async def test_server_down_gives_the_message_back_and_saves_nothing(store: Store
     assert failed.returned is not None and failed.returned.content == "are you there?"
     assert not failed.partial_kept and not conv.chat.turns
     assert store.list_conversations() == []
+
+
+class HeldAnswer:
+    """A one-shot HTTP server on a thread: it reads a whole request, says so, and answers only when released."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.got_body = threading.Event()
+        self.release = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.got_body.set()
+            self.release.wait(10)
+            chunks = [{"choices": [{"index": 0, "delta": {"content": "hello"}}]}]
+            chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                + f"content-length: {len(events)}\r\n\r\n".encode()
+                + events
+            )
+        self.sock.close()
+
+
+async def test_the_reply_is_opened_once_its_request_is_out_before_the_server_answers() -> None:
+    # A front end mounts the reply on ReplyOpened. Said before the request went out, that work held the request
+    # back; said after the answer began, it fell on the first token's path. It must come in between.
+    server = HeldAnswer()
+    async with conversation(server.url) as (conv, rec):
+        conv.model = "m"
+        body_in_when_opened: list[bool] = []
+
+        def record(event: Event) -> None:
+            if isinstance(event, ReplyOpened):
+                # this blocks the loop: a request not yet written by then could not reach the server at all
+                body_in_when_opened.append(server.got_body.wait(2.0))
+            rec(event)
+
+        conv.on_event = record
+        conv.send("hi")
+        await wait_until(lambda: rec.of(ReplyOpened))
+        assert body_in_when_opened == [True]  # the whole request was on its way to the server already
+        assert not rec.of(ReplyDelta)  # and the server had not answered yet
+        server.release.set()
+        await conv.wait()
+    assert rec.text() == "hello" and len(rec.of(ReplyFinished)) == 1
+
+
+async def test_a_request_that_never_went_out_opens_no_reply() -> None:
+    async with conversation(f"http://127.0.0.1:{free_port()}") as (conv, rec):
+        conv.model = "m"
+        conv.send("are you there?")
+        await conv.wait()
+    assert rec.of(ReplyStarted) and rec.of(ReplyFailed) and not rec.of(ReplyOpened)
 
 
 async def test_a_wrong_key_is_reported_as_401(standin: Standin) -> None:

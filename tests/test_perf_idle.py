@@ -40,6 +40,7 @@ async def test_polls_that_change_nothing_shown_redraw_nothing(monkeypatch: pytes
     async with app.run_test(size=(200, 50)) as pilot:  # both panes shown
         # warm up: figures in, the rate and the sparklines' first points drawn
         await wait_for(pilot, lambda: len(app.status_view.kv_history) >= 4 and app.status_view.gen_rate is not None)
+        await wait_for(pilot, lambda: app.chat_screen.warmed_up)  # the one-off mount of the first reply's widgets
         readings = len(app.status_view.kv_history)
         counts = count_refreshes(monkeypatch)
         await wait_for(pilot, lambda: len(app.status_view.kv_history) >= readings + 5)  # five more polls

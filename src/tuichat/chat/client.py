@@ -18,7 +18,7 @@ one (`{"error": {"message"}}`); both are understood.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -403,16 +403,35 @@ class ChatClient:
         return body
 
     async def stream_chat(
-        self, model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        sampling: Sampling,
+        on_sent: Callable[[], None] | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Stream one reply. Closing the generator (or cancelling its task) closes the connection, which makes
-        LMDeploy stop generating: that is how Stop works."""
+        LMDeploy stop generating: that is how Stop works.
+
+        `on_sent` is called once the whole request is on the wire, while the server works on its answer: what a
+        front end does then costs the reply nothing. It is not called for a request that never went out, and a
+        transport that reports no sending (a test's MockTransport) does not call it at all."""
         import httpx
         from httpx_sse import SSEError, aconnect_sse
 
         body = self.chat_body(model, messages, sampling)
+        extensions: dict[str, Any] = {}
+        if on_sent is not None:
+
+            async def trace(event: str, info: Mapping[str, Any]) -> None:
+                # httpcore's trace hook names each step of a request; this one ends the sending of the body
+                if event.endswith("send_request_body.complete"):
+                    on_sent()
+
+            extensions["trace"] = trace
         try:
-            async with aconnect_sse(self._http, "POST", "/v1/chat/completions", json=body) as source:
+            async with aconnect_sse(
+                self._http, "POST", "/v1/chat/completions", json=body, extensions=extensions
+            ) as source:
                 response = source.response
                 if response.status_code != 200:
                     raise await self._request_error(response.status_code, await response.aread(), model)

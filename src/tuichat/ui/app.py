@@ -199,7 +199,11 @@ class TuichatApp(App[None]):
             self.status.poll()
         # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the
         # user reads it, rather than on the first Enter, where the import (~40 ms) would add to the TTFT.
-        self.set_timer(0.2, warm_up_markdown)
+        self.set_timer(0.2, self._warm_up)
+
+    def _warm_up(self) -> None:
+        warm_up_markdown()
+        self.run_worker(self.chat_screen.warm_up_widgets(), group="warm-up", exit_on_error=False)
 
     def on_ready(self) -> None:
         if self._keymap_error:

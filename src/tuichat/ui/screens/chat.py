@@ -48,7 +48,7 @@ from tuichat.ui.screens.chat_images import ImageAttachments
 from tuichat.ui.screens.chat_saved import SavedChats
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.key_footer import KeyFooter
-from tuichat.ui.widgets.message_list import MessageList, message_widget
+from tuichat.ui.widgets.message_list import MessageList
 from tuichat.ui.widgets.prompt_area import PromptArea
 from tuichat.ui.widgets.reply_message import ReplyMessage, stats_text
 from tuichat.ui.widgets.sampling_pane import SamplingPane
@@ -238,7 +238,9 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         elif isinstance(event, ModelChosen):
             self.status_line.set(model=event.model)
         elif isinstance(event, ReplyOpened):
-            # Mounted before the request goes out, so the first chunk only has to be written (that is the TTFT).
+            # The request is out: the sent message and the reply are mounted while the server prefills, so the
+            # first chunk only has to be written (that is the TTFT).
+            self._show_sent()
             self._live = ReplyMessage(event.reply, live=True)
             self._owner.status.ledger.started(id(event.reply))
             self.messages.mount(self._live)
@@ -303,6 +305,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             state_word = "ready" if event.kind in ("stall", "in_band") else event.kind
             self.status_line.set(state=state_word, last=" · ".join(p for p in ("cut off", self._shown_stats) if p))
             return
+        if event.returned is not None and event.returned is self._sent:
+            self._sent = None  # it goes back to the prompt without ever being shown
         widget = self._stream_ended()
         if widget is not None:
             widget.remove()
@@ -381,29 +385,13 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         self._warn_if_too_long(text)
         if not self.conversation.send(text, self.attachments.attachments):
             return False
-        self.messages.mount(message_widget(self.conversation.chat.turns[-1]))
+        self._sent = self.conversation.chat.turns[-1]  # shown when its request is out (_show_sent)
         self.messages.anchor()  # a message sent from up in the history: the view follows it and its reply again
         # Keys typed right after Enter may already be in the prompt: keep them, take out only what was sent.
         prompt = self.prompt
         prompt.text = prompt.text[len(text) :] if prompt.text.startswith(text) else ""
         self.attachments.take()
         return True
-
-    def _warn_if_too_long(self, text: str) -> None:
-        meter = self._owner.status.view.context
-        if meter is None or not meter.session_len:
-            return
-        from tuichat.server.metrics import estimate_tokens
-
-        reserve = self.conversation.sampling.max_tokens or 0
-        if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
-            key = self._owner.key_name
-            self.notify(
-                f"This message may not fit: the chat uses ~{meter.used:,} of {meter.session_len:,} tokens. "
-                f"Undo earlier exchanges ({key('undo')}) or start a new chat ({key('new_chat')}) if the server "
-                "refuses it.",
-                severity="warning",
-            )
 
     # -- the chat keys ----------------------------------------------------------------------------------------
 

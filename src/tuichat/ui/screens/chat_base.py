@@ -44,6 +44,8 @@ class ChatBase(Screen[None]):
     _title: str = ""  # the open chat's title, which sub_title shows with the read-only mark
     _refused: tuple[str, float] = ("", 0.0)  # the last refusal said, and when (not repeated while on screen)
     _echo_hold: contextlib.ExitStack | None = None  # repaints held until a reply's first words (ECHO_WAIT_S)
+    warmed_up: bool = False  # warm_up_widgets has run
+    _sent: Turn | None = None  # the message just sent, until its widget is mounted (_show_sent)
 
     @property
     def messages(self) -> MessageList:
@@ -89,6 +91,22 @@ class ChatBase(Screen[None]):
         kept = [a for a in self.attachments.attachments if a not in turn.attachments]
         self.attachments.set_attachments(turn.attachments + kept)
 
+    def _warn_if_too_long(self, text: str) -> None:
+        meter = self._owner.status.view.context
+        if meter is None or not meter.session_len:
+            return
+        from tuichat.server.metrics import estimate_tokens
+
+        reserve = self.conversation.sampling.max_tokens or 0
+        if meter.would_overflow(estimate_tokens(text) + 8, reserve=reserve):
+            key = self._owner.key_name
+            self.notify(
+                f"This message may not fit: the chat uses ~{meter.used:,} of {meter.session_len:,} tokens. "
+                f"Undo earlier exchanges ({key('undo')}) or start a new chat ({key('new_chat')}) if the server "
+                "refuses it.",
+                severity="warning",
+            )
+
     # -- what the user sees of a held chat --------------------------------------------------------------------
 
     def _set_title(self, title: str) -> None:
@@ -100,6 +118,22 @@ class ChatBase(Screen[None]):
         self.app.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
         self.prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
 
+    async def warm_up_widgets(self) -> None:
+        """Mount a sent message and a live reply once, unseen, with a first word, then remove them. The first
+        widget of each class registers its CSS, and Textual then parses the whole stylesheet again and rebuilds
+        its rules: that was ~3 ms of the first Enter's path, paid here while the user reads the first screen."""
+        from textual.containers import Container
+
+        from tuichat.ui.widgets.reply_message import ReplyMessage
+        from tuichat.ui.widgets.user_message import UserMessage
+
+        box = Container(UserMessage(Turn("user", "warm")), reply := ReplyMessage(Turn("assistant", ""), live=True))
+        box.display = False
+        await self.mount(box)
+        await reply.write("warm *up*")
+        await box.remove()
+        self.warmed_up = True
+
     def _hold_echo(self) -> None:
         """Hold repaints from Enter until the reply's first words are in, or ECHO_WAIT_S at most."""
         if self._echo_hold is None:
@@ -109,6 +143,14 @@ class ChatBase(Screen[None]):
             self.app.set_timer(ECHO_WAIT_S, self._release_echo)  # the app's: it runs even if a screen covers this
 
     def _release_echo(self) -> None:
+        self._show_sent()
         hold, self._echo_hold = self._echo_hold, None
         if hold is not None:
             hold.close()
+
+    def _show_sent(self) -> None:
+        """Mount the message just sent. It waits for its request to be out (ReplyOpened), or ECHO_WAIT_S: mounted
+        at Enter, its composing and styling ran between the request's own steps and held the request back."""
+        turn, self._sent = self._sent, None
+        if turn is not None:
+            self.messages.mount(message_widget(turn))

@@ -191,7 +191,7 @@ class ReplyMessage(Static):
     def _reserve_rows(self) -> None:
         """Grow the reserved height in steps once the streamed text is about to outgrow it."""
         markdown = self._markdown
-        if markdown is None or not self.live:
+        if markdown is None or not self.live or not self.is_attached:  # (removed meanwhile: nothing to reserve)
             return
         markdown.settle_finished()
         if markdown.holds_rows():

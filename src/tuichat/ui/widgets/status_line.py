@@ -45,7 +45,8 @@ class StatusLine(Static):
                 line.append(" · ", style="dim")
                 line.append(part)
         line.truncate(max(10, self.size.width or 200), overflow="ellipsis")
-        self.update(line)
+        # one row as wide as the screen (chat.tcss) whatever it says: a repaint, not a layout of the whole screen
+        self.update(line, layout=False)
 
     def on_resize(self) -> None:
         self.refresh_line()
