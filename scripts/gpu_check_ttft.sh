@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The fourth session's second device call (carry .kit and bench/out/ab_base_src): the first-token A/B on a real
-# lmdeploy 0.18 api_server. bench/out/ab_base_src is a copy of src/ from before the sent message's echo waited for
-# the request (see bench/RESULTS.md); the working tree's src/ is the other side. Three pairs of eight fresh-chat
-# streams each, alternating, on one server, then the usual streaming table for the working tree.
+# The first-token device call (carry .kit and bench/out/ab_base_src): the first-token A/B on a real lmdeploy 0.18
+# api_server. bench/out/ab_base_src is a copy of src/ from another commit (fourth session: before the sent
+# message's echo waited for the request; fifth session: 8f67056, before the request went out first); the working
+# tree's src/ is the other side. Three pairs of eight fresh-chat streams each, alternating, on one server, then
+# the usual streaming table for the working tree.
 #   bash scripts/gpu_check_ttft.sh
 set -u
 LOG_NAME=ttft.log
