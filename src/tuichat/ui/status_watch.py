@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
+from textual.css.query import NoMatches
+
 from tuichat.chat.turns import Turn
 from tuichat.server.attribution import ReplyLedger
 from tuichat.server.metrics import (
@@ -273,9 +275,10 @@ class StatusWatch:
         warning = view.context.warning() if view.context else None
         if warning:
             parts.insert(0, "⚠ context nearly full")
-        lines = screen.query(StatusLine)
-        if not lines:
+        try:
+            line = screen.query_one(StatusLine)  # (a query's truth test would walk every widget, at each reading)
+        except NoMatches:
             return  # a reading that lands while the app shuts down: nothing is left to draw on
-        line, extra = lines.first(), " · ".join(parts)
+        extra = " · ".join(parts)
         if line.extra != extra:  # the same figures again: a redraw would only cost a frame
             line.set(extra=extra)

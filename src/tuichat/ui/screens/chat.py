@@ -133,16 +133,21 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
                 area.cursor_blink = False
 
     def _sampling_pane(self) -> SamplingPane | None:
-        panes = self.query(SamplingPane)
-        return panes.first() if panes else None
+        # query_one, not a query: a DOMQuery's truth test and first() walk every widget twice (~0.6 ms per Enter)
+        try:
+            return self.query_one("#sampling", SamplingPane)
+        except NoMatches:
+            return None
 
     def status_pane(self) -> StatusPane | None:
         """The status pane, once mounted (its module loads with it, not before)."""
-        if not self.query("#status"):
+        try:
+            found = self.query_one("#status")  # (not a query's truth test, which walks every widget)
+        except NoMatches:
             return None
         from tuichat.ui.widgets.status_pane import StatusPane  # loaded by then: the pane is mounted
 
-        return self.query_one("#status", StatusPane)
+        return found if isinstance(found, StatusPane) else None
 
     async def _mount_panes_later(self) -> None:
         # Not while a reply streams: their ~100 ms of composing and styling would be a stall in it.
