@@ -56,3 +56,28 @@ def test_the_first_frame_needs_no_http_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "False"]
+
+
+async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mounting the two hidden panes takes ~100 ms: started between a typed message's Enter and its request, it
+    # held the request back that long (the bench saw it). They come once the prompt is empty again.
+    import tuichat.ui.screens.chat as chat
+
+    monkeypatch.setattr(chat, "PANES_LATER_S", 0.05)
+    app = app_for(ScriptedServer("hi"), cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:  # too narrow for either pane: both are hidden
+        screen = app.chat_screen
+        await pilot.press("h", "e", "y")
+        timer_ran = 0
+        original = chat.ChatScreen._mount_panes_later
+
+        async def counted(self: chat.ChatScreen) -> None:
+            nonlocal timer_ran
+            timer_ran += 1
+            await original(self)
+
+        monkeypatch.setattr(chat.ChatScreen, "_mount_panes_later", counted)
+        await wait_for(pilot, lambda: timer_ran >= 2)  # it looked twice while "hey" was in the prompt
+        assert screen._sampling_pane() is None and screen.status_pane() is None
+        await pilot.press("backspace", "backspace", "backspace")
+        await wait_for(pilot, lambda: screen._sampling_pane() is not None and screen.status_pane() is not None)

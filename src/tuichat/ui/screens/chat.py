@@ -150,8 +150,9 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         return found if isinstance(found, StatusPane) else None
 
     async def _mount_panes_later(self) -> None:
-        # Not while a reply streams: their ~100 ms of composing and styling would be a stall in it.
-        if self.streaming:
+        # Not while a reply streams, nor while a message is being typed: their ~100 ms of composing and styling
+        # would be a stall in the reply, or between the Enter that comes and its request (seen in the bench).
+        if self.streaming or self.prompt.text.strip():
             self.set_timer(PANES_LATER_S, self._mount_panes_later)
             return
         # A quick quit can come before the first frame is out: then there is nothing left to mount into.
