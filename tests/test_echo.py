@@ -59,3 +59,20 @@ async def test_a_saved_chat_is_on_screen_before_the_server_is_asked_anything() -
         await wait_for(pilot, lambda: "ready" in screen_text(app))
         assert seen_at_first_request == [True]
         await wait_for(pilot, lambda: len(app.chat_screen.messages.messages()) > 6)  # the rest came after it
+
+
+async def test_a_server_quicker_than_the_mount_loses_no_word_and_keeps_their_order() -> None:
+    # The sent message and the reply are mounted once the request is out; a server that answers at once (this
+    # one has no sending to report, so the reply is opened with its first words) writes into a reply still being
+    # composed: the first flush waits for it, and the timer's flushes meanwhile keep the words pending, in order.
+    words = " ".join(f"n{i}" for i in range(300))
+    server = ScriptedServer(words)
+    server.pieces, server.delay = 300, 0.0
+    app = app_for(server, cursor_blink=False)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: "ready" in screen_text(app))
+        app.chat_screen.send("count")
+        await wait_for(pilot, lambda: not app.streaming and "n299" in screen_text(app), timeout=10)
+        assert app.chat.turns[-1].content == words
+        shown = screen_text(app)
+        assert shown.index("count") < shown.index("n299")

@@ -63,21 +63,22 @@ async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.Mo
     # held the request back that long (the bench saw it). They come once the prompt is empty again.
     import tuichat.ui.screens.chat as chat
 
-    monkeypatch.setattr(chat, "PANES_LATER_S", 0.05)
+    monkeypatch.setattr(chat, "PANES_LATER_S", 0.5)  # the first look; the test types well before it
+    looked = 0
+    original = chat.ChatScreen._mount_panes_later
+
+    async def counted(self: chat.ChatScreen) -> None:
+        nonlocal looked
+        looked += 1
+        monkeypatch.setattr(chat, "PANES_LATER_S", 0.05)  # and the looks after it come quickly
+        await original(self)
+
+    monkeypatch.setattr(chat.ChatScreen, "_mount_panes_later", counted)
     app = app_for(ScriptedServer("hi"), cursor_blink=False)
     async with app.run_test(size=(80, 24)) as pilot:  # too narrow for either pane: both are hidden
         screen = app.chat_screen
-        await pilot.press("h", "e", "y")
-        timer_ran = 0
-        original = chat.ChatScreen._mount_panes_later
-
-        async def counted(self: chat.ChatScreen) -> None:
-            nonlocal timer_ran
-            timer_ran += 1
-            await original(self)
-
-        monkeypatch.setattr(chat.ChatScreen, "_mount_panes_later", counted)
-        await wait_for(pilot, lambda: timer_ran >= 2)  # it looked twice while "hey" was in the prompt
+        screen.prompt.text = "hey"
+        await wait_for(pilot, lambda: looked >= 2)  # it looked twice while "hey" was in the prompt
         assert screen._sampling_pane() is None and screen.status_pane() is None
-        await pilot.press("backspace", "backspace", "backspace")
+        screen.prompt.text = ""
         await wait_for(pilot, lambda: screen._sampling_pane() is not None and screen.status_pane() is not None)

@@ -24,7 +24,7 @@ from textual.binding import ActiveBinding, Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.timer import Timer
-from textual.widget import MountError, Widget
+from textual.widget import AwaitMount, MountError, Widget
 from textual.widgets import Input, TextArea
 
 from tuichat.chat.client import ChatClient
@@ -85,6 +85,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             count_tokens=True,
         )
         self._live: ReplyMessage | None = None
+        self._live_mount: AwaitMount | None = None  # until the live reply is in, the first text waits for it
+        self._live_waiting = False
         self._pending: list[str] = []
         self._flusher: Timer | None = None
         self._replacing: list[Turn] = []
@@ -249,7 +251,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             self._show_sent()
             self._live = ReplyMessage(event.reply, live=True)
             self._owner.status.ledger.started(id(event.reply))
-            self.messages.mount(self._live)
+            self._live_mount = self.messages.mount(self._live)
             self._flusher = self.set_interval(FLUSH_EVERY, self._flush)
         elif isinstance(event, ReplyDelta):
             self._pending.append(event.text)
@@ -273,6 +275,20 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
     async def _flush(self) -> None:
         # On a timer rather than per chunk: ~30 writes a second keep Markdown cheap.
         if self._live is not None and self._pending:
+            if self._live_mount is not None:
+                # A quick server's first chunk can come while the reply (mounted once the request was out) is
+                # still being composed: the text goes in once it is whole, by this flush alone (the timer's
+                # flushes meanwhile leave it pending, in order).
+                mounting, self._live_mount = self._live_mount, None
+                self._live_waiting = True
+                try:
+                    await mounting
+                finally:
+                    self._live_waiting = False
+            elif self._live_waiting:
+                return
+            if self._live is None:
+                return
             text = "".join(self._pending)
             self._pending.clear()
             await self._live.write(text)
@@ -347,18 +363,6 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         for widget in self.messages.showing([reply]):
             if isinstance(widget, ReplyMessage):
                 await widget.show_stats()
-
-    def _read_only_event(self, event: ReadOnly) -> None:
-        if event.released:
-            self._mark_read_only(None)
-            self.notify("The other tuichat has let go of this chat: it continues here.")
-            return
-        self.notify(
-            f"{event.held_by.sentence()} It is read-only here: start a new chat "
-            f"({self._owner.key_name('new_chat')}), or quit that tuichat first.",
-            severity="warning",
-            timeout=10,
-        )
 
     # -- sending ----------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from textual.screen import Screen
 
-from tuichat.chat.conversation import Conversation
+from tuichat.chat.conversation import Conversation, ReadOnly
 from tuichat.chat.turns import Turn
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.message_list import MessageList, message_widget
@@ -117,6 +117,18 @@ class ChatBase(Screen[None]):
         """Say where the user looks (title and the empty prompt) that the chat shown belongs to another tuichat."""
         self.app.sub_title = self._title + (f" · read-only, open in pid {held.pid}" if held is not None else "")
         self.prompt.placeholder = f"read-only: another tuichat (pid {held.pid}) has this chat open" if held else ""
+
+    def _read_only_event(self, event: ReadOnly) -> None:
+        if event.released:
+            self._mark_read_only(None)
+            self.notify("The other tuichat has let go of this chat: it continues here.")
+            return
+        self.notify(
+            f"{event.held_by.sentence()} It is read-only here: start a new chat "
+            f"({self._owner.key_name('new_chat')}), or quit that tuichat first.",
+            severity="warning",
+            timeout=10,
+        )
 
     async def warm_up_widgets(self) -> None:
         """Mount a sent message and a live reply once, unseen, with a first word, then remove them. The first
