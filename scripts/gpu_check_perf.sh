@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The third session's device call (carry .kit): issue 15's figures on the final code, bench/gpu_run.sh against a
+# Issue 15's device call (carry .kit; third, fourth and fifth sessions): the figures on the final code, bench/gpu_run.sh against a
 # real lmdeploy 0.18 api_server (start-up with and without a 500-message history, streaming and first-token
 # overhead, the status-pane case and the server's pace, 100 live exchanges, idle), then what is left on the GPU.
 #   bash scripts/gpu_check_perf.sh
@@ -7,10 +7,10 @@ set -u
 LOG_NAME=perf.log
 source scripts/gpu_common.sh
 log "bench/gpu_run.sh on the final code"
-# AB_SRC (carry bench/out/ab_base_src): the first-token A/B against the commit before the request went out first
+# AB_SRC (carry bench/out/ab_base_src, a copy of another commit's src/): the first-token A/B against it, 3 pairs of 8
 ab=""
 [[ -d bench/out/ab_base_src ]] && ab=$PWD/bench/out/ab_base_src
-CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 AB_SRC=$ab timeout 560 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
+CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 AB_SRC=$ab AB_PAIRS=3 AB_REPS=8 timeout 570 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 tail -110 "$OUT/bench.log"
 sleep 2; echo "GPU apps at the end: [$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)]"
