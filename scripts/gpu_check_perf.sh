@@ -7,10 +7,10 @@ set -u
 LOG_NAME=perf.log
 source scripts/gpu_common.sh
 log "bench/gpu_run.sh on the final code"
-# AB_SRC (carry bench/out/ab_base_src, a copy of another commit's src/): the first-token A/B against it, 3 pairs of 8
+# AB_SRC (carry bench/out/ab_base_src, a copy of another commit's src/): the first-token A/B against it, 2 pairs of 8
 ab=""
 [[ -d bench/out/ab_base_src ]] && ab=$PWD/bench/out/ab_base_src
-CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 AB_SRC=$ab AB_PAIRS=3 AB_REPS=8 timeout 570 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
+CHUNKS=500 REPS=3 LOADS="0" EXCHANGES=100 IDLE_S=40 STARTUP_REPS=5 AB_SRC=$ab AB_PAIRS=2 AB_REPS=8 timeout 480 bash bench/gpu_run.sh > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 tail -110 "$OUT/bench.log"
 sleep 2; echo "GPU apps at the end: [$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)]"
