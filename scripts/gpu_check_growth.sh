@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The fourth session's third device call (carry .kit): memory growth over 100 live exchanges and start-up (with a
-# 500-message chat, opened the first time and again) after the fix that frees parked widgets' drawn lines, on a
-# real lmdeploy 0.18 api_server.
+# Memory growth over 100 live exchanges and start-up (with a 500-message chat, opened the first time and again) on
+# a real lmdeploy 0.18 api_server (carry .kit). Fourth session: after the fix that frees parked widgets' drawn
+# lines; fifth: after the message list empties its own drawn rows at each housekeeping pass.
 #   bash scripts/gpu_check_growth.sh
 set -u
 LOG_NAME=growth.log
