@@ -210,17 +210,18 @@ class LiveMarkdown(Markdown):
 
     def __init__(self, markdown: str = "", *, classes: str | None = None) -> None:
         super().__init__(markdown, classes=classes, parser_factory=live_parser)
+        self._starts_empty = not markdown
 
     def compose(self) -> ComposeResult:
         # An empty paragraph, mounted with the reply while the server works on the first token: Textual's append
         # sets new text into a last block of the same kind, so the first words go into it instead of mounting a
         # block of their own on the first word's path (~3 ms against the stand-in).
-        if not self._initial_markdown:
+        if self._starts_empty:
             yield LiveParagraph(self, Token("paragraph_open", "p", 1, map=[0, 1]))
 
     @on(Mount)
     def _no_initial_update(self, event: Mount) -> None:
-        if not self._initial_markdown:
+        if self._starts_empty:
             # Textual's own would parse "" in a worker thread and then remove the paragraph just composed; the
             # first text would also wait for it (they share a lock). Textual calls each class's handler in turn
             # (this one first); preventing the default stops it there.
