@@ -81,6 +81,19 @@ class Tmux:
         subprocess.run([*self.base, "kill-server"], env=self.env, capture_output=True)
 
 
+def tuichat_in_tmux(hermetic_home: Path, tmp_path: Path, standin: Standin, *args: str) -> Tmux:
+    """tuichat against the stand-in in a tmux of its own, with nothing of the user's environment but PATH."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "TUICHAT_HOME": str(hermetic_home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    flags = " ".join([*args, "--url", standin.url, "--api-key", str(standin.api_key)])
+    return Tmux(tmp_path / "tmux.sock", env, f"env TERM=screen {sys.executable} -m tuichat {flags}")
+
+
 def toasts(screen: str) -> str:
     """The text of the notifications at the right, their wrapped lines joined again."""
     parts = [line.split("▌", 1)[1] for line in screen.splitlines() if "▌" in line]
@@ -110,15 +123,7 @@ def test_every_advertised_key_works_through_tmux(hermetic_home: Path, tmp_path: 
         store.add_message(conv, "user", f"old question {i}")
         store.add_message(conv, "assistant", f"old answer {i}")
     store.close()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "TUICHAT_HOME": str(hermetic_home),
-        "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    command = f"env TERM=screen {sys.executable} -m tuichat --continue --url {standin.url} --api-key {standin.api_key}"
-    tmux = Tmux(tmp_path / "tmux.sock", env, command)
+    tmux = tuichat_in_tmux(hermetic_home, tmp_path, standin, "--continue")
     checked: set[str] = set()
 
     def press(binding_id: str, key: str) -> None:
@@ -257,15 +262,7 @@ def test_every_advertised_key_works_through_tmux(hermetic_home: Path, tmp_path: 
 def test_fast_keys_during_a_reply_act_or_are_refused_and_never_type(
     hermetic_home: Path, tmp_path: Path, standin: Standin
 ) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "TUICHAT_HOME": str(hermetic_home),
-        "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    command = f"env TERM=screen {sys.executable} -m tuichat --url {standin.url} --api-key {standin.api_key}"
-    tmux = Tmux(tmp_path / "tmux.sock", env, command)
+    tmux = tuichat_in_tmux(hermetic_home, tmp_path, standin)
     try:
         tmux.wait("● ready")
         standin.configure(words=600, rate=60)
@@ -302,15 +299,7 @@ def test_a_short_chat_leaves_no_trace_of_what_went(hermetic_home: Path, tmp_path
     # In a chat shorter than the screen, rows that a message leaves are blank below the rest; the message list
     # repaints only the regions that changed (not all of itself at each mount or removal), so this reads the
     # terminal itself after retry, undo and clear: every word that went must be gone from it.
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "TUICHAT_HOME": str(hermetic_home),
-        "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    command = f"env TERM=screen {sys.executable} -m tuichat --url {standin.url} --api-key {standin.api_key}"
-    tmux = Tmux(tmp_path / "tmux.sock", env, command)
+    tmux = tuichat_in_tmux(hermetic_home, tmp_path, standin)
     try:
         tmux.wait("● ready")
         standin.configure(reply="alpha reply\n\nwith a second paragraph of several words")
