@@ -389,7 +389,8 @@ class Conversation(Holding):
                     self._emit(ReplyOpened(reply))
 
             async for event in self.client.stream_chat(self.model, messages, self.sampling, on_sent=open_reply):
-                open_reply()  # at the latest with the server's first event (a transport that reports no sending)
+                if not opened:
+                    open_reply()  # at the latest with the server's first event (a transport that reports no sending)
                 if isinstance(event, Delta):
                     chunks += 1
                     reply.content += event.text

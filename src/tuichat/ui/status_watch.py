@@ -31,7 +31,6 @@ from tuichat.server.metrics import (
     summarize_for_status,
 )
 from tuichat.ui.status_view import StatusView
-from tuichat.ui.widgets.status_line import StatusLine
 
 IDLE_FACTOR = 2.5  # idle: read every 2.5 poll intervals (5 s at the default 2 s); lmdeploy's gauges move every ~10 s
 SETTLE_POLLS = 5  # after a reply ends, keep the streaming pace this many intervals: the final figures come late
@@ -276,7 +275,7 @@ class StatusWatch:
         if warning:
             parts.insert(0, "⚠ context nearly full")
         try:
-            line = screen.query_one(StatusLine)  # (a query's truth test would walk every widget, at each reading)
+            line = screen.status_line
         except NoMatches:
             return  # a reading that lands while the app shuts down: nothing is left to draw on
         extra = " · ".join(parts)

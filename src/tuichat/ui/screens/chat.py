@@ -86,7 +86,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         )
         self._live: ReplyMessage | None = None
         self._live_mount: AwaitMount | None = None  # until the live reply is in, the first text waits for it
-        self._live_waiting = False
+        self._flushing = asyncio.Lock()
         self._pending: list[str] = []
         self._flusher: Timer | None = None
         self._replacing: list[Turn] = []
@@ -273,22 +273,18 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             self.notify(event.text, severity=event.severity)
 
     async def _flush(self) -> None:
-        # On a timer rather than per chunk: ~30 writes a second keep Markdown cheap.
-        if self._live is not None and self._pending:
+        # On a timer rather than per chunk: ~30 writes a second keep Markdown cheap. One flush at a time: a quick
+        # server's first chunk can come while the reply (mounted once the request was out) is still being
+        # composed, and the first flush waits for it; the timer's flushes wait their turn, so the words stay in
+        # order.
+        async with self._flushing:
+            if self._live is None or not self._pending:
+                return
             if self._live_mount is not None:
-                # A quick server's first chunk can come while the reply (mounted once the request was out) is
-                # still being composed: the text goes in once it is whole, by this flush alone (the timer's
-                # flushes meanwhile leave it pending, in order).
                 mounting, self._live_mount = self._live_mount, None
-                self._live_waiting = True
-                try:
-                    await mounting
-                finally:
-                    self._live_waiting = False
-            elif self._live_waiting:
-                return
-            if self._live is None:
-                return
+                await mounting
+                if self._live is None:
+                    return
             text = "".join(self._pending)
             self._pending.clear()
             await self._live.write(text)

@@ -12,6 +12,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
+from textual.containers import Container
 from textual.screen import Screen
 
 from tuichat.chat.conversation import Conversation, ReadOnly
@@ -19,7 +20,9 @@ from tuichat.chat.turns import Turn
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.reply_message import ReplyMessage
 from tuichat.ui.widgets.status_line import StatusLine
+from tuichat.ui.widgets.user_message import UserMessage
 
 if TYPE_CHECKING:
     from tuichat.chat.holders import HeldBy
@@ -134,11 +137,6 @@ class ChatBase(Screen[None]):
         """Mount a sent message and a live reply once, unseen, with a first word, then remove them. The first
         widget of each class registers its CSS, and Textual then parses the whole stylesheet again and rebuilds
         its rules: that was ~3 ms of the first Enter's path, paid here while the user reads the first screen."""
-        from textual.containers import Container
-
-        from tuichat.ui.widgets.reply_message import ReplyMessage
-        from tuichat.ui.widgets.user_message import UserMessage
-
         box = Container(UserMessage(Turn("user", "warm")), reply := ReplyMessage(Turn("assistant", ""), live=True))
         box.display = False
         await self.mount(box)
