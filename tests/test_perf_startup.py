@@ -58,6 +58,22 @@ def test_the_first_frame_needs_no_http_stack() -> None:
     assert out.stdout.split() == ["False", "False", "False"]
 
 
+def test_attaching_to_a_server_loads_no_profile_code() -> None:
+    """The built-in profiles (and the GPU and fit code under them, ~10 ms) load when something asks for a profile;
+    a start that attaches to a URL never does, yet the config still lists them when asked."""
+    code = (
+        "import sys\n"
+        "from tuichat.ui.app import AppOptions, make_app\n"
+        "app = make_app(AppOptions(url='http://127.0.0.1:9', use_store=False, watch_server=False))\n"
+        "print('tuichat.server.profiles' in sys.modules)\n"
+        "print(len(app.config.profiles) > 0, 'tuichat.server.profiles' in sys.modules)\n"
+    )
+    env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
+
+
 async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     # Mounting the two hidden panes takes ~100 ms: started between a typed message's Enter and its request, it
     # held the request back that long (the bench saw it). They come once the prompt is empty again.

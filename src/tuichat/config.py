@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,35 @@ class UISettings:
     max_image_side: int = 1344  # longest side of an attached image after downscaling, in pixels
 
 
+class Profiles(Mapping[str, "Profile"]):
+    """Every profile: the built-ins, then the file's own over them. The built-ins (and the profiles module, with
+    the GPU and fit code it imports: ~10 ms) load on first use, which attaching to a server never makes, so a
+    plain start does not wait for them. The file's own profiles are parsed, and so checked, when it is read."""
+
+    def __init__(self, own: Mapping[str, Profile] | None = None) -> None:
+        self._own = dict(own or {})
+        self._all: dict[str, Profile] | None = None
+
+    def _every(self) -> dict[str, Profile]:
+        if self._all is None:
+            from tuichat.server.profiles import BUILTIN_PROFILES
+
+            self._all = {**BUILTIN_PROFILES, **self._own}
+        return self._all
+
+    def __getitem__(self, name: str) -> Profile:
+        return self._every()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._every())
+
+    def __len__(self) -> int:
+        return len(self._every())
+
+    def __repr__(self) -> str:
+        return f"Profiles({sorted(self._own)} over the built-ins)"
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -71,7 +100,7 @@ class Config:
     keys: Mapping[str, str] = field(default_factory=dict)
     model_roots: tuple[str, ...] = ()
     # every profile, built-in or the user's, in its one typed form
-    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    profiles: Mapping[str, Profile] = field(default_factory=Profiles)
     # which of `profiles` the file defines (the rest are built-ins it left alone)
     user_profiles: frozenset[str] = frozenset()
     # [fleets.NAME] as written, and validated
@@ -196,16 +225,16 @@ def parse_config(raw: Mapping[str, Any], file: Path) -> Config:
                 raise ConfigError(file, "models.roots", 'must be a list of folders, e.g. ["/data/models"]')
             roots = tuple(value)
 
-    from tuichat.server import profiles as profiles_mod
-
-    user_profiles: set[str] = set()
-    merged: dict[str, Profile] = dict(profiles_mod.BUILTIN_PROFILES)
+    own: dict[str, Profile] = {}
     if "profiles" in raw:
+        from tuichat.server import profiles as profiles_mod
+
         for name, table in _table(file, "profiles", raw["profiles"]).items():
             if not isinstance(table, dict):
                 raise ConfigError(file, f"profiles.{name}", "must be a table, e.g. [profiles." + name + "]")
-            merged[name] = profiles_mod.parse_profile(name, table, file)
-            user_profiles.add(name)
+            own[name] = profiles_mod.parse_profile(name, table, file)
+    user_profiles = set(own)
+    merged = Profiles(own)
 
     fleet_tables: dict[str, dict[str, Any]] = {}
     fleets: dict[str, FleetSpec] = {}
