@@ -1,4 +1,5 @@
-"""The chat footer: Quit keeps its label at 80 columns, and many exchanges do not pile up footer widgets."""
+"""The chat footer: Quit keeps its label at 80 columns, many exchanges do not pile up footer widgets, and a saved
+chat opened at start-up is drawn before the key bar is built."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets._footer import FooterKey
 
+from tuichat.chat.store import Store, default_path
 from tuichat.ui.app import TuichatApp
 from tuichat.ui.widgets.key_footer import KeyFooter
 from tuichat.ui.widgets.prompt_area import PromptArea
@@ -35,6 +37,32 @@ async def test_quit_comes_first_and_every_key_shown_has_its_label() -> None:
         await pilot.resize_terminal(120, 40)
         await wait_for(pilot, lambda: "^o Copy" in footer_line(app))
         assert footer_line(app).lstrip().startswith("^q Quit"), footer_line(app)
+
+
+async def test_a_chat_opened_at_start_is_drawn_before_the_key_bar_is_built() -> None:
+    """The key bar's first build costs 30-50 ms; it waits for the saved chat's turns, then comes at once."""
+    store = Store.open(default_path())
+    conv = store.create_conversation(model="m", server_url="http://127.0.0.1:23333")
+    store.add_message(conv, "user", "an old question")
+    store.add_message(conv, "assistant", "the old answer")
+    store.close()
+    app = app_for(ScriptedServer(), conversation_id=conv, watch_server=False, cursor_blink=False)
+    seen_at_first_build: list[str] = []
+    recompose = KeyFooter.recompose
+
+    async def recording(footer: KeyFooter) -> None:
+        if footer.screen is app.chat_screen and not seen_at_first_build:
+            seen_at_first_build.append(screen_text(app))
+        await recompose(footer)
+
+    KeyFooter.recompose = recording  # type: ignore[method-assign]
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: "Quit" in footer_line(app))
+            assert seen_at_first_build, "the key bar was never built"
+            assert "the old answer" in seen_at_first_build[0]
+    finally:
+        KeyFooter.recompose = recompose  # type: ignore[method-assign]
 
 
 async def test_exchanges_do_not_pile_up_footer_keys() -> None:

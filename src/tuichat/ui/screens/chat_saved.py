@@ -57,6 +57,7 @@ class SavedChats(ChatBase):
             await self.open_conversation(conv_id)
         finally:
             self.restoring = False
+            self.refresh_bindings()  # the key bar waited for the chat (KeyFooter): it is built after this frame
             self.call_after_refresh(self.call_after_refresh, self._owner.first_screen_shown)
 
     async def open_conversation(self, conv_id: int, message_id: int | None = None, read_only: bool = False) -> None:
