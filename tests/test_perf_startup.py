@@ -58,20 +58,28 @@ def test_the_first_frame_needs_no_http_stack() -> None:
     assert out.stdout.split() == ["False", "False", "False"]
 
 
-def test_attaching_to_a_server_loads_no_profile_code() -> None:
-    """The built-in profiles (and the GPU and fit code under them, ~10 ms) load when something asks for a profile;
-    a start that attaches to a URL never does, yet the config still lists them when asked."""
+def test_the_first_frame_loads_no_profile_or_status_code() -> None:
+    """The built-in profiles (with the GPU and fit code under them, ~10 ms) load when something asks for a profile,
+    and the status readings (metrics parsing, the fleet ledger, ~8 ms) once the first frame is out: making the app
+    that attaches to a URL loads neither, yet both are there when asked for."""
+    later = (
+        "tuichat.server.profiles",
+        "tuichat.server.metrics",
+        "tuichat.server.attribution",
+        "tuichat.ui.status_watch",
+    )
     code = (
         "import sys\n"
         "from tuichat.ui.app import AppOptions, make_app\n"
         "app = make_app(AppOptions(url='http://127.0.0.1:9', use_store=False, watch_server=False))\n"
-        "print('tuichat.server.profiles' in sys.modules)\n"
-        "print(len(app.config.profiles) > 0, 'tuichat.server.profiles' in sys.modules)\n"
+        f"print(*[m in sys.modules for m in {later!r}])\n"
+        "print(len(app.config.profiles) > 0, app.status.view.context is not None)\n"
+        f"print(*[m in sys.modules for m in {later!r}])\n"
     )
     env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True", "True"]
+    assert out.stdout.splitlines() == ["False False False False", "True True", "True True True True"]
 
 
 async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:

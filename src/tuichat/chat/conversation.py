@@ -34,7 +34,6 @@ from tuichat.chat.holders import Claim, HeldBy
 from tuichat.chat.sampling import Sampling
 from tuichat.chat.store import Store
 from tuichat.chat.turns import Attachment, ChatSession, Turn, as_role, as_state
-from tuichat.server.metrics import compute_reply_stats
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -590,6 +589,8 @@ def reply_stats(
     started: float, first_at: float | None, ended: float, usage: Usage | None, chunks: int, finish: str | None
 ) -> dict[str, Any]:
     """The stats saved with a reply (a plain dict: it goes into the store as JSON), as the chat screen saves them."""
+    from tuichat.server.metrics import compute_reply_stats  # its module loads with the first reply, not at start
+
     stats = compute_reply_stats(
         started,
         first_at,

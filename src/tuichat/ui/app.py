@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.app import App, SystemCommand
@@ -33,7 +34,6 @@ from tuichat.ui.app_options import AppOptions, choose_managed
 from tuichat.ui.keyids import install_key_parser, mouse_holds_escape, screen_bindings
 from tuichat.ui.screens.chat import ChatScreen
 from tuichat.ui.server_link import ServerLink
-from tuichat.ui.status_watch import StatusWatch
 from tuichat.ui.widgets.reply_message import warm_up_markdown
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tuichat.server.launcher import ManagedServer
     from tuichat.ui.render_cache import RenderCache
     from tuichat.ui.status_view import StatusView
+    from tuichat.ui.status_watch import StatusWatch
 
 CACHE_FLUSH_S = 1.0  # newly drawn replies are written to the render cache this long after the first of them
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
@@ -69,9 +70,16 @@ class TuichatApp(App[None]):
         self._save_timer: Any = None
         self.first_screen_out = False  # first_screen_shown has run: background work may start
         self.server_link = ServerLink(self)
-        self.status = StatusWatch(self)
         self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
+
+    @cached_property
+    def status(self) -> StatusWatch:
+        """The status readings. Made on first use, after the first frame: their modules (metrics parsing, the
+        fleet ledger, the pane's view: ~8 ms of imports and dataclasses) are not what the first frame waits for."""
+        from tuichat.ui.status_watch import StatusWatch
+
+        return StatusWatch(self)
 
     def get_default_screen(self) -> Screen[Any]:
         return self.chat_screen
@@ -164,8 +172,6 @@ class TuichatApp(App[None]):
         """Start-up, once the chat screen's widgets exist (the App mounts before its default screen does)."""
         self._apply_keymap()
         screen = self.chat_screen
-        if self.options.watch_server:
-            self.status.start()
         screen.status_line.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         screen.prompt.focus()
         self.store = screen.open_history()  # a saved chat to show calls first_screen_shown once it is drawn
@@ -196,6 +202,7 @@ class TuichatApp(App[None]):
             self.server_link.check_server()
         self.status.first_screen_shown()
         if self.options.watch_server:
+            self.status.start()
             self.status.poll()
         # The Markdown modules load lazily so the first screen does not wait for them; load them now, while the
         # user reads it, rather than on the first Enter, where the import (~40 ms) would add to the TTFT.
@@ -428,7 +435,8 @@ class TuichatApp(App[None]):
     async def on_unmount(self) -> None:
         # A reply still streaming is saved: stopped by the user's quit, or interrupted by a hang-up.
         await self.chat_screen.conversation.aclose(interrupted=self._hung_up)
-        self.status.close()
+        if "status" in self.__dict__:  # made only once something asked for it
+            self.status.close()
         if self.server_link.manager is not None:
             self.server_link.manager.close()
         if self.render_cache is not None:

@@ -21,7 +21,6 @@ from rich.text import Text
 from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
-from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict
 from tuichat.ui.render_cache import RenderCache, reply_key
 from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 
@@ -54,7 +53,11 @@ def reply_renderable(text: str, state: TurnState) -> RenderableType:
 
 def stats_text(stats: dict[str, Any] | None) -> str:
     """The line under a reply, from the stats dict saved with it (older rows may lack some keys)."""
-    parsed = reply_stats_from_dict(stats) if stats else None
+    if not stats:
+        return ""
+    from tuichat.server.metrics import format_reply_stats, reply_stats_from_dict  # not needed by the first frame
+
+    parsed = reply_stats_from_dict(stats)
     return format_reply_stats(parsed) if parsed is not None else ""
 
 
