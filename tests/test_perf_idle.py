@@ -95,3 +95,55 @@ async def test_idle_polls_come_less_often_than_while_a_reply_streams() -> None:
         await pilot.pause(2.0)
         # every 0.1 s would be 20 reads; idle it is one every 2.5 intervals (a busy machine only makes it fewer)
         assert 2 <= len(reads) - start <= 12
+
+
+async def test_the_prompt_reads_its_theme_styles_only_when_its_styles_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TextArea reads a dozen component styles at each render (each key, each blink); the prompt does it when its
+    styles change (here: a theme switch), and its colours still follow."""
+    from textual._text_area_theme import TextAreaTheme
+
+    from tuichat.ui.widgets.prompt_area import PromptArea
+
+    reads: list[str] = []
+    apply_css = TextAreaTheme.apply_css
+
+    def counting(self: TextAreaTheme, text_area: Any) -> None:
+        if isinstance(text_area, PromptArea):
+            reads.append(text_area.app.theme)
+        apply_css(self, text_area)
+
+    monkeypatch.setattr(TextAreaTheme, "apply_css", counting)
+    app = app_for(ScriptedServer(), watch_server=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        prompt = app.query_one(PromptArea)
+        await wait_for(pilot, lambda: bool(reads) and prompt.is_mounted)
+        await pilot.pause()
+        before, background = len(reads), prompt._theme.base_style.bgcolor if prompt._theme else None
+        for char in "hello there":
+            await pilot.press(char if char != " " else "space")
+        await wait_for(pilot, lambda: prompt.text == "hello there")
+        await pilot.pause()
+        assert len(reads) == before  # eleven keys, eleven renders: no style was read again
+        app.theme = "textual-light"
+        await wait_for(pilot, lambda: "textual-light" in reads)
+        assert prompt._theme is not None and prompt._theme.base_style.bgcolor != background
+
+
+async def test_the_prompt_reads_its_theme_styles_again_when_a_rule_changes_them() -> None:
+    from tuichat.ui.widgets.prompt_area import PromptArea
+
+    class OnePrompt(App[None]):
+        CSS = "PromptArea.-alarm { background: #ff0000; }"
+
+        def compose(self) -> ComposeResult:
+            yield PromptArea()
+
+    app = OnePrompt()
+    async with app.run_test(size=(40, 8)) as pilot:
+        prompt = app.query_one(PromptArea)
+        await wait_for(pilot, lambda: prompt._theme is not None and prompt._theme.base_style.bgcolor is not None)
+        prompt.add_class("-alarm")  # the same theme object, new CSS
+        await wait_for(
+            pilot,
+            lambda: prompt._theme is not None and prompt._theme.base_style.bgcolor.name.lower() in ("#ff0000", "red"),
+        )

@@ -3,6 +3,9 @@
 Its cursor blinks only while someone is typing: after `BLINK_REST_S` without a key it stays lit and still, as
 terminals' cursors do, because each blink is a redraw and a write to the terminal (most of an idle chat's CPU).
 The next key, paste, click or focus starts it blinking again.
+
+TextArea works out its theme's fallback styles from CSS at every render (~1 ms: a dozen component styles); the
+prompt renders at each key, at Enter and at each blink, so it does that once per style change instead.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any, ClassVar
 
 from textual import events
 from textual.binding import BindingType
+from textual.geometry import Region
 from textual.message import Message
+from textual.strip import Strip
 from textual.widgets import TextArea
 
 from tuichat.keymap import keys_for
@@ -40,6 +45,8 @@ class PromptArea(TextArea):
     # characters typed right after it would land before the new line. The app sets these from the keymap.
     newline_keys: frozenset[str] = frozenset(keys_for("newline"))
 
+    _theme_styled: object | None = None  # the theme whose fallback styles were last read from CSS
+
     BLINK_REST_S: ClassVar[float] = 10.0  # seconds without a key after which the cursor stops blinking
 
     class Submitted(Message):
@@ -50,6 +57,17 @@ class PromptArea(TextArea):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
         self._last_activity = time.monotonic()
+
+    def notify_style_update(self) -> None:
+        self._theme_styled = None  # a CSS, focus or app-theme change: the theme's fallbacks are read again
+        super().notify_style_update()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        theme = self._theme
+        if theme is not None and theme is not self._theme_styled:
+            theme.apply_css(self)  # what TextArea.render_lines does each time
+            self._theme_styled = theme
+        return super(TextArea, self).render_lines(crop)  # past TextArea's own, which would read them again
 
     @property
     def blinking(self) -> bool:
