@@ -106,3 +106,18 @@ async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.Mo
         assert screen._sampling_pane() is None and screen.status_pane() is None
         screen.prompt.text = ""
         await wait_for(pilot, lambda: screen._sampling_pane() is not None and screen.status_pane() is not None)
+
+
+async def test_the_first_reply_waits_for_no_import() -> None:
+    """What the first Enter and its reply use is imported while the user reads the first screen (the warm-up):
+    an import on that path (httpx-sse's took ~1 ms, Markdown's ~40 ms) adds to the time to the first word."""
+    from apphelpers import ScriptedServer, app_for, screen_text, wait_for
+
+    app = app_for(ScriptedServer("the *first* reply"), watch_server=False, cursor_blink=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.chat_screen.warmed_up and "ready" in screen_text(app))
+        before = set(sys.modules)
+        app.chat_screen.prompt.text = "hello"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not app.streaming and "first reply" in screen_text(app))
+        assert sorted(set(sys.modules) - before) == []

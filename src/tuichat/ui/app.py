@@ -24,6 +24,7 @@ from textual.screen import Screen
 
 from tuichat import __version__
 from tuichat.chat.client import ChatClient
+from tuichat.chat.client import warm_up as warm_up_client
 from tuichat.chat.sampling import Sampling
 from tuichat.chat.target import Target, resolve_target
 from tuichat.chat.turns import Attachment, ChatSession
@@ -210,6 +211,7 @@ class TuichatApp(App[None]):
 
     def _warm_up(self) -> None:
         warm_up_markdown()
+        warm_up_client()
         self.run_worker(self.chat_screen.warm_up_widgets(), group="warm-up", exit_on_error=False)
 
     def on_ready(self) -> None:
