@@ -42,6 +42,14 @@ async def test_the_cursor_stops_blinking_without_keys_and_a_key_wakes_it(monkeyp
         await wait_for(pilot, lambda: len(flips) >= rested + 2)  # blinking again after the key
 
 
+def run_fresh(code: str) -> str:
+    """Run `code` in a new interpreter (nothing imported yet) with a home of its own; its standard output."""
+    env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_the_first_frame_needs_no_http_stack() -> None:
     """httpx (~70 ms to import) loads with the first request, not with the app, and never with its own CLI."""
     code = (
@@ -52,10 +60,7 @@ def test_the_first_frame_needs_no_http_stack() -> None:
         "import httpx\n"
         "print('click' in sys.modules, 'pygments' in sys.modules)\n"
     )
-    env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "False"]
+    assert run_fresh(code).split() == ["False", "False", "False"]
 
 
 def test_the_first_frame_loads_no_profile_or_status_code() -> None:
@@ -76,10 +81,7 @@ def test_the_first_frame_loads_no_profile_or_status_code() -> None:
         "print(len(app.config.profiles) > 0, app.status.view.context is not None)\n"
         f"print(*[m in sys.modules for m in {later!r}])\n"
     )
-    env = dict(os.environ, TUICHAT_HOME=tempfile.mkdtemp())
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["False False False False", "True True", "True True True True"]
+    assert run_fresh(code).splitlines() == ["False False False False", "True True", "True True True True"]
 
 
 async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:

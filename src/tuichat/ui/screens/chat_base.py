@@ -53,14 +53,17 @@ class ChatBase(Screen[None]):
     warmed_up: bool = False  # warm_up_widgets has run
     _sent: Turn | None = None  # the message just sent, until its widget is mounted (_show_sent)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: dict[type[Widget], Widget] = {}  # _part's finds
+
     def _part(self, kind: type[W]) -> W:
         """The screen's one widget of a kind, looked up once: a query walks the tree and matches selectors (about
         0.2 ms each, and Enter asked five times). Looked up again once it is no longer attached, so a screen
         being taken down raises NoMatches as a query would."""
-        parts: dict[type[Widget], Widget] = self.__dict__.setdefault("_parts", {})
-        part = parts.get(kind)
-        if not isinstance(part, kind) or not part.is_attached:
-            part = parts[kind] = self.query_one(kind)
+        part = self._parts.get(kind)
+        if not isinstance(part, kind) or not part.is_attached:  # (isinstance: the dict's values are any Widget)
+            part = self._parts[kind] = self.query_one(kind)
         return part
 
     @property
