@@ -22,7 +22,7 @@ from textual.widgets import Input, Log, ProgressBar
 
 from tuichat.config import Config, add_profile, load_config
 from tuichat.server.gpu import GpuInfo
-from tuichat.server.launcher import ServerManager
+from tuichat.server.launcher import ServerManager, ServerStatus
 from tuichat.server.procgroup import group_pids
 from tuichat.ui.screens.dialogs import ChoiceScreen
 from tuichat.ui.screens.profile_editor import ProfileEditorScreen
@@ -141,6 +141,25 @@ async def test_crash_while_loading_shows_failed_exit_code_and_the_oom_hint(manag
         assert "Traceback" not in text.split("log")[0]  # the server's traceback stays in its log view
         await wait_for(pilot, lambda: any("OutOfMemoryError" in line for line in screen.lines))
         assert manager.running() == []
+
+
+async def test_a_failure_seen_before_the_log_shows_its_tail_once(manager: ServerManager) -> None:
+    # a server that dies at once is often polled before the log's first read: the launcher's own tail stands
+    # in for the log, and leaves the messages once the log view has the same lines
+    config = standin_profile("standin")
+    app, screen = panel(manager, config)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, screen)
+        tail = ("Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA out of memory.")
+        screen._show_failure(ServerStatus("failed", None, "The server for standin exited with code 1.", 1, None, tail))
+        await wait_for(pilot, lambda: "torch.OutOfMemoryError" in screen_text(app))
+        assert ("info", tail[1]) in screen.messages
+        log = manager.log_path("standin")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("\n".join(tail) + "\n", encoding="utf-8")
+        await wait_for(pilot, lambda: any("OutOfMemoryError" in line for line in screen.lines))
+        await wait_for(pilot, lambda: screen_text(app).count("torch.OutOfMemoryError") == 1)
+        assert screen.messages == [("error", "The server for standin exited with code 1.")]
 
 
 async def test_busy_port_is_refused_before_anything_starts(manager: ServerManager) -> None:

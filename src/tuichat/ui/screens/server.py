@@ -128,6 +128,7 @@ class ServerScreen(ServerLog[ServerAction | None]):
         self.gpu_bytes: int | None = None
         self.busy: Busy | None = None  # while an action worker runs
         self.messages: list[tuple[Level, str]] = []  # (level, sentence) under the state
+        self._tail_in_messages: list[tuple[Level, str]] = []  # log lines shown as messages until the log has them
         self.config_changed = False
         self._poll_busy = False
         self._next_poll = 0.0
@@ -315,9 +316,17 @@ class ServerScreen(ServerLog[ServerAction | None]):
         if hint:
             found.append(("hint", hint))
         if status.last_lines and not self.lines:
-            # no log shown (it could not be read): the launcher's own tail says what happened
-            found += [("info", line) for line in status.last_lines[-4:]]
+            # no log shown yet (not read yet, or it cannot be read): the launcher's own tail says what happened
+            self._tail_in_messages = [("info", line) for line in status.last_lines[-4:]]
+            found += self._tail_in_messages
         self.say(*found)
+
+    def _log_shown(self) -> None:
+        # the log view now shows what the launcher's tail stood in for: say it once, not twice (a fast exit
+        # is often polled before the log's first read)
+        tail, self._tail_in_messages = self._tail_in_messages, []
+        if tail and all(any(m is t for m in self.messages) for t in tail):
+            self.say(*[m for m in self.messages if not any(m is t for t in tail)])
 
     # -- start, stop, restart ---------------------------------------------------------------------------------
 

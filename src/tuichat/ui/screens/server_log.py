@@ -110,6 +110,10 @@ class ServerLog(Screen[ResultT]):
             self._partial_shown = tail_raw
             lines = [*lines, tail]
         self.log_view.add(lines)
+        self._log_shown()
+
+    def _log_shown(self) -> None:
+        """Called once new log lines are on view (the panel drops what stood in for them)."""
 
     def shown_lines(self) -> list[str]:
         """The log lines on view now (all of them, or those matching the search)."""
