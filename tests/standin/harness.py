@@ -31,11 +31,19 @@ FAKE_PATH = str(Path(__file__).with_name("fake_lmdeploy.py").resolve())
 STANDIN_COMMAND = [sys.executable, FAKE_PATH]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and not one this process handed out before:
+    the kernel can give the same free port to two binds in a row, and a fleet's proxy and node then collide."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def group_pids(pgid: int) -> set[int]:
