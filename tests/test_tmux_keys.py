@@ -8,6 +8,7 @@ so a new binding cannot ship without proving that it reaches the program through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -319,6 +320,53 @@ def test_a_short_chat_leaves_no_trace_of_what_went(hermetic_home: Path, tmp_path
         tmux.send("y")
         text = tmux.wait(lambda s: "beta" not in s and "Clear the" not in s, "the chat cleared")
         assert "first question" not in text, text
+    finally:
+        tmux.kill()
+
+
+def input_thread_wakeups(pid: int) -> int:
+    """Voluntary context switches (each a wake-up after a wait) of tuichat's input thread: the one thread besides
+    the main one that waits in select(2) (the kernel's wait channel says so; the writer and workers wait on
+    futexes, the main thread in epoll)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if int(task.name) == pid:
+            continue
+        with contextlib.suppress(OSError):
+            wchan = (task / "wchan").read_text()
+            if "poll_schedule_timeout" in wchan or "select" in wchan:
+                status = (task / "status").read_text()
+                found += [int(m) for m in re.findall(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)]
+    assert len(found) == 1, f"no single input thread found among the threads of {pid}"
+    return found[0]
+
+
+def test_an_idle_chat_has_no_thread_waking_up_and_esc_still_acts(
+    hermetic_home: Path, tmp_path: Path, standin: Standin
+) -> None:
+    # Textual's input thread wakes ten times a second to look for a lone Esc's timeout; tuichat's sleeps until a
+    # byte comes (or until the Esc delay is up): about half of an idle chat's CPU.
+    tmux = tuichat_in_tmux(hermetic_home, tmp_path, standin)
+    try:
+        tmux.wait("● ready")
+        shown = subprocess.run(
+            [*tmux.base, "display", "-p", "-t", "keys", "#{pane_pid}"],
+            env=tmux.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pid = int(shown.stdout)
+        tmux.send("idle", literal=True)  # keys: the input thread has read something, and waits again
+        tmux.wait(lambda s: prompt_text(s) == "idle", "the typed word")
+        before = input_thread_wakeups(pid)
+        time.sleep(2.0)  # what is measured is wake-ups over a span of time
+        woke = input_thread_wakeups(pid) - before
+        assert woke <= 2, f"tuichat's input thread woke {woke} times in 2 s with no key pressed"
+        tmux.send("F1")  # the help, closed by a lone Esc: the parser's timeout still ends the wait for more
+        tmux.wait("tuichat keys")
+        tmux.send("Escape")
+        tmux.wait(lambda s: "tuichat keys" not in s and prompt_text(s) == "idle", "the help closed by Esc")
     finally:
         tmux.kill()
 

@@ -148,7 +148,13 @@ class TuichatApp(App[None]):
 
     def get_driver_class(self) -> type[Driver]:
         install_key_parser()  # Esc + key and Alt + key read as pressed (see ui.keyids)
-        return super().get_driver_class()
+        driver = super().get_driver_class()
+        if driver.__name__ == "LinuxDriver" and driver.__module__ == "textual.drivers.linux_driver":
+            # the same driver, with an input thread that sleeps until a key instead of waking 10x a second
+            from tuichat.ui.input_driver import QuietLinuxDriver
+
+            return QuietLinuxDriver
+        return driver
 
     def _apply_keymap(self) -> None:
         """The [keys] table, checked again here (a Config may come from elsewhere than load_config): a bad one
