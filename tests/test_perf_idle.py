@@ -14,6 +14,7 @@ from apphelpers import ScriptedServer, app_for, lmdeploy_metrics, wait_for
 from test_status_pane import two_gpus
 from textual.app import App, ComposeResult
 from textual.widget import Widget
+from textual.widgets import Static
 
 from tuichat.server.gpu import GpuSnapshot
 from tuichat.server.metrics import ContextMeter, parse_metrics
@@ -74,6 +75,45 @@ async def test_a_reading_that_moves_only_unshown_digits_does_not_redraw_the_pane
         pane.show(replace(view, gen_rate=55.0))  # a figure that is drawn: that part, and only it, redraws
         await pilot.pause()
         assert counts["Static#server-view"] >= 1 and counts["Static#gpu-view"] == 0
+
+
+async def test_a_section_that_keeps_its_height_is_redrawn_without_a_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # While a reply streams, the server section's figures change at every poll; a layout of the whole screen for
+    # each (10-15 ms at 200x50) is needed only when the section grows or shrinks.
+    class Host(App[None]):
+        def compose(self) -> ComposeResult:
+            yield StatusPane()
+
+    gpu = two_gpus().read()
+    assert isinstance(gpu, GpuSnapshot)
+    view = StatusView(gpu=gpu, our_pids={os.getpid()}, metrics=parse_metrics(lmdeploy_metrics()), gen_rate=41.2)
+    app = Host()
+    async with app.run_test(size=(70, 60)) as pilot:
+        pane = app.query_one(StatusPane)
+        section = pane.query_one("#server-view", Static)
+        pane.show(view)
+        await pilot.pause()
+        rows = section.size.height
+        layouts: list[str] = []
+        original = Widget.refresh
+
+        def counting(self: Widget, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("layout"):
+                layouts.append(self.id or type(self).__name__)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Widget, "refresh", counting)
+        pane.show(replace(view, gen_rate=55.0))
+        await pilot.pause()
+        assert "55 tok/s" in screen_lines(app) and layouts == []
+        pane.show(replace(view, gen_rate=None))  # one row fewer: laid out again, and drawn one row shorter
+        await pilot.pause()
+        assert layouts and set(layouts) == {"server-view"}
+        assert section.size.height == rows - 1 and "tok/s" not in screen_lines(app)
+
+
+def screen_lines(app: App[Any]) -> str:
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
 async def test_idle_polls_come_less_often_than_while_a_reply_streams() -> None:
