@@ -84,6 +84,32 @@ def test_the_first_frame_loads_no_profile_or_status_code() -> None:
     assert run_fresh(code).splitlines() == ["False False False False", "True True", "True True True True"]
 
 
+def test_start_up_collects_no_garbage_until_the_first_screen_then_the_collector_is_back() -> None:
+    """The CLI pauses the collector for start-up (~100 young-generation collections, ~30 ms, freed almost
+    nothing), and the first screen turns it back on with what start-up built frozen out of its sight."""
+    code = (
+        "import gc\n"
+        "runs = [0]\n"
+        "gc.callbacks.append(lambda phase, info: phase == 'start' and runs.__setitem__(0, runs[0] + 1))\n"
+        "from textual.app import App\n"
+        "from tuichat.cli.main import main\n"
+        "from tuichat.ui.app import TuichatApp\n"
+        "seen = {}\n"
+        "shown = TuichatApp.first_screen_shown\n"
+        "def first_screen_shown(self):\n"
+        "    seen['collections'], seen['on_before'] = runs[0], gc.isenabled()\n"
+        "    shown(self)\n"
+        "    seen['on_after'], seen['frozen'] = gc.isenabled(), gc.get_freeze_count()\n"
+        "    self.exit()\n"
+        "TuichatApp.first_screen_shown = first_screen_shown\n"
+        "TuichatApp.run = lambda self, **kw: App.run(self, headless=True)  # no terminal here\n"
+        "runs[0] = 0\n"
+        "main(['--url', 'http://127.0.0.1:9', '--api-key', 'k', '--model', 'm'])\n"
+        "print(seen['collections'], seen['on_before'], seen['on_after'], seen['frozen'] > 10000, gc.isenabled())\n"
+    )
+    assert run_fresh(code).split() == ["0", "False", "True", "True", "True"]
+
+
 async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     # Mounting the two hidden panes takes ~100 ms: started between a typed message's Enter and its request, it
     # held the request back that long (the bench saw it). They come once the prompt is empty again.

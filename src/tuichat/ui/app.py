@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import time
 from collections.abc import Iterable
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from tuichat.ui.status_watch import StatusWatch
 
 CACHE_FLUSH_S = 1.0  # newly drawn replies are written to the render cache this long after the first of them
+GC_PAUSE_LIMIT_S = 5.0  # the collector comes back on by then even if the first screen (a saved chat) is slow
 START_TIME = time.perf_counter()  # for the cold-start figure reported at the first frame
 
 
@@ -198,6 +200,17 @@ class TuichatApp(App[None]):
             self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
         if not screen.restoring:
             self.call_after_refresh(self.first_screen_shown)
+        if not gc.isenabled():  # paused by the CLI for start-up: back on with the first screen, or after a while
+            self.set_timer(GC_PAUSE_LIMIT_S, self.resume_gc)
+
+    @staticmethod
+    def resume_gc() -> None:
+        """Collect garbage again after start-up (see cli.main.run_tui), with what start-up built (Textual's and
+        tuichat's modules, styles, widgets: long-lived) moved out of the collector's sight, so no later collection
+        walks it again. Once only: nothing happens where the collector was on (tests, a host program)."""
+        if not gc.isenabled():
+            gc.freeze()
+            gc.enable()
 
     def first_screen_shown(self) -> None:
         """The first screen the user waits for is out (the first frame, or a saved chat's newest turns): now the
@@ -205,6 +218,7 @@ class TuichatApp(App[None]):
         if self.first_screen_out:
             return
         self.first_screen_out = True
+        self.resume_gc()
         if not (self.options.managed and self.profile_name):
             self.server_link.check_server()
         self.status.first_screen_shown()
