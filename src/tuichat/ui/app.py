@@ -72,6 +72,7 @@ class TuichatApp(App[None]):
         self._hung_up = False
         self._save_timer: Any = None
         self.first_screen_out = False  # first_screen_shown has run: background work may start
+        self._freeze_after_warm_up = False  # the CLI paused the collector for start-up (see resume_gc)
         self.server_link = ServerLink(self)
         self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
         self.theme = config.ui.theme if config.ui.theme in self.available_themes else "textual-dark"
@@ -200,6 +201,7 @@ class TuichatApp(App[None]):
             self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
         if not screen.restoring:
             self.call_after_refresh(self.first_screen_shown)
+        self._freeze_after_warm_up = not gc.isenabled()
         if not gc.isenabled():  # paused by the CLI for start-up: back on with the first screen, or after a while
             self.set_timer(GC_PAUSE_LIMIT_S, self.resume_gc)
 
@@ -232,7 +234,14 @@ class TuichatApp(App[None]):
     def _warm_up(self) -> None:
         warm_up_markdown()
         warm_up_client()
-        self.run_worker(self.chat_screen.warm_up_widgets(), group="warm-up", exit_on_error=False)
+        self.run_worker(self._warm_up_widgets(), group="warm-up", exit_on_error=False)
+
+    async def _warm_up_widgets(self) -> None:
+        await self.chat_screen.warm_up_widgets()
+        if self._freeze_after_warm_up:
+            # the warm-up's modules (Markdown, Pygments, httpx) live as long as the app: out of the collector's
+            # sight too, or its full collections walk them at the first replies
+            gc.freeze()
 
     def on_ready(self) -> None:
         if self._keymap_error:
