@@ -116,7 +116,7 @@ def run_tui(args: argparse.Namespace, web_api_key: str | None = None) -> int:
     # No garbage collection until the first screen is out (the app then freezes what start-up made and turns it
     # back on, `TuichatApp.resume_gc`): importing and composing make ~100 young-generation collections that free
     # almost nothing, ~30 ms before the first frame on a 2-core machine.
-    gc.disable()
+    gc.disable()  # (also while main parsed the arguments)
     try:
         return _run_tui(args, web_api_key)
     finally:
@@ -154,7 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_compare(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv)
-        args = chat_parser().parse_args(argv)
+        gc.disable()  # from here: the chat's start-up (see run_tui, which turns it back on at the end)
+        try:
+            args = chat_parser().parse_args(argv)
+        except BaseException:  # --help, a bad flag: argparse exits
+            gc.enable()
+            raise
         return run_tui(args, web_api_key)
     except TuichatError as exc:
         print(f"tuichat: {exc}", file=sys.stderr)
