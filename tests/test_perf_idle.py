@@ -48,18 +48,27 @@ async def test_polls_that_change_nothing_shown_redraw_nothing(monkeypatch: pytes
         assert dict(counts) == {}  # the same figures: not one widget asked to redraw
 
 
-async def test_a_reading_that_moves_only_unshown_digits_does_not_redraw_the_pane(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    class Host(App[None]):
-        def compose(self) -> ComposeResult:
-            yield StatusPane()
+class PaneHost(App[None]):
+    """The status pane alone."""
 
+    def compose(self) -> ComposeResult:
+        yield StatusPane()
+
+
+def pane_view() -> tuple[GpuSnapshot, StatusView]:
+    """Two fake GPUs and a server's figures, as the pane is shown them."""
     gpu = two_gpus().read()
     assert isinstance(gpu, GpuSnapshot)
     view = StatusView(gpu=gpu, our_pids={os.getpid()}, metrics=parse_metrics(lmdeploy_metrics()), gen_rate=41.2)
+    return gpu, view
+
+
+async def test_a_reading_that_moves_only_unshown_digits_does_not_redraw_the_pane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gpu, view = pane_view()
     view.context = ContextMeter(4096)
-    app = Host()
+    app = PaneHost()
     async with app.run_test(size=(70, 60)) as pilot:
         pane = app.query_one(StatusPane)
         pane.show(view)
@@ -80,14 +89,8 @@ async def test_a_reading_that_moves_only_unshown_digits_does_not_redraw_the_pane
 async def test_a_section_that_keeps_its_height_is_redrawn_without_a_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     # While a reply streams, the server section's figures change at every poll; a layout of the whole screen for
     # each (10-15 ms at 200x50) is needed only when the section grows or shrinks.
-    class Host(App[None]):
-        def compose(self) -> ComposeResult:
-            yield StatusPane()
-
-    gpu = two_gpus().read()
-    assert isinstance(gpu, GpuSnapshot)
-    view = StatusView(gpu=gpu, our_pids={os.getpid()}, metrics=parse_metrics(lmdeploy_metrics()), gen_rate=41.2)
-    app = Host()
+    _, view = pane_view()
+    app = PaneHost()
     async with app.run_test(size=(70, 60)) as pilot:
         pane = app.query_one(StatusPane)
         section = pane.query_one("#server-view", Static)
