@@ -140,6 +140,28 @@ async def test_ctrl_t_shows_earlier_messages_while_the_prompt_has_focus() -> Non
         await wait_for(pilot, lambda: app.hidden_turns < before)
 
 
+async def test_ctrl_t_while_earlier_turns_are_still_loading_loads_them_in_turn() -> None:
+    # Ctrl+T soon after a saved chat opened came while the opening's second part was still mounting, and both
+    # mounted an "earlier messages" line: Textual refused the duplicate id and the app stopped. Two loads at once
+    # now go one after the other.
+    store = Store.open(default_path())
+    conv = store.create_conversation()
+    for i in range(70):
+        store.add_message(conv, "user", f"msg {i}")
+        store.add_message(conv, "assistant", f"ans {i}")
+    store.close()
+    app = app_for(ScriptedServer(), conversation_id=conv)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.hidden_turns > 0)
+        screen = app.chat_screen
+        before = app.hidden_turns
+        await asyncio.gather(screen.action_load_earlier(), screen.action_load_earlier())
+        await pilot.pause()
+        assert app.hidden_turns == max(0, before - 40)
+        assert len(screen.query("#earlier")) == (1 if app.hidden_turns else 0)
+        assert app.is_running
+
+
 async def test_control_sequences_in_a_model_id_never_reach_the_screen() -> None:
     app = app_for(ScriptedServer("ok", models=("evil\x1b]0;pwned\x07model",)))
     async with app.run_test(size=(120, 30)) as pilot:

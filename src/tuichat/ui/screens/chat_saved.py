@@ -3,6 +3,7 @@ earlier messages, notice one deleted elsewhere. The engine decides what may be o
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -21,6 +22,8 @@ FIRST_SCREEN_TURNS = 6  # of them, mounted before the others: three exchanges fi
 
 class SavedChats(ChatBase):
     """Opening saved chats on the chat screen (see the module docstring)."""
+
+    _earlier_lock: asyncio.Lock | None = None  # made with the first load of earlier turns
 
     def open_history(self) -> Store | None:
         """Open the history for this chat (None without one), and the chat that --continue or --conversation
@@ -123,7 +126,7 @@ class SavedChats(ChatBase):
         """The second part of opening a chat: `count` more turns above the first screen, the view left alone.
         Skipped when the chat changed meanwhile (another one opened, a new chat, or ctrl+t already loaded them)."""
         if self.conversation.conversation_id == conv_id and self.hidden_turns == hidden:
-            await self._load_earlier(count, scroll=False)
+            await self._load_earlier(count, scroll=False, unless_moved_from=(conv_id, hidden))
 
     async def action_load_earlier(self) -> None:
         if not self.hidden_turns:
@@ -131,7 +134,21 @@ class SavedChats(ChatBase):
             return
         await self._load_earlier(RESTORE_LIMIT, scroll=True)
 
-    async def _load_earlier(self, count: int, *, scroll: bool) -> None:
+    async def _load_earlier(
+        self, count: int, *, scroll: bool, unless_moved_from: tuple[int | None, int] | None = None
+    ) -> None:
+        """Mount `count` more of the hidden turns above the others; `unless_moved_from` (chat id, hidden turns):
+        only if the chat and the number hidden are still those once it is this load's turn."""
+        # One load at a time: Ctrl+T soon after a chat opened met the opening's own second part, and both mounted
+        # an "earlier messages" line (Textual refused the duplicate id; the app stopped).
+        if self._earlier_lock is None:
+            self._earlier_lock = asyncio.Lock()
+        async with self._earlier_lock:
+            now = (self.conversation.conversation_id, self.hidden_turns)
+            if self.hidden_turns and (unless_moved_from is None or unless_moved_from == now):
+                await self._load_earlier_now(count, scroll=scroll)
+
+    async def _load_earlier_now(self, count: int, *, scroll: bool) -> None:
         container = self.messages
         start = max(0, self.hidden_turns - count)
         batch = self.conversation.chat.turns[start : self.hidden_turns]
