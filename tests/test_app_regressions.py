@@ -124,14 +124,19 @@ async def test_deleting_the_open_chat_in_f4_starts_a_new_one_that_is_saved() -> 
     assert ("user", "done", "second, important") in saved()
 
 
-async def test_ctrl_t_shows_earlier_messages_while_the_prompt_has_focus() -> None:
+def saved_chat(exchanges: int) -> int:
+    """A saved chat of `exchanges` questions and answers, longer than what opening it mounts; its id."""
     store = Store.open(default_path())
     conv = store.create_conversation()
-    for i in range(70):
+    for i in range(exchanges):
         store.add_message(conv, "user", f"msg {i}")
         store.add_message(conv, "assistant", f"ans {i}")
     store.close()
-    app = app_for(ScriptedServer(), conversation_id=conv)
+    return conv
+
+
+async def test_ctrl_t_shows_earlier_messages_while_the_prompt_has_focus() -> None:
+    app = app_for(ScriptedServer(), conversation_id=saved_chat(70))
     async with app.run_test() as pilot:
         await wait_for(pilot, lambda: app.hidden_turns > 0)
         before = app.hidden_turns
@@ -144,13 +149,7 @@ async def test_ctrl_t_while_earlier_turns_are_still_loading_loads_them_in_turn()
     # Ctrl+T soon after a saved chat opened came while the opening's second part was still mounting, and both
     # mounted an "earlier messages" line: Textual refused the duplicate id and the app stopped. Two loads at once
     # now go one after the other.
-    store = Store.open(default_path())
-    conv = store.create_conversation()
-    for i in range(70):
-        store.add_message(conv, "user", f"msg {i}")
-        store.add_message(conv, "assistant", f"ans {i}")
-    store.close()
-    app = app_for(ScriptedServer(), conversation_id=conv)
+    app = app_for(ScriptedServer(), conversation_id=saved_chat(70))
     async with app.run_test() as pilot:
         await wait_for(pilot, lambda: app.hidden_turns > 0)
         screen = app.chat_screen
