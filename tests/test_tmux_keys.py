@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -367,6 +368,43 @@ def test_an_idle_chat_has_no_thread_waking_up_and_esc_still_acts(
         tmux.wait("tuichat keys")
         tmux.send("Escape")
         tmux.wait(lambda s: "tuichat keys" not in s and prompt_text(s) == "idle", "the help closed by Esc")
+    finally:
+        tmux.kill()
+
+
+def test_stopped_and_resumed_from_the_shell_it_reads_keys_again(
+    hermetic_home: Path, tmp_path: Path, standin: Standin
+) -> None:
+    # SIGTSTP (a job stopped from the shell) makes Textual close the driver and, at `fg`, start a new input
+    # thread: the quiet input thread's wake-up pipe must outlive that close (it did not, and resuming crashed)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "TUICHAT_HOME": str(hermetic_home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    rc = tmp_path / "bashrc"
+    rc.write_text("PS1='shell> '\n")
+    tmux = Tmux(tmp_path / "tmux.sock", env, f"env TERM=screen bash --noprofile --rcfile {rc}")
+    try:
+        tmux.wait("shell>")
+        tmux.send(f"{sys.executable} -m tuichat --url {standin.url} --api-key {standin.api_key}", "Enter")
+        tmux.wait("● ready")
+        shown = subprocess.run(
+            ["pgrep", "-f", "-n", f"{sys.executable} -m tuichat --url {standin.url}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.kill(int(shown.stdout.split()[0]), signal.SIGTSTP)
+        tmux.wait("Stopped", "the job stopped")
+        tmux.send("fg", "Enter")
+        tmux.wait("● ready", "tuichat drawn again")
+        tmux.send("back again", literal=True)
+        tmux.wait(lambda s: prompt_text(s) == "back again", "keys read after the resume")
+        tmux.send("C-q")
+        tmux.wait(lambda s: s.rstrip().endswith("shell>"), "quit to the shell")
     finally:
         tmux.kill()
 

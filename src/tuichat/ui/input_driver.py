@@ -16,6 +16,7 @@ import os
 import selectors
 import threading
 import time
+import weakref
 from codecs import getincrementaldecoder
 from typing import Any
 
@@ -34,6 +35,9 @@ class WakingEvent(threading.Event):
         self.read_fd, self._write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self._write_fd, False)
+        # closed with the event, not with the driver: Textual's suspend (Ctrl+Z, SIGTSTP) calls the driver's close()
+        # and then starts a new input thread on resume, which waits on this pipe again
+        weakref.finalize(self, _close_fds, self.read_fd, self._write_fd)
 
     def set(self) -> None:
         super().set()
@@ -47,10 +51,11 @@ class WakingEvent(threading.Event):
             while os.read(self.read_fd, 512):
                 pass
 
-    def close(self) -> None:
-        for fd in (self.read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def wait_for(parser: Any) -> float | None:
@@ -100,9 +105,3 @@ class QuietLinuxDriver(LinuxDriver):
                 handle(selector.select(wait_for(parser)))
         finally:
             selector.close()
-
-    def close(self) -> None:
-        super().close()
-        event = self.exit_event
-        if isinstance(event, WakingEvent):
-            event.close()
