@@ -83,15 +83,20 @@ class Tmux:
         subprocess.run([*self.base, "kill-server"], env=self.env, capture_output=True)
 
 
-def tuichat_in_tmux(hermetic_home: Path, tmp_path: Path, standin: Standin, *args: str) -> Tmux:
-    """tuichat against the stand-in in a tmux of its own, with nothing of the user's environment but PATH."""
-    env = {
+def tmux_env(hermetic_home: Path, tmp_path: Path) -> dict[str, str]:
+    """Nothing of the user's environment but PATH; this test run's tuichat and a home of its own."""
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
         "TUICHAT_HOME": str(hermetic_home),
         "LANG": "C.UTF-8",
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
     }
+
+
+def tuichat_in_tmux(hermetic_home: Path, tmp_path: Path, standin: Standin, *args: str) -> Tmux:
+    """tuichat against the stand-in in a tmux of its own, with nothing of the user's environment but PATH."""
+    env = tmux_env(hermetic_home, tmp_path)
     flags = " ".join([*args, "--url", standin.url, "--api-key", str(standin.api_key)])
     return Tmux(tmp_path / "tmux.sock", env, f"env TERM=screen {sys.executable} -m tuichat {flags}")
 
@@ -377,13 +382,7 @@ def test_stopped_and_resumed_from_the_shell_it_reads_keys_again(
 ) -> None:
     # SIGTSTP (a job stopped from the shell) makes Textual close the driver and, at `fg`, start a new input
     # thread: the quiet input thread's wake-up pipe must outlive that close (it did not, and resuming crashed)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "TUICHAT_HOME": str(hermetic_home),
-        "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
+    env = tmux_env(hermetic_home, tmp_path)
     rc = tmp_path / "bashrc"
     rc.write_text("PS1='shell> '\n")
     tmux = Tmux(tmp_path / "tmux.sock", env, f"env TERM=screen bash --noprofile --rcfile {rc}")

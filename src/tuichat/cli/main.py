@@ -113,17 +113,6 @@ def run_subcommand(argv: Sequence[str]) -> int:
 
 
 def run_tui(args: argparse.Namespace, web_api_key: str | None = None) -> int:
-    # No garbage collection until the first screen is out (the app then freezes what start-up made and turns it
-    # back on, `TuichatApp.resume_gc`): importing and composing make ~100 young-generation collections that free
-    # almost nothing, ~30 ms before the first frame on a 2-core machine.
-    gc.disable()  # (also while main parsed the arguments)
-    try:
-        return _run_tui(args, web_api_key)
-    finally:
-        gc.enable()
-
-
-def _run_tui(args: argparse.Namespace, web_api_key: str | None) -> int:
     from tuichat.ui.app import AppOptions, make_app
 
     options = AppOptions(
@@ -154,13 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_compare(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv)
-        gc.disable()  # from here: the chat's start-up (see run_tui, which turns it back on at the end)
+        # No garbage collection from here until the first screen is out (the app then freezes what start-up
+        # made and turns it back on, `TuichatApp.resume_gc`): parsing, importing and composing make ~100
+        # young-generation collections that free almost nothing, ~30 ms before the first frame on 2 cores.
+        gc.disable()
         try:
-            args = chat_parser().parse_args(argv)
-        except BaseException:  # --help, a bad flag: argparse exits
-            gc.enable()
-            raise
-        return run_tui(args, web_api_key)
+            return run_tui(chat_parser().parse_args(argv), web_api_key)
+        finally:
+            gc.enable()  # (already on since the first screen, unless the app ended before it)
     except TuichatError as exc:
         print(f"tuichat: {exc}", file=sys.stderr)
         return 1

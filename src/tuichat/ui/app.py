@@ -201,13 +201,13 @@ class TuichatApp(App[None]):
             self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
         if not screen.restoring:
             self.call_after_refresh(self.first_screen_shown)
-        self._freeze_after_warm_up = not gc.isenabled()
         if not gc.isenabled():  # paused by the CLI for start-up: back on with the first screen, or after a while
+            self._freeze_after_warm_up = True
             self.set_timer(GC_PAUSE_LIMIT_S, self.resume_gc)
 
     @staticmethod
     def resume_gc() -> None:
-        """Collect garbage again after start-up (see cli.main.run_tui), with what start-up built (Textual's and
+        """Collect garbage again after start-up (see cli.main.main), with what start-up built (Textual's and
         tuichat's modules, styles, widgets: long-lived) moved out of the collector's sight, so no later collection
         walks it again. Once only: nothing happens where the collector was on (tests, a host program)."""
         if not gc.isenabled():

@@ -325,8 +325,8 @@ class ServerScreen(ServerLog[ServerAction | None]):
         # the log view now shows what the launcher's tail stood in for: say it once, not twice (a fast exit
         # is often polled before the log's first read)
         tail, self._tail_in_messages = self._tail_in_messages, []
-        if tail and all(any(m is t for m in self.messages) for t in tail):
-            self.say(*[m for m in self.messages if not any(m is t for t in tail)])
+        if tail and all(line in self.messages for line in tail):  # (not replaced by other messages since)
+            self.say(*[m for m in self.messages if m not in tail])
 
     # -- start, stop, restart ---------------------------------------------------------------------------------
 
