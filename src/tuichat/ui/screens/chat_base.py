@@ -156,7 +156,8 @@ class ChatBase(Screen[None]):
         box = Container(UserMessage(Turn("user", "warm")), reply := ReplyMessage(Turn("assistant", ""), live=True))
         box.display = False
         await self.mount(box)
-        await reply.write("warm *up*")
+        await reply.write("warm")  # the plain first words, then the live Markdown taking over
+        await reply.write(" *up*")
         await box.remove()
         self.warmed_up = True
 

@@ -10,6 +10,8 @@ Model text is never interpreted as Textual markup, and it was cleaned of control
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,6 +20,7 @@ from rich.measure import Measurement
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual.content import Content
 from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
@@ -39,6 +42,19 @@ STATE_MARKS: dict[TurnState, str] = {
 # Rows the live reply's height grows by at a time: the message list is laid out again only when the text
 # outgrows the reserved rows, not at every flush (the compositor then repaints just the reply).
 GROW_STEP = 8
+
+
+# Characters that can make CommonMark draw text otherwise than as it is (emphasis, code, links, HTML and entities,
+# escapes, tables, strikethrough, headings, quotes) or break it into blocks (a newline).
+_MARKUP_CHARS = frozenset("\\`*_[]<>&|~#\n\r\t")
+_BLOCK_START = re.compile(r"[-+=]|\d{1,9}[.)]")  # a list item, a setext underline or a rule, an ordered item
+
+
+def looks_plain(text: str) -> bool:
+    """Whether Markdown would draw `text` as one paragraph of exactly these characters (no leading space, which a
+    paragraph drops; none of the characters above; no list or rule at the start). Then the first words can be
+    drawn as they are and look the same when the live Markdown takes over."""
+    return bool(text) and not text[0].isspace() and _MARKUP_CHARS.isdisjoint(text) and _BLOCK_START.match(text) is None
 
 
 def reply_renderable(text: str, state: TurnState) -> RenderableType:
@@ -148,13 +164,12 @@ class ReplyMessage(Static):
         self._stream: MarkdownStream | None = None
         self._finishing = False
         self._stats_shown = ""  # the stats line as drawn: show_stats redraws only when it changed
+        self._plain = ""  # the first words while this widget draws them itself (before the live Markdown)
+        self._writing = asyncio.Lock()  # a write, the Markdown's taking over and finish() go one at a time
 
     def compose(self) -> Any:
-        if self.live:
-            from tuichat.ui.widgets.live_markdown import LiveMarkdown
-
-            self._markdown = LiveMarkdown("", classes="live")
-            yield self._markdown
+        # Nothing yet: the first words are drawn by this widget itself (`write`); the live Markdown comes after them.
+        return ()
 
     def on_mount(self) -> None:
         if not self.live:
@@ -180,15 +195,52 @@ class ReplyMessage(Static):
         self.content = DrawnOnce(make, key, cache, self.turn.msg_id)
 
     async def write(self, text: str) -> None:
-        if self._markdown is None:
+        """Add streamed text; it is in the widgets when this returns (the chat draws the first words in one frame
+        with the message just sent). Plain first words are drawn as they are, by this widget; the live Markdown
+        takes over right after their frame, or at once for text it would draw otherwise, or with the next write."""
+        if not self.live:
             return
-        if self._stream is None:
-            # The first words are appended here and now, so they are in the widgets when the caller returns (the
-            # chat screen draws them in the same frame as the message just sent); the rest goes through the stream.
+        async with self._writing:
+            if self._markdown is None:
+                if not self._plain and looks_plain(text):
+                    # The first word's frame then lays out and paints one widget, not a Markdown tree of three
+                    # composed for it: 10 ms less of the main thread between Enter and that frame (bench/RESULTS.md).
+                    self._plain = text
+                    self.add_class("plain")
+                    self.update(Content(text))
+                    self.call_after_refresh(self._take_over_soon)
+                    return
+                await self._take_over(text)
+                return
+            if self._stream is None:
+                self._stream = self._markdown.get_stream(self._markdown)
+                await self._markdown.append(text)
+            else:
+                await self._stream.write(text)
+        self.call_after_refresh(self._reserve_rows)
+
+    def _take_over_soon(self) -> None:
+        if self._markdown is None and self._plain and self.live:
+            self.run_worker(self._take_over_now(), group="markdown", exit_on_error=False)
+
+    async def _take_over_now(self) -> None:
+        async with self._writing:
+            if self._markdown is None and self._plain and self.live and self.is_attached:
+                await self._take_over("")
+
+    async def _take_over(self, text: str) -> None:
+        """Mount the live Markdown with the text so far (the plain words, then `text`) in one frame."""
+        from tuichat.ui.widgets.live_markdown import LiveMarkdown
+
+        text, self._plain = self._plain + text, ""
+        with self.app.batch_update():  # the plain words stay until the Markdown shows them: no frame without them
+            self._markdown = LiveMarkdown("", classes="live")
+            await self.mount(self._markdown)
             self._stream = self._markdown.get_stream(self._markdown)
-            await self._markdown.append(text)
-        else:
-            await self._stream.write(text)
+            if text:
+                await self._markdown.append(text)
+            self.remove_class("plain")
+            self.update("")
         self.call_after_refresh(self._reserve_rows)
 
     def _reserve_rows(self) -> None:
@@ -213,16 +265,22 @@ class ReplyMessage(Static):
         """Swap the live Markdown for the cheap finished form (also fixes any fence left open mid-stream)."""
         self._finishing = True
         try:
-            if self._stream is not None:
-                await self._stream.stop()
-                self._stream = None
-            self.live = False
-            await self.remove_children()
-            self._markdown = None
-            self.styles.min_height = None  # the finished text takes exactly its own rows
-            self._draw_finished()
+            async with self._writing:
+                await self._finish()
         finally:
             self._finishing = False
+
+    async def _finish(self) -> None:
+        self._plain = ""
+        self.remove_class("plain")
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.live = False
+        await self.remove_children()
+        self._markdown = None
+        self.styles.min_height = None  # the finished text takes exactly its own rows
+        self._draw_finished()
 
     async def show_stats(self) -> None:
         """Redraw the stats line from `turn.stats` (a /v1/encode count arrived after the reply ended)."""
