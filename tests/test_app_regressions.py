@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,10 @@ from tuichat.chat.target import resolve_target
 from tuichat.config import load_config
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.screens.history import ConversationsScreen
+from tuichat.ui.widgets.message_list import MessageList
 from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.reply_message import ReplyMessage
+from tuichat.ui.widgets.user_message import UserMessage
 
 
 async def type_and_send(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -410,3 +414,33 @@ async def test_without_a_usage_chunk_v1_encode_gives_the_token_count() -> None:
     stats = store.messages(conv.id)[-1].stats
     store.close()
     assert stats is not None and stats["completion_tokens"] == 234 and stats["counted"]
+
+
+async def test_ctrl_t_shows_the_loaded_turns_even_if_parking_runs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in a tmux test under load: the list's parking pass ran after the loaded turns were laid out but before
+    # the view moved to them, parked them (they were far above a view still at the bottom), and the view then
+    # went to a widget no longer there: a blank spacer and turns from the middle of the chat. Here the parking
+    # pass runs in exactly that gap.
+    original = MessageList.mount_all
+    park_first = {"on": False}
+
+    async def mount_then_park(self: MessageList, widgets: Any, **kwargs: Any) -> None:
+        await original(self, widgets, **kwargs)
+        if park_first["on"]:
+            shown = [w for w in widgets if isinstance(w, UserMessage | ReplyMessage)]
+            for _ in range(200):  # until they are laid out
+                if all(w.size.height for w in shown):
+                    break
+                await asyncio.sleep(0.01)
+            self.housekeep()
+            assert self.parked_turns()  # the pass did park what was loaded
+
+    monkeypatch.setattr(MessageList, "mount_all", mount_then_park)
+    app = app_for(ScriptedServer(), conversation_id=saved_chat(30))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.hidden_turns > 0 and "ans 29" in screen_text(app))
+        await pilot.pause()
+        first_hidden = app.chat.turns[max(0, app.hidden_turns - 20)].content
+        park_first["on"] = True
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: first_hidden in screen_text(app))

@@ -112,8 +112,7 @@ class SavedChats(ChatBase):
                 await self.action_load_earlier()
             target = container.showing_message(message_id)
         if target is not None:
-            container.release_anchor()
-            self.call_after_refresh(container.scroll_to_widget, target, animate=False, top=True)
+            container.scroll_to_turn(target.turn)
         else:
             container.scroll_end(animate=False)
         self._owner.status.chat_opened(turns)
@@ -159,10 +158,7 @@ class SavedChats(ChatBase):
             widgets.insert(0, self._earlier_marker())
         await container.mount_all(widgets, before=0 if container.children else None)
         if batch and scroll:
-            # Show what was asked for: the view goes to the first of the messages just loaded.
-            container.release_anchor()
-            first = widgets[1] if self.hidden_turns else widgets[0]
-            self.call_after_refresh(container.scroll_to_widget, first, animate=False, top=True)
+            container.scroll_to_turn(batch[0])  # show what was asked for: the first of the turns just loaded
 
     def check_open_conversation_exists(self) -> None:
         """If the chat on screen was deleted from the history, start afresh instead of saving into nothing."""

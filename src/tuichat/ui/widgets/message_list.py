@@ -36,6 +36,7 @@ MessageWidget = UserMessage | ReplyMessage | NoteMessage
 PARK_SCREENS = 2.0  # widgets further than this many view heights from the view are parked
 UNPARK_SCREENS = 1.0  # parked turns nearer than this are mounted again (the gap between the two avoids churn)
 KEEP_LAST = 12  # the newest message widgets always stay mounted: retry, undo and stats updates work on them
+TARGET_TRIES = 5  # refreshes scroll_to_turn waits for its turn's layout, at most
 HOUSEKEEP_DELAY = 0.15  # seconds after a mount or a scroll before parking is looked at (one pass per burst)
 
 
@@ -72,6 +73,7 @@ class MessageList(VerticalScroll):
     can_focus = True
     virtual_size = virtual_size_without_relayout()
     _housekeep_timer: Timer | None = None
+    _target: Turn | None = None  # a turn the view is on its way to (scroll_to_turn): no parking until it is there
     _leaving: weakref.WeakSet[Widget] | None = None  # removed by parking, still among the children for a moment
 
     def _present(self) -> list[Widget]:
@@ -119,6 +121,28 @@ class MessageList(VerticalScroll):
     def showing_message(self, msg_id: int) -> MessageWidget | None:
         self._unpark(lambda turn: turn.msg_id == msg_id)
         return next((w for w in self.messages() if w.turn.msg_id == msg_id), None)
+
+    def scroll_to_turn(self, turn: Turn) -> None:
+        """Put `turn` at the top of the view once it is laid out. Nothing is parked until the view is there: a
+        parking pass between the layout and the scroll parked a turn just mounted far above a view still at the
+        bottom, and the view went to a widget no longer there (a blank spacer, seen under load in CI)."""
+        self.release_anchor()
+        self._target = turn
+        self.call_after_refresh(self._go_to_target)
+
+    def _go_to_target(self, tries: int = 0) -> None:
+        turn = self._target
+        if turn is None:
+            return
+        self._unpark(lambda t: t is turn)
+        widget = next((w for w in self.messages() if w.turn is turn), None)
+        if widget is not None and not widget.size.height and tries < TARGET_TRIES:
+            self.call_after_refresh(self._go_to_target, tries + 1)  # mounted again just now: after its layout
+            return
+        self._target = None
+        if widget is not None:
+            self.scroll_to_widget(widget, animate=False, top=True)
+        self._housekeep_soon()
 
     def parked_turns(self) -> list[Turn]:
         """The turns not mounted right now, oldest first."""
@@ -197,8 +221,8 @@ class MessageList(VerticalScroll):
         """Mount parked turns near the view again and park message widgets far from it."""
         view_h = self.scrollable_content_region.height
         width = self.scrollable_content_region.width
-        if view_h <= 0 or width <= 0:
-            return
+        if view_h <= 0 or width <= 0 or self._target is not None:
+            return  # (on its way to a turn: what is far from the view now may be the view in a moment)
         top, bottom = self.scroll_y, self.scroll_y + view_h
         near_top, near_bottom = top - UNPARK_SCREENS * view_h, bottom + UNPARK_SCREENS * view_h
         # Near the view (or measured at another width, whose heights no longer hold): mount again.
