@@ -104,7 +104,7 @@ async def test_the_markdown_takes_over_the_first_words_without_a_visible_change(
         plain_lines = screen_lines(app)
         assert any("road home" in line for line in plain_lines)
         original()
-        await wait_for(pilot, lambda: reply._markdown is not None and not reply.has_class("plain"))
+        await wait_for(pilot, lambda: reply._markdown is not None and not reply._plain)
         await pilot.pause()
         assert screen_lines(app) == plain_lines  # the same text on the same cells
         assert screen_cells(app) == plain  # and the same colours and styles
@@ -131,7 +131,7 @@ async def test_a_reply_that_ends_during_its_plain_words_is_drawn_finished() -> N
         reply.turn.content, reply.turn.state = "Short answer", "done"
         await reply.finish()
         await pilot.pause()
-        assert not reply.live and not reply.has_class("plain") and not reply.children
+        assert not reply.live and not reply._plain and not reply.children
         lines = screen_lines(app)
         assert any("Short answer" in line for line in lines)
         # the finished form takes exactly its own rows: no spare row held for a paragraph margin
@@ -145,6 +145,6 @@ async def test_words_written_before_the_markdown_takes_over_are_shown_once() -> 
         reply._take_over_soon = lambda: None  # type: ignore[method-assign]
         await reply.write("First")
         await reply.write(" then *more*")  # the second write hands everything to the Markdown
-        assert reply._markdown is not None and not reply.has_class("plain")
+        assert reply._markdown is not None and not reply._plain
         await wait_for(pilot, lambda: any("First then more" in line for line in screen_lines(app)))
         assert sum(line.count("First") for line in screen_lines(app)) == 1

@@ -248,10 +248,10 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         elif isinstance(event, ReplyOpened):
             # The request is out: the sent message and the reply are mounted while the server prefills, so the
             # first chunk only has to be written (that is the TTFT).
-            self._show_sent()
             self._live = ReplyMessage(event.reply, live=True)
             self._owner.status.ledger.started(id(event.reply))
-            self._live_mount = self.messages.mount(self._live)
+            # one mount for both: one compose and styling pass, not two
+            self._live_mount = self.messages.mount(*self._take_sent(), self._live)
             self._flusher = self.set_interval(FLUSH_EVERY, self._flush)
         elif isinstance(event, ReplyDelta):
             self._pending.append(event.text)

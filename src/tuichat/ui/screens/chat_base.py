@@ -178,6 +178,11 @@ class ChatBase(Screen[None]):
     def _show_sent(self) -> None:
         """Mount the message just sent. It waits for its request to be out (ReplyOpened), or ECHO_WAIT_S: mounted
         at Enter, its composing and styling ran between the request's own steps and held the request back."""
+        sent = self._take_sent()
+        if sent:
+            self.messages.mount(*sent)
+
+    def _take_sent(self) -> list[Widget]:
+        """The widget of the message just sent, not mounted yet (none once it is): a caller mounts it."""
         turn, self._sent = self._sent, None
-        if turn is not None:
-            self.messages.mount(message_widget(turn))
+        return [message_widget(turn)] if turn is not None else []
