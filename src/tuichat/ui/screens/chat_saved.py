@@ -156,9 +156,11 @@ class SavedChats(ChatBase):
         widgets: list[Static | ReplyMessage] = [message_widget(t) for t in batch]
         if self.hidden_turns:
             widgets.insert(0, self._earlier_marker())
-        await container.mount_all(widgets, before=0 if container.children else None)
         if batch and scroll:
-            container.scroll_to_turn(batch[0])  # show what was asked for: the first of the turns just loaded
+            # show what was asked for, the first of the turns loaded; said before they are mounted, so that no
+            # parking pass takes them away before the view is there
+            container.scroll_to_turn(batch[0])
+        await container.mount_all(widgets, before=0 if container.children else None)
 
     def check_open_conversation_exists(self) -> None:
         """If the chat on screen was deleted from the history, start afresh instead of saving into nothing."""

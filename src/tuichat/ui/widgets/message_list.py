@@ -14,6 +14,7 @@ it, so every caller keeps working with widgets.
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Self
@@ -36,7 +37,7 @@ MessageWidget = UserMessage | ReplyMessage | NoteMessage
 PARK_SCREENS = 2.0  # widgets further than this many view heights from the view are parked
 UNPARK_SCREENS = 1.0  # parked turns nearer than this are mounted again (the gap between the two avoids churn)
 KEEP_LAST = 12  # the newest message widgets always stay mounted: retry, undo and stats updates work on them
-TARGET_TRIES = 5  # refreshes scroll_to_turn waits for its turn's layout, at most
+TARGET_WAIT_S = 2.0  # how long scroll_to_turn waits for its turn to be mounted and laid out, at most
 HOUSEKEEP_DELAY = 0.15  # seconds after a mount or a scroll before parking is looked at (one pass per burst)
 
 
@@ -74,6 +75,7 @@ class MessageList(VerticalScroll):
     virtual_size = virtual_size_without_relayout()
     _housekeep_timer: Timer | None = None
     _target: Turn | None = None  # a turn the view is on its way to (scroll_to_turn): no parking until it is there
+    _target_until = 0.0
     _leaving: weakref.WeakSet[Widget] | None = None  # removed by parking, still among the children for a moment
 
     def _present(self) -> list[Widget]:
@@ -123,21 +125,24 @@ class MessageList(VerticalScroll):
         return next((w for w in self.messages() if w.turn.msg_id == msg_id), None)
 
     def scroll_to_turn(self, turn: Turn) -> None:
-        """Put `turn` at the top of the view once it is laid out. Nothing is parked until the view is there: a
-        parking pass between the layout and the scroll parked a turn just mounted far above a view still at the
-        bottom, and the view went to a widget no longer there (a blank spacer, seen under load in CI)."""
+        """Put `turn` at the top of the view once it is mounted and laid out (it may be about to be mounted: call
+        this first). Nothing is parked until the view is there: a parking pass between the layout and the scroll
+        parked turns just mounted far above a view still at the bottom, and the view went to a widget no longer
+        there (a blank spacer, seen under load in CI)."""
         self.release_anchor()
         self._target = turn
+        self._target_until = time.monotonic() + TARGET_WAIT_S
         self.call_after_refresh(self._go_to_target)
 
-    def _go_to_target(self, tries: int = 0) -> None:
+    def _go_to_target(self) -> None:
         turn = self._target
         if turn is None:
             return
         self._unpark(lambda t: t is turn)
         widget = next((w for w in self.messages() if w.turn is turn), None)
-        if widget is not None and not widget.size.height and tries < TARGET_TRIES:
-            self.call_after_refresh(self._go_to_target, tries + 1)  # mounted again just now: after its layout
+        ready = widget is not None and widget.is_mounted and widget.size.height > 0
+        if not ready and time.monotonic() < self._target_until:
+            self.call_after_refresh(self._go_to_target)  # still mounting, or not laid out yet
             return
         self._target = None
         if widget is not None:
