@@ -6,7 +6,8 @@ half of an idle chat's CPU (0.16 of 0.32 %, per-thread run times from /proc). Th
 without a timeout while the parser holds nothing, waits exactly until the parser's deadline while it does (the
 Esc delay), and is woken for exit through a pipe that the exit flag writes to when it is set.
 
-Everything else (raw mode, the writer thread, resize, mouse, suspend and resume) is the Linux driver's own.
+Its output goes out from the thread that drew it (`terminal_writer.PromptWriter`), not always through Textual's
+writer thread. Everything else (raw mode, resize, mouse, suspend and resume) is the Linux driver's own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 from textual.drivers import linux_driver
 from textual.drivers.linux_driver import LinuxDriver
+
+from tuichat.ui.terminal_writer import PromptWriter
 
 UNKNOWN_DEADLINE_S = 0.1  # how often to look when the parser's deadline cannot be read (another Textual)
 _NOT_KEPT = object()
@@ -70,11 +73,20 @@ def wait_for(parser: Any) -> float | None:
 
 
 class QuietLinuxDriver(LinuxDriver):
-    """`LinuxDriver` whose input thread does not poll (see the module's docstring)."""
+    """`LinuxDriver` whose input thread does not poll and whose frames go out at once (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.exit_event = WakingEvent()
+
+    def start_application_mode(self) -> None:
+        super().start_application_mode()  # type: ignore[no-untyped-call]  # (Textual leaves it unannotated)
+        # Textual's writer thread, started there and already handed the terminal's set-up, finishes that first
+        queued, file = self._writer_thread, self._file
+        if queued is not None and file is not None and not isinstance(queued, PromptWriter):
+            queued.stop()
+            self._writer_thread = PromptWriter(file)
+            self._writer_thread.start()
 
     def run_input_thread(self) -> None:
         event = self.exit_event

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rich.text import Text
+from textual.content import Content
 from textual.widgets import Static
 
 from tuichat.chat.turns import Turn
@@ -12,8 +12,9 @@ class UserMessage(Static):
     """What the user sent; plain text, never markup."""
 
     def __init__(self, turn: Turn) -> None:
-        text = Text(turn.content)
+        # Textual's Content rather than a Rich Text: drawn without Rich's console, in the first word's frame
+        text = Content(turn.content)
         for att in turn.attachments:
-            text.append(f"\n🖼 {att.label()}", style="dim")
+            text += Content.styled(f"\n🖼 {att.label()}", "dim")
         super().__init__(text, classes="message user", markup=False)
         self.turn = turn
