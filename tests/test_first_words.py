@@ -70,6 +70,13 @@ class Host(App[None]):
             yield self.reply
 
 
+def holding_host() -> Host:
+    """A host whose reply keeps its plain words until a second write (the take-over after the frame held back)."""
+    app = Host()
+    app.reply._take_over_soon = lambda: None  # type: ignore[method-assign]
+    return app
+
+
 def screen_lines(app: App[None]) -> list[str]:
     return [line.text for line in app.screen._compositor.render_strips()]
 
@@ -123,10 +130,9 @@ async def test_markdown_first_words_go_straight_to_the_markdown() -> None:
 
 
 async def test_a_reply_that_ends_during_its_plain_words_is_drawn_finished() -> None:
-    app = Host()
+    app = holding_host()
     async with app.run_test(size=(60, 12)) as pilot:
         reply = app.reply
-        reply._take_over_soon = lambda: None  # type: ignore[method-assign]
         await reply.write("Short answer")
         reply.turn.content, reply.turn.state = "Short answer", "done"
         await reply.finish()
@@ -139,10 +145,9 @@ async def test_a_reply_that_ends_during_its_plain_words_is_drawn_finished() -> N
 
 
 async def test_words_written_before_the_markdown_takes_over_are_shown_once() -> None:
-    app = Host()
+    app = holding_host()
     async with app.run_test(size=(60, 12)) as pilot:
         reply = app.reply
-        reply._take_over_soon = lambda: None  # type: ignore[method-assign]
         await reply.write("First")
         await reply.write(" then *more*")  # the second write hands everything to the Markdown
         assert reply._markdown is not None and not reply._plain
