@@ -174,6 +174,10 @@ class ChatBase(Screen[None]):
         hold, self._echo_hold = self._echo_hold, None
         if hold is not None:
             hold.close()
+            # Closing the batch wakes the app, not this screen: the layout it held waited for the next thing to
+            # wake the screen (a cursor blink, the first chunk), ~120 ms after the echo's wait ran out against a
+            # slow stand-in, and the first word's frame then did all of it (bench/RESULTS.md, eighth session).
+            self.check_idle()
 
     def _show_sent(self) -> None:
         """Mount the message just sent. It waits for its request to be out (ReplyOpened), or ECHO_WAIT_S: mounted
