@@ -6,7 +6,6 @@ must not leave the user looking at their unsent-looking prompt: the message show
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from apphelpers import ScriptedServer, app_for, screen_text, wait_for
@@ -31,25 +30,6 @@ async def test_a_slow_first_word_does_not_hold_the_sent_message_back() -> None:
         assert time.monotonic() - pressed < ECHO_WAIT_S + 0.5
         await wait_for(pilot, lambda: "late words" in screen_text(app), timeout=10)
         assert app.chat_screen._echo_hold is None  # nothing is held once the reply streams
-
-
-async def test_the_sent_message_is_drawn_when_the_echo_wait_runs_out() -> None:
-    """Drawn by the screen itself once the wait is over, not at whatever wakes it next (a blink, the first chunk).
-    Waited for with plain sleeps: the pilot's own pause would draw the screen and hide the fault."""
-    server = ScriptedServer("late words")
-    server.delay = 2.0
-    app = app_for(server, cursor_blink=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: "ready" in screen_text(app))
-        prompt = app.query_one(PromptArea)
-        prompt.focus()
-        prompt.text = "a question for a slow server"
-        await pilot.press("enter")
-        pressed = time.monotonic()
-        while "a question for a slow server" not in screen_text(app) and time.monotonic() - pressed < 1.5:
-            await asyncio.sleep(0.01)
-        assert time.monotonic() - pressed < ECHO_WAIT_S + 0.3
-        assert app.streaming and app.chat.turns[-1].content == ""
 
 
 async def test_a_saved_chat_is_on_screen_before_the_server_is_asked_anything() -> None:
