@@ -111,8 +111,11 @@ def toasts(screen: str) -> str:
 def prompt_text(screen: str) -> str:
     """What the prompt box holds (its left part: toasts may cover the right), lines joined with '/'."""
     lines = screen.splitlines()
-    bottom = max(i for i, line in enumerate(lines) if line.startswith("╰"))
-    top = max(i for i, line in enumerate(lines[:bottom]) if line.startswith("╭"))
+    # none while the box is not (or not yet wholly) on screen, e.g. mid-way through a redraw after `fg`
+    bottom = max((i for i, line in enumerate(lines) if line.startswith("╰")), default=None)
+    top = max((i for i, line in enumerate(lines[:bottom]) if line.startswith("╭")), default=None) if bottom else None
+    if bottom is None or top is None:
+        return ""
     inner = [line[1:].split("▌")[0].rstrip(" │") for line in lines[top + 1 : bottom]]
     return "/".join(part.strip() for part in inner if part.strip())
 
