@@ -142,7 +142,10 @@ class MessageList(VerticalScroll):
         widget = next((w for w in self.messages() if w.turn is turn), None)
         ready = widget is not None and widget.is_mounted and widget.size.height > 0
         if not ready and time.monotonic() < self._target_until:
-            self.call_after_refresh(self._go_to_target)  # still mounting, or not laid out yet
+            if widget is None or not widget.is_mounted:
+                self.set_timer(0.02, self._go_to_target)  # still mounting (a callback after refresh would spin)
+            else:
+                self.call_after_refresh(self._go_to_target)  # mounted, not laid out yet
             return
         self._target = None
         if widget is not None:

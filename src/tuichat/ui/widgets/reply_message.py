@@ -228,10 +228,7 @@ class ReplyMessage(Static):
                     return
                 await self._take_over(text)
                 return
-            if self._stream is None:
-                self._stream = self._markdown.get_stream(self._markdown)
-                await self._markdown.append(text)
-            else:
+            if self._stream is not None:  # (set with the Markdown, by _take_over)
                 await self._stream.write(text)
         self.call_after_refresh(self._reserve_rows)
 
@@ -245,7 +242,9 @@ class ReplyMessage(Static):
         layout does, e.g. the status line's repaint, and a take-over then would hold the words back)."""
         if self._markdown is None and self._plain and self.live:
             if not self._plain_drawn and time.monotonic() < self._plain_until:
-                self.call_after_refresh(self._take_over_soon)
+                # a timer, not another callback after refresh: on an idle screen (the reply scrolled away, another
+                # screen on top) that one runs at once, and the wait would spin
+                self.set_timer(1 / 60, self._take_over_soon)
                 return
             self.run_worker(self._take_over_now(), group="markdown", exit_on_error=False)
 
