@@ -52,6 +52,8 @@ class ScriptedServer:
 
     `reply` is the text each chat request streams back (split into `pieces`); `delay` slows chunks so a test can
     press Esc mid-stream; `models` is the /v1/models list. Every chat request body is kept in `requests`.
+    `hold_at` = (piece, event) holds the stream before that piece until the event is set, so a test can look at
+    a reply while it is surely still streaming.
     """
 
     def __init__(self, reply: str = "Hello **there**.", models: tuple[str, ...] = ("tiny-chat",)) -> None:
@@ -65,6 +67,7 @@ class ScriptedServer:
         self.error_body: dict[str, Any] = {}
         self.raw_events: list[str] | None = None  # send these `data:` payloads verbatim instead
         self.metrics: str | None = None  # /metrics text; None answers 404 like --disable-metrics
+        self.hold_at: tuple[int, asyncio.Event] | None = None
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -101,6 +104,8 @@ class ScriptedServer:
             for i, part in enumerate(parts):
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if self.hold_at is not None and i == self.hold_at[0]:
+                    await self.hold_at[1].wait()
                 last = i == len(parts) - 1
                 yield f"data: {json.dumps(chunk(part, 'stop' if last else None, role=i == 0))}\n\n".encode()
             yield f"data: {json.dumps(usage_chunk(12, len(parts)))}\n\n".encode()

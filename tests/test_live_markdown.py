@@ -7,6 +7,7 @@ paragraph that stopped growing must give its spare rows back, so a reply in seve
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -86,12 +87,19 @@ async def test_a_streaming_reply_shows_every_word_and_finished_paragraphs_keep_n
 
 
 async def test_a_short_paragraph_takes_exactly_its_rows_while_it_streams() -> None:
-    app = app_for(slow_server(" ".join(f"s{i}" for i in range(30)), 10, 0.05), cursor_blink=False)  # two rows
+    server = slow_server(" ".join(f"s{i}" for i in range(30)), 10, 0.05)  # two rows
+    # held before its eighth piece: the reply is still streaming when it is looked at, however slow the machine
+    server.hold_at = (8, release := asyncio.Event())
+    app = app_for(server, cursor_blink=False)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "a short one")
         await wait_for(pilot, lambda: "s20" in app.chat.turns[-1].content and "s20" in screen_text(app))
+        assert app.streaming
+        # the live Markdown has taken over from the plain first words by the time a second chunk is drawn
+        await wait_for(pilot, lambda: bool(app.query(LiveParagraph)))
         blocks = list(app.query(LiveParagraph).results())
-        assert blocks and all(b.reserved == 0 for b in blocks)  # no spare rows under a short reply
+        assert all(b.reserved == 0 for b in blocks)  # no spare rows under a short reply
+        release.set()
         await wait_for(pilot, lambda: not app.streaming and "s29" in screen_text(app))
 
 
