@@ -178,6 +178,7 @@ class Rig:
     model: str
     standin: bool
     procs: list[subprocess.Popen[bytes]]
+    _http: httpx.Client | None = None
 
     @property
     def server(self) -> Server:
@@ -195,8 +196,14 @@ class Rig:
         httpx.post(f"{self.tap_url}/_tap/reset", trust_env=False).raise_for_status()
 
     def last(self) -> dict[str, Any] | None:
-        """How many chunks the latest streamed request has been sent, and whether it has ended."""
-        found: dict[str, Any] | None = httpx.get(f"{self.tap_url}/_tap/last", trust_env=False).json()
+        """How many chunks the latest streamed request has been sent, and whether it has ended.
+
+        Asked while a reply streams, so it keeps one connection: `httpx.get` builds a client, TLS context and
+        all, at every call, 25 ms on a 2-core machine, and words the client drew meanwhile were stamped that late
+        (it made the H200's first-token figures bimodal: the first ask came right after Enter)."""
+        if self._http is None:
+            self._http = httpx.Client(trust_env=False)
+        found: dict[str, Any] | None = self._http.get(f"{self.tap_url}/_tap/last").json()
         return found
 
     def log(self) -> list[dict[str, Any]]:
@@ -299,6 +306,13 @@ class StreamTrial:
     measured_rate: float | None = None
     bytes_out: int = 0
     error: str | None = None
+    # the raw stamps behind the first-token figures, on the machine's monotonic clock (which tuichat's in-process
+    # timeline, bench/ttft_timeline.py, shares): `python bench/ttft_timeline.py join JSON DIR` lines them up
+    pid: int | None = None
+    enter_at: float | None = None
+    received_at: float | None = None
+    sent1_at: float | None = None
+    seen1_at: float | None = None
 
 
 @dataclass
@@ -413,7 +427,9 @@ def wait_all_shown(pty: PtyClient, rig_: Rig, chunks: int, budget: float, base: 
             return time.monotonic()
         pty.pump(0.05)
         now = time.monotonic()
-        if now >= next_ask and not rig_.standin:
+        # not before the first word: the harness is blocked while it asks, and the first word's time is the
+        # figure most sensitive to a late read
+        if now >= next_ask and not rig_.standin and pty.words.highest > base:
             next_ask = now + 0.25
             last = rig_.last()
             if last and last["done"] and last["sent"] and pty.words.highest >= base + last["sent"]:
@@ -479,6 +495,8 @@ def stream_trial(
             trial.ttft_s = seen[1] - enter - server_wait
             trial.request_s = record["received"] - enter
             trial.first_paint_s = seen[1] - sent[0]
+            trial.pid = pty.pid
+            trial.enter_at, trial.received_at, trial.sent1_at, trial.seen1_at = enter, record["received"], sent[0], seen[1]
         if len(sent) > 1:
             trial.measured_rate = (len(sent) - 1) / (sent[-1] - sent[0])
         if done is None:

@@ -2,11 +2,13 @@
 
     BENCH_TUICHAT_PRELUDE="exec(open('bench/ttft_timeline.py').read())" python bench/run.py --scenarios stream ...
     python bench/ttft_timeline.py show [DIR]      # one line per run: when each step began, in ms from Enter
+    python bench/ttft_timeline.py join REPORT.json [DIR]   # the bench's own stamps beside each run's timeline
 
 It marks, on tuichat's own clock: the Enter key's bytes, the send, the engine's events, the request's headers
 out and the response read, the held echo's release, each flush and write, each screen update and layout, the
-frame with the first word handed to the terminal writer and written, the status pane's polls, every collection
-and every message that took over 1 ms. Each tuichat process writes `tl-PID.txt` into TTFT_TIMELINE_DIR (default
+frame with the first word handed to the terminal writer and written, the status pane's polls, every collection,
+every message that took over 1 ms, and what makes a frame come (layout and update requests posted to the screen,
+its idle, its update timer resumed). Each tuichat process writes `tl-PID.txt` into TTFT_TIMELINE_DIR (default
 /tmp/tuichat-timeline; the bench passes no environment through, so the folder is fixed). The instrumentation
 costs a little itself: read the order and the gaps, not the last millisecond.
 """
@@ -103,6 +105,27 @@ def install() -> None:
     wrap(status_watch.StatusWatch, "_read_gpu", "gpu read (thread)")
     wrap(status_watch.StatusWatch, "_read_metrics", "metrics read")
 
+    # what makes a frame come: the widgets' requests to the screen, the screen's idle, its update timer resumed
+    import textual.timer as textual_timer
+
+    resume = textual_timer.Timer.resume
+
+    def resume_marked(self: textual_timer.Timer) -> None:
+        if self.name == "screen_update":
+            mark("screen timer resumed")
+        resume(self)
+
+    textual_timer.Timer.resume = resume_marked  # type: ignore[method-assign]
+    post = MessagePump.post_message
+
+    def post_marked(self: MessagePump, message: object) -> bool:
+        name = type(message).__name__
+        if name in ("Layout", "Update", "UpdateScroll") and isinstance(self, textual_screen.Screen):
+            mark(f"post {name} {type(getattr(message, 'widget', None)).__name__}")
+        return post(self, message)  # type: ignore[arg-type]
+
+    MessagePump.post_message = post_marked  # type: ignore[method-assign]
+    wrap(textual_screen.Screen, "_on_idle", "screen idle")
     dispatch = MessagePump._dispatch_message
 
     async def dispatch_timed(self: MessagePump, message: object) -> object:
@@ -177,9 +200,47 @@ def show(folder: str) -> None:
         print(os.path.basename(path), " | ".join(line), "|", "; ".join(notes)[:300])
 
 
+def join(report_path: str, folder: str) -> None:
+    """Each tuichat run of a bench report beside its timeline, on the one monotonic clock: where the first word's
+    time went between the harness, tuichat and the tap."""
+    import json
+    import os
+    from statistics import median
+
+    report = json.load(open(report_path))
+    legs = ["key in", "to tap", "tap->read", "read->W1", "W1->seen", "total"]
+    rows: list[list[float]] = []
+    print(f"{'pid':>8} " + " ".join(f"{leg:>9}" for leg in legs) + "   (ms)")
+    for trial in report.get("stream", []):
+        pid = trial.get("pid")
+        path = os.path.join(folder, f"tl-{pid}.txt")
+        if pid is None or trial.get("seen1_at") is None or not os.path.exists(path):
+            continue
+        with open(path) as lines:
+            marks = sorted((float(t), text.strip()) for t, text in (line.split(" ", 1) for line in lines))
+        enter, received, sent1, seen1 = (trial[k] for k in ("enter_at", "received_at", "sent1_at", "seen1_at"))
+        key = next((t for t, text in marks if text == "ENTER" and t >= enter - 0.001), None)
+        headers = next((t for t, text in marks if key and t >= key and text == "< headers out"), None)
+        delta = next((t for t, text in marks if t >= sent1 and text == "> event ReplyDelta"), None)
+        w1 = next((t for t, text in marks if t >= sent1 and text.startswith("W1 write returned")), None)
+        if None in (key, headers, delta, w1):
+            continue
+        assert key is not None and delta is not None and w1 is not None
+        # "to tap": tuichat's key to the request reaching the tap; "tap->read": the tap's write of chunk 1 to
+        # tuichat's engine having it as an event (kernel, event loop and httpx); "W1->seen": tuichat's write of
+        # the frame to the harness's read of it (the pty and the harness)
+        row = [key - enter, received - key, delta - sent1, w1 - delta, seen1 - w1, seen1 - enter - (sent1 - received)]
+        rows.append([x * 1e3 for x in row])
+        print(f"{pid:>8} " + " ".join(f"{x * 1e3:9.1f}" for x in row))
+    if rows:
+        print(f"{'median':>8} " + " ".join(f"{median(col):9.1f}" for col in zip(*rows)))
+
+
 if sys.argv[0] != "-c":  # run as a script; as the bench's prelude (python -c) it installs the marks
     if sys.argv[1:2] == ["show"]:
         show(sys.argv[2] if len(sys.argv) > 2 else TIMELINE_DIR)
+    elif sys.argv[1:2] == ["join"]:
+        join(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else TIMELINE_DIR)
     else:
         print(__doc__)
 else:
