@@ -18,6 +18,7 @@ from textual.widget import Widget
 
 from tuichat.chat.conversation import Conversation, ReadOnly
 from tuichat.chat.turns import Turn
+from tuichat.ui.frame_timer import PacedFrames
 from tuichat.ui.widgets.attachment_bar import AttachmentBar
 from tuichat.ui.widgets.message_list import MessageList, message_widget
 from tuichat.ui.widgets.prompt_area import PromptArea
@@ -40,7 +41,7 @@ ECHO_WAIT_S = 0.04
 W = TypeVar("W", bound=Widget)
 
 
-class ChatBase(Screen[None]):
+class ChatBase(PacedFrames, Screen[None]):
     """The chat screen's shared state and widget accessors (see the module docstring)."""
 
     _owner: TuichatApp

@@ -50,6 +50,7 @@ from tuichat.chat.store import Store
 from tuichat.cli.batch import Endpoint
 from tuichat.server.gpu import GpuReader, format_bytes, memory_split
 from tuichat.server.metrics import parse_metrics
+from tuichat.ui.frame_timer import PacedFrames
 from tuichat.ui.keyids import binding
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.widgets.key_footer import KeyFooter
@@ -199,7 +200,7 @@ class ComparePane(Vertical):
         self.live.update(Text(text + " …", no_wrap=False))
 
 
-class CompareScreen(Screen[None]):
+class CompareScreen(PacedFrames, Screen[None]):
     """Two conversations, one prompt."""
 
     CSS_PATH = str(Path(__file__).with_name("compare.tcss"))
