@@ -86,6 +86,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
         )
         self._live: ReplyMessage | None = None
         self._live_mount: AwaitMount | None = None  # until the live reply is in, the first text waits for it
+        self._live_mounted: tuple[Widget, ...] = ()  # what that mount puts in
         self._flushing = asyncio.Lock()
         self._pending: list[str] = []
         self._flusher: Timer | None = None
@@ -251,7 +252,8 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             self._live = ReplyMessage(event.reply, live=True)
             self._owner.status.ledger.started(id(event.reply))
             # one mount for both: one compose and styling pass, not two
-            self._live_mount = self.messages.mount(*self._take_sent(), self._live)
+            self._live_mounted = (*self._take_sent(), self._live)
+            self._live_mount = self.messages.mount(*self._live_mounted)
             self._flusher = self.set_interval(FLUSH_EVERY, self._flush)
         elif isinstance(event, ReplyDelta):
             self._pending.append(event.text)
@@ -282,7 +284,10 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
                 return
             if self._live_mount is not None:
                 mounting, self._live_mount = self._live_mount, None
-                await mounting
+                # awaiting a finished mount still hands the loop over, and a frame drawn then (before the words)
+                # held the words back by the frame cap: 15 ms when the first chunk came after the echo
+                if not all(widget.is_mounted for widget in self._live_mounted):
+                    await mounting
                 if self._live is None:
                     return
             text = "".join(self._pending)
