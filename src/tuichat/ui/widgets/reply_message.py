@@ -27,6 +27,7 @@ from textual.strip import Strip
 from textual.widgets import Static
 
 from tuichat.chat.turns import Turn, TurnState
+from tuichat.ui.frame_timer import PacedFrames
 from tuichat.ui.render_cache import RenderCache, reply_key
 from tuichat.ui.widgets.sizing import virtual_size_without_relayout
 
@@ -208,6 +209,8 @@ class ReplyMessage(Static):
             return
         async with self._writing:
             if self._markdown is None:
+                if not self._plain:
+                    self._hurry_frame()
                 if not self._plain and looks_plain(text):
                     # The first word's frame then lays out and paints one widget, not a Markdown tree of three
                     # composed for it: 10 ms less of the main thread between Enter and that frame (bench/RESULTS.md).
@@ -231,6 +234,14 @@ class ReplyMessage(Static):
             if self._stream is not None:  # (set with the Markdown, by _take_over)
                 await self._stream.write(text)
         self.call_after_refresh(self._reserve_rows)
+
+    def _hurry_frame(self) -> None:
+        # The first words' frame comes at once, not a frame period after the last one: the reply and the sent
+        # message, newly mounted, were often drawn a second time (for their new sizes) just before the first chunk
+        # came, and the words then waited 15 ms for the cap (bench/RESULTS.md, ninth session)
+        screen = self.screen
+        if isinstance(screen, PacedFrames):
+            screen.draw_soon()
 
     def render_lines(self, crop: Region) -> list[Strip]:
         if self._plain:
