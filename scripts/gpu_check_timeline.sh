@@ -21,7 +21,7 @@ for variant in ${VARIANTS:-reused}; do
   log "twelve instrumented fresh-chat streams ($variant connection)"
   BENCH_TUICHAT_PRELUDE="$extra
 exec(open('$PWD/bench/ttft_timeline.py').read())" CHUNKS=60 REPS=12 LOADS="0" \
-    SCENARIOS="stream" CLIENTS="tuichat,raw httpx" timeout 200 bash bench/gpu_run.sh > "$OUT/bench-$variant.log" 2>&1
+    SCENARIOS="${SCENARIOS:-stream}" CLIENTS="tuichat,raw httpx" timeout 400 bash bench/gpu_run.sh > "$OUT/bench-$variant.log" 2>&1
   echo "bench rc=$?"
   grep -A6 "Time to first token" "$OUT/bench-$variant.log" | tail -3
   python3 bench/ttft_timeline.py show /tmp/tuichat-timeline | tee "$OUT/timeline-$variant.txt"
