@@ -496,7 +496,8 @@ def stream_trial(
             trial.request_s = record["received"] - enter
             trial.first_paint_s = seen[1] - sent[0]
             trial.pid = pty.pid
-            trial.enter_at, trial.received_at, trial.sent1_at, trial.seen1_at = enter, record["received"], sent[0], seen[1]
+            trial.enter_at, trial.received_at = enter, record["received"]
+            trial.sent1_at, trial.seen1_at = sent[0], seen[1]
         if len(sent) > 1:
             trial.measured_rate = (len(sent) - 1) / (sent[-1] - sent[0])
         if done is None:

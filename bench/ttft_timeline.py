@@ -207,7 +207,8 @@ def join(report_path: str, folder: str) -> None:
     import os
     from statistics import median
 
-    report = json.load(open(report_path))
+    with open(report_path) as file:
+        report = json.load(file)
     legs = ["key in", "to tap", "tap->read", "read->W1", "W1->seen", "total"]
     rows: list[list[float]] = []
     print(f"{'pid':>8} " + " ".join(f"{leg:>9}" for leg in legs) + "   (ms)")
@@ -233,7 +234,7 @@ def join(report_path: str, folder: str) -> None:
         rows.append([x * 1e3 for x in row])
         print(f"{pid:>8} " + " ".join(f"{x * 1e3:9.1f}" for x in row))
     if rows:
-        print(f"{'median':>8} " + " ".join(f"{median(col):9.1f}" for col in zip(*rows)))
+        print(f"{'median':>8} " + " ".join(f"{median(col):9.1f}" for col in zip(*rows, strict=True)))
 
 
 if sys.argv[0] != "-c":  # run as a script; as the bench's prelude (python -c) it installs the marks
