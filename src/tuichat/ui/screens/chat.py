@@ -284,9 +284,10 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
                 return
             if self._live_mount is not None:
                 mounting, self._live_mount = self._live_mount, None
+                mounted, self._live_mounted = self._live_mounted, ()  # (not kept: they outlive their reply)
                 # awaiting a finished mount still hands the loop over, and a frame drawn then (before the words)
                 # held the words back by the frame cap: 15 ms when the first chunk came after the echo
-                if not all(widget.is_mounted for widget in self._live_mounted):
+                if not all(widget.is_mounted for widget in mounted):
                     await mounting
                 if self._live is None:
                     return
