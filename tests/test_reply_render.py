@@ -52,3 +52,21 @@ async def test_a_finished_reply_renders_once_per_width(monkeypatch: pytest.Monke
             reply.refresh(layout=True)
             await pilot.pause()
         assert len(renders) == narrow
+
+
+async def test_a_reply_laid_out_before_its_mount_event_still_gets_its_whole_height() -> None:
+    # Under load, the screen can lay a just-mounted reply out before the reply has handled its own Mount event
+    # (where it sets its text): Textual then keeps the empty visual it measured, and the reply stayed one row high
+    # for good, showing its first line only (a stopped reply's mark cut off, seen in the compare screen in CI).
+    # Laying out synchronously right after mount() makes that order certain here.
+    long = " ".join(f"w{i}" for i in range(200))
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        scroll = app.query_one(VerticalScroll)
+        reply = ReplyMessage(Turn("assistant", long, state="stopped"))
+        waiting = scroll.mount(reply)
+        app.screen._refresh_layout()  # before the reply's message loop has run
+        await waiting
+        await wait_for(pilot, lambda: reply.size.height > 10)
+        lines = [strip.text for strip in reply.render_lines(reply.size.region)]
+        assert any("stopped by you" in line for line in lines)

@@ -200,6 +200,10 @@ class ReplyMessage(Static):
         key = f"{state}\0{stats}\0{muted}\0{text}" if cache is not None and state != "streaming" else None
         # setting content, unlike update(), also forgets the height measured for the previous content
         self.content = DrawnOnce(make, key, cache, self.turn.msg_id)
+        # ...but not, before the Mount event has been handled (on_mount), the visual Textual drew for the layout: a
+        # screen busy enough to lay the reply out before its on_mount kept measuring the empty one, and the reply
+        # stayed one row high (its first line only; a stopped reply's mark cut off, seen in CI under load)
+        self._layout_cache.clear()
 
     async def write(self, text: str) -> None:
         """Add streamed text; it is in the widgets when this returns (the chat draws the first words in one frame
