@@ -22,7 +22,7 @@ from standin.harness import STANDIN_COMMAND, Standin, free_port, pid_alive, run_
 from textual.pilot import Pilot
 
 from tuichat.chat.client import ChatClient
-from tuichat.chat.conversation import Conversation, Meta
+from tuichat.chat.conversation import Conversation, Meta, ReplyStarted
 from tuichat.chat.sampling import Sampling
 from tuichat.chat.store import Store, default_path
 from tuichat.chat.turns import ChatSession, Turn
@@ -35,6 +35,7 @@ from tuichat.ui.compare_app import CompareApp, listening_pids, make_compare_app,
 from tuichat.ui.screens.compare import ComparePane, CompareScreen, Side
 from tuichat.ui.screens.dialogs import ConfirmScreen
 from tuichat.ui.widgets.prompt_area import PromptArea
+from tuichat.ui.widgets.reply_message import ReplyMessage
 from tuichat.ui.widgets.sampling_pane import SamplingPane
 
 GIB = 1024**3
@@ -145,7 +146,8 @@ async def test_escape_stops_ctrl_r_retries_and_f6_undoes_on_both_sides(servers: 
         await wait_for(pilot, lambda: idle(screen))
         assert [s.conversation.chat.turns[-1].state for s in screen.sides] == ["stopped", "stopped"]
         await screen.settled()
-        assert all("stopped by you" in pane_text(p) for p in screen.panes)
+        # (what the panes show is the last frame drawn: the mark is in the one after the reply's rebuild)
+        await wait_for(pilot, lambda: all("stopped by you" in pane_text(p) for p in screen.panes))
 
         for server in servers:
             server.configure(words=5)  # the retried replies are short
@@ -161,7 +163,38 @@ async def test_escape_stops_ctrl_r_retries_and_f6_undoes_on_both_sides(servers: 
         await wait_for(pilot, lambda: all(not s.conversation.chat.turns for s in screen.sides))
         assert screen.query_one(PromptArea).text == "tell me a long story"
         await screen.settled()
-        assert all("story" not in pane_text(p) and "w1 w2" not in pane_text(p) for p in screen.panes)
+        await wait_for(
+            pilot, lambda: all("story" not in pane_text(p) and "w1 w2" not in pane_text(p) for p in screen.panes)
+        )
+
+
+async def test_a_reply_already_streaming_when_its_start_is_drawn_shows_once(
+    servers: tuple[Standin, Standin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under load the screen may draw a reply's start after its first words came: the pane's rebuild then found the
+    # streaming turn among the finished ones and showed its first words twice (once frozen, once live)
+    original = CompareScreen._on_event
+
+    async def late_start(self: CompareScreen, index: int, event: Any) -> None:
+        if isinstance(event, ReplyStarted):
+            turns = self.sides[index].conversation.chat.turns
+            while not (len(turns) == 2 and "w3" in turns[-1].content):
+                await asyncio.sleep(0.01)
+        await original(self, index, event)
+
+    monkeypatch.setattr(CompareScreen, "_on_event", late_start)
+    a, b = servers
+    app = app_for(a, b)
+    async with running(app) as pilot:
+        screen = app.compare
+        for server in servers:
+            server.configure(words=400)  # still streaming when the checks below are done
+        await send(pilot, "count")
+        await wait_for(pilot, lambda: all(p.live is not None and "w2 w3" in pane_text(p) for p in screen.panes))
+        assert all(pane_text(p).count("w1 w2 w3") == 1 for p in screen.panes)
+        assert all(not p.messages.query(ReplyMessage) for p in screen.panes)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: idle(screen), 20)
 
 
 async def test_ctrl_l_clears_both_sides_after_asking(servers: tuple[Standin, Standin]) -> None:

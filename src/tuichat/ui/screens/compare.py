@@ -183,7 +183,10 @@ class ComparePane(Vertical):
         self.live = None
         self.dirty = False
         await self.messages.remove_children()
-        await self.messages.mount_all([message_widget(t) for t in self.side.conversation.chat.turns])
+        # a reply still streaming is the live one's to show: under load its start is drawn after its first words
+        # came, and it was shown twice, once frozen at those words
+        turns = [t for t in self.side.conversation.chat.turns if t.state != "streaming"]
+        await self.messages.mount_all([message_widget(t) for t in turns])
 
     async def start_live(self) -> None:
         self.live = Static(Text("…"), classes="message assistant live")
