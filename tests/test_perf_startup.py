@@ -149,3 +149,34 @@ async def test_the_first_reply_waits_for_no_import() -> None:
         await pilot.press("enter")
         await wait_for(pilot, lambda: not app.streaming and "first reply" in screen_text(app))
         assert sorted(set(sys.modules) - before) == []
+
+
+async def test_the_history_opens_after_the_first_screen_yet_a_message_sent_before_it_is_saved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no saved chat to show, the history (the database and the render cache, ~5 ms) opens once the first
+    screen is out. Here that moment never comes: a message typed and sent before it is saved all the same."""
+    from tuichat.chat.store import Store, default_path
+    from tuichat.ui.app import TuichatApp
+
+    monkeypatch.setattr(TuichatApp, "first_screen_shown", lambda self: None)
+    app = app_for(ScriptedServer("kept"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        prompt = app.query_one(PromptArea)
+        await wait_for(pilot, lambda: prompt.has_focus)
+        assert app.store is None and app.chat_screen.conversation.store is None  # not opened for the first frame
+        await pilot.press(*"hello", "enter")
+        await wait_for(pilot, lambda: not app.streaming and len(app.chat) == 2)
+        assert app.store is not None and app.render_cache is not None
+    store = Store.open(default_path())
+    conv = store.last_conversation()
+    assert conv is not None
+    assert [(m.role, m.content) for m in store.messages(conv.id)] == [("user", "hello"), ("assistant", "kept")]
+    store.close()
+
+
+async def test_the_history_is_open_once_the_first_screen_is_out() -> None:
+    app = app_for(ScriptedServer("hi"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.first_screen_out)
+        assert app.store is not None and app.chat_screen.conversation.store is app.store

@@ -18,6 +18,7 @@ from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import BindingType
 from textual.driver import Driver
@@ -72,6 +73,7 @@ class TuichatApp(App[None]):
         self._hung_up = False
         self._save_timer: Any = None
         self.first_screen_out = False  # first_screen_shown has run: background work may start
+        self._history_opened = False  # open_history has run (the store may still be None: no history, or broken)
         self._freeze_after_warm_up = False  # the CLI paused the collector for start-up (see resume_gc)
         self.server_link = ServerLink(self)
         self.chat_screen = ChatScreen(self, self.new_client(target.url, target.api_key))
@@ -184,7 +186,25 @@ class TuichatApp(App[None]):
         screen = self.chat_screen
         screen.status_line.set(url=self.target.url, model=self.model or "model: asking server", state="connecting")
         screen.prompt.focus()
-        self.store = screen.open_history()  # a saved chat to show calls first_screen_shown once it is drawn
+        if self.options.conversation_id is not None or self.options.continue_last:
+            self.open_history()  # a saved chat to show: it calls first_screen_shown once it is drawn
+        self._watch_hangup()
+        if self.options.managed and self.profile_name:
+            self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
+        if not screen.restoring:
+            self.call_after_refresh(self.first_screen_shown)
+        if not gc.isenabled():  # paused by the CLI for start-up: back on with the first screen, or after a while
+            self._freeze_after_warm_up = True
+            self.set_timer(GC_PAUSE_LIMIT_S, self.resume_gc)
+
+    def open_history(self) -> None:
+        """Open the history and the render cache beside it (once). With no saved chat to show, that waits for the
+        first frame (the database, its checks and the cache: ~5 ms of the first frame's 0.19 s, bench/RESULTS.md);
+        a key pressed before it opens them first, so nothing typed is ever sent unsaved."""
+        if self._history_opened:
+            return
+        self._history_opened = True
+        self.store = self.chat_screen.open_history()
         if self.store is not None:
             from tuichat.ui.render_cache import RenderCache
 
@@ -196,14 +216,11 @@ class TuichatApp(App[None]):
                 self.set_timer(CACHE_FLUSH_S, cache.flush)
 
             cache.when_new = flush_soon
-        self._watch_hangup()
-        if self.options.managed and self.profile_name:
-            self.server_link.bring_up(self.profile_name)  # at once: a launch takes seconds, in its own thread
-        if not screen.restoring:
-            self.call_after_refresh(self.first_screen_shown)
-        if not gc.isenabled():  # paused by the CLI for start-up: back on with the first screen, or after a while
-            self._freeze_after_warm_up = True
-            self.set_timer(GC_PAUSE_LIMIT_S, self.resume_gc)
+
+    async def on_event(self, event: events.Event) -> None:
+        if not self._history_opened and isinstance(event, events.Key | events.Paste):
+            self.open_history()  # (see open_history: before the key can send anything)
+        await super().on_event(event)
 
     @staticmethod
     def resume_gc() -> None:
@@ -220,6 +237,7 @@ class TuichatApp(App[None]):
         if self.first_screen_out:
             return
         self.first_screen_out = True
+        self.open_history()
         self.resume_gc()
         if not (self.options.managed and self.profile_name):
             self.server_link.check_server()
