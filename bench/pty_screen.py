@@ -164,6 +164,7 @@ class PtyClient:
         # Validation mode: keep pyte running through the stream and read the words off the emulated screen.
         self.words_from_screen = words_from_screen
         self.bytes_out = 0
+        self.last_read_at = 0.0  # when the last bytes were read from the pty (before pyte took them in)
         self._tail = b""
         self.pid = -1
         self.fd = -1
@@ -222,8 +223,9 @@ class PtyClient:
 
     # -- reading --------------------------------------------------------------------------------------------
 
-    def pump(self, timeout: float) -> bool:
-        """Read what the client wrote within `timeout` seconds; True if anything came."""
+    def pump(self, timeout: float, once: bool = False) -> bool:
+        """Read what the client wrote within `timeout` seconds; True if anything came. With `once`, one read only
+        (what one read returns: up to 64 kB), so a caller can look at the screen after each."""
         if self.fd < 0:
             return False
         try:
@@ -245,12 +247,14 @@ class PtyClient:
             if not data:
                 break
             got = True
-            now = time.monotonic()
+            now = self.last_read_at = time.monotonic()
             self.bytes_out += len(data)
             if not self.words_from_screen:
                 self._scan_words(data, now)
             if not self.screen_paused or self.words_from_screen:
                 self.stream.feed(data)
+            if once:
+                break
         if got and self.words_from_screen:
             # rows joined without a separator too, so that a word wrapped by the terminal reads whole
             text = "\n".join(self.screen.display) + "\n" + "".join(self.screen.display)
@@ -288,10 +292,13 @@ class PtyClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if self.pump(min(poll, left)):
-                now = time.monotonic()
+            # One read at a time, stamped when it was read: not after pyte has taken in that read and every one
+            # after it. pyte parses a full 120x40 frame in 6-8 ms (a terminal, in far less), and tuichat's start
+            # writes two frames 10 ms apart: the first frame's stamp came 20 ms late, the floor's (one small
+            # frame) 3 ms late.
+            if self.pump(min(poll, left), once=True):
                 if predicate():
-                    return now
+                    return self.last_read_at
             elif not self.alive():
                 self.pump(0)
                 return time.monotonic() if predicate() else None
