@@ -62,17 +62,22 @@ _bench_prof[0].enable()
 """
 
 MEM_PRELUDE = """
-import tracemalloc, signal
-tracemalloc.start(12)
+import sys, tracemalloc, signal
 _bench_snap = [0]
 def _bench_snapshot(*_):
     import gc, json, collections
+    if not tracemalloc.is_tracing():
+        # traced from the first snapshot on, which is all the diff needs: tracing start-up too (12 frames per
+        # allocation) made it so slow that the first /health timed out and the chat never became ready
+        tracemalloc.start(12)
     gc.collect()
     snap = tracemalloc.take_snapshot()
     snap.dump({out!r} + f"/snap{{_bench_snap[0]}}.tm")
     counts = collections.Counter(f"{{type(o).__module__}}.{{type(o).__qualname__}}" for o in gc.get_objects())
     with open({out!r} + f"/types{{_bench_snap[0]}}.json", "w") as f:
         json.dump(counts, f)
+    with open({out!r} + f"/modules{{_bench_snap[0]}}.txt", "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
     _bench_snap[0] += 1
     with open({out!r} + "/snap.done", "w") as f:
         f.write(str(_bench_snap[0]))
@@ -231,7 +236,7 @@ def mem(args: argparse.Namespace, rig_: Rig, work: Path) -> None:
     try:
         pty.start()
         if pty.wait_for_text("● ready", 120) is None:
-            raise RuntimeError("never ready")
+            raise RuntimeError("never ready; the screen:\n" + pty.text())
         settle(pty, limit=2.0)
         for k in range(1, args.warm + 1):
             exchange(pty, rig_, k, args.words)

@@ -138,10 +138,12 @@ async def test_hidden_panes_wait_while_a_message_is_typed(monkeypatch: pytest.Mo
 
 async def test_the_first_reply_waits_for_no_import() -> None:
     """What the first Enter and its reply use is imported while the user reads the first screen (the warm-up):
-    an import on that path (httpx-sse's took ~1 ms, Markdown's ~40 ms) adds to the time to the first word."""
+    an import on that path (httpx-sse's took ~1 ms, Markdown's ~40 ms) adds to the time to the first word. The reply
+    has a dash and an ellipsis: the first character outside Rich's quick single-width set imports its Unicode width
+    tables, which came in the middle of the first reply that had one."""
     from apphelpers import ScriptedServer, app_for, screen_text, wait_for
 
-    app = app_for(ScriptedServer("the *first* reply"), watch_server=False, cursor_blink=False)
+    app = app_for(ScriptedServer("the *first* reply \u2014 so far\u2026"), watch_server=False, cursor_blink=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.chat_screen.warmed_up and "ready" in screen_text(app))
         before = set(sys.modules)
