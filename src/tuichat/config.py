@@ -644,13 +644,17 @@ class _Editor:
         new = item(value)
         if isinstance(container, Table) and not container.is_super_table():
             body = container.value.body
-            kv = [(k, it) for k, it in body if k is not None and not isinstance(it, Table)]
+            kv = [i for i, (k, it) in enumerate(body) if k is not None and not isinstance(it, Table)]
             if kv:
                 # After the table's last key, not at its end: comments after that key introduce what follows.
-                last_key, last_item = kv[-1]
-                new.trivia.indent = last_item.trivia.indent
-                container.value._insert_after(last_key, name, new)
-                dict.__setitem__(container, name, new)
+                # (By position: tomlkit 0.15.3 has no _insert_after, and the GPU machine's kit has 0.15.3.)
+                last = kv[-1]
+                new.trivia.indent = body[last][1].trivia.indent
+                if last + 1 < len(body):
+                    container.value._insert_at(last + 1, name, new)
+                    dict.__setitem__(container, name, new)
+                    return
+                container[name] = new
                 return
             # An empty table: after the comment lines right under its header (they often explain this key).
             at = 0
