@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,24 @@ class FakeHubCache:
         (entry / "refs").mkdir(exist_ok=True)
         (entry / "refs" / "main").write_text(revision, encoding="utf-8")
         return snapshot
+
+
+class EagerTasks(asyncio.DefaultEventLoopPolicy):
+    """Loops whose tasks start eagerly where Python has that (3.12+), as Textual's App.run makes them: a task's
+    first step then runs inside the call that creates it. `run_test` does not do that, and the chat's sent
+    message went unseen on Python 3.12 (the GPU machine's) while every test passed."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        eager = getattr(asyncio, "eager_task_factory", None)
+        if eager is not None:
+            loop.set_task_factory(eager)
+        return loop
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return EagerTasks()
 
 
 @pytest.fixture(autouse=True)

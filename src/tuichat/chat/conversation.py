@@ -203,12 +203,14 @@ class Conversation(Holding):
 
     # -- operations -------------------------------------------------------------------------------------------
 
-    def send(self, text: str, attachments: Sequence[Attachment] = ()) -> bool:
-        """Send a message and start streaming the reply; False (with a Notice saying why) when it cannot go."""
+    def send(self, text: str, attachments: Sequence[Attachment] = ()) -> Turn | None:
+        """Send a message and start streaming the reply: the message's turn, or None (with a Notice saying why)
+        when it cannot go. (The reply may already be in the chat when this returns: Textual runs tasks eagerly
+        on Python 3.12+, so the reply's first step runs inside this call.)"""
         if not text.strip() and not attachments:
-            return False
+            return None
         if self._refuse_while_streaming("send") or not self.may_change():
-            return False
+            return None
         turn = self.chat.add(Turn("user", text, attachments=list(attachments)))
         conv = self._ensure_conversation()
         if conv is not None:
@@ -221,7 +223,7 @@ class Conversation(Holding):
                 images=[a.name for a in turn.attachments],
             )
         self._start()
-        return True
+        return turn
 
     def retry(self) -> bool:
         """Ask again for a reply to the last user message; the old reply goes only once new text arrives."""

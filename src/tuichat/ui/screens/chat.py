@@ -395,15 +395,7 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
             self.notify(f"Fix the sampling pane first: {error}", severity="error")
             return False
         self._warn_if_too_long(text)
-        if not self.conversation.send(text, self.attachments.attachments):
-            return False
-        self._sent = self.conversation.chat.turns[-1]  # shown when its request is out (_show_sent)
-        self.messages.anchor()  # a message sent from up in the history: the view follows it and its reply again
-        # Keys typed right after Enter may already be in the prompt: keep them, take out only what was sent.
-        prompt = self.prompt
-        prompt.text = prompt.text[len(text) :] if prompt.text.startswith(text) else ""
-        self.attachments.take()
-        return True
+        return self._hand_over(text)
 
     # -- the chat keys ----------------------------------------------------------------------------------------
 

@@ -173,6 +173,24 @@ class ChatBase(PacedFrames, Screen[None]):
         await box.remove()
         self.warmed_up = True
 
+    def _hand_over(self, text: str) -> bool:
+        """Give the engine the message typed (with the images attached); False when it refuses. The prompt and
+        the images are emptied first: Textual runs tasks eagerly on Python 3.12+ (App.run), so the reply's first
+        step, even its failure, can come inside `conversation.send`, and a failure gives the message back."""
+        prompt, bar = self.prompt, self.attachments
+        typed, images = prompt.text, bar.take()
+        # keys typed right after Enter may already be in the prompt: keep them, take out only what was sent
+        prompt.text = typed[len(text) :] if typed.startswith(text) else ""
+        sent = self.conversation.send(text, images)
+        if sent is None:
+            prompt.text = typed
+            bar.set_attachments(images)
+            return False
+        if any(turn is sent for turn in self.conversation.chat.turns):  # (not given back already)
+            self._sent = sent  # shown once its request is out (_show_sent); the chat's last turn may be the reply
+        self.messages.anchor()  # a message sent from up in the history: the view follows it and its reply again
+        return True
+
     def _hold_echo(self) -> None:
         """Hold repaints from Enter until the reply's first words are in, or ECHO_WAIT_S at most."""
         if self._echo_hold is None:
