@@ -203,10 +203,12 @@ class Conversation(Holding):
 
     # -- operations -------------------------------------------------------------------------------------------
 
-    def send(self, text: str, attachments: Sequence[Attachment] = ()) -> Turn | None:
+    def send(
+        self, text: str, attachments: Sequence[Attachment] = (), added: Callable[[Turn], None] | None = None
+    ) -> Turn | None:
         """Send a message and start streaming the reply: the message's turn, or None (with a Notice saying why)
-        when it cannot go. (The reply may already be in the chat when this returns: Textual runs tasks eagerly
-        on Python 3.12+, so the reply's first step runs inside this call.)"""
+        when it cannot go. `added` is called with the turn before the reply starts: the reply's first events may
+        come inside this call (Textual runs tasks eagerly on Python 3.12+)."""
         if not text.strip() and not attachments:
             return None
         if self._refuse_while_streaming("send") or not self.may_change():
@@ -222,6 +224,8 @@ class Conversation(Holding):
                 sampling=self.sampling.to_table() or None,
                 images=[a.name for a in turn.attachments],
             )
+        if added is not None:
+            added(turn)
         self._start()
         return turn
 

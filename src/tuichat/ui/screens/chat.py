@@ -411,12 +411,16 @@ class ChatScreen(SavedChats, CopyAndSelect, ImageAttachments):
     def action_retry(self) -> None:
         if self.refuse_while_streaming("retry") or self._owner.refuse_before_ready():
             return
-        hidden = self.conversation.chat.trailing_after_last_user()
+        # hidden (not deleted) until the new reply's first token; before the retry starts, which with eager
+        # tasks (Python 3.12) can fail inside retry() and show them again
+        hidden = self._replacing = self.conversation.chat.trailing_after_last_user()
+        widgets = self.messages.showing(hidden)
+        for widget in widgets:
+            widget.display = False
         if not self.conversation.retry():
-            return
-        self._replacing = hidden
-        for widget in self.messages.showing(hidden):
-            widget.display = False  # hidden, not deleted, until the new reply's first token
+            self._replacing = []
+            for widget in widgets:
+                widget.display = True
 
     async def action_undo(self) -> None:
         if self.refuse_while_streaming("undo"):

@@ -181,14 +181,15 @@ class ChatBase(PacedFrames, Screen[None]):
         typed, images = prompt.text, bar.take()
         # keys typed right after Enter may already be in the prompt: keep them, take out only what was sent
         prompt.text = typed[len(text) :] if typed.startswith(text) else ""
-        sent = self.conversation.send(text, images)
-        if sent is None:
+        self.messages.anchor()  # a message sent from up in the history: the view follows it and its reply again
+
+        def added(turn: Turn) -> None:
+            self._sent = turn  # shown once its request is out (_show_sent), with the reply after it
+
+        if self.conversation.send(text, images, added) is None:
             prompt.text = typed
             bar.set_attachments(images)
             return False
-        if any(turn is sent for turn in self.conversation.chat.turns):  # (not given back already)
-            self._sent = sent  # shown once its request is out (_show_sent); the chat's last turn may be the reply
-        self.messages.anchor()  # a message sent from up in the history: the view follows it and its reply again
         return True
 
     def _hold_echo(self) -> None:
