@@ -367,3 +367,13 @@ def test_overwrite_question_for_own_and_built_in_profiles_only(hermetic_home: Pa
     assert "already in config.toml" in (overwrite_question(cfg, "mine") or "")
     assert "built-in profile" in (overwrite_question(cfg, "internlm2-pytorch") or "")
     assert overwrite_question(cfg, "free-name") is None
+
+
+def test_a_key_added_to_an_indented_profile_at_the_end_keeps_its_indent(hermetic_home: Path) -> None:
+    """The last profile, indented under its parent table and last in the file: the new key lines up with the
+    others (the table's own append added its indent on top, and the file was visibly reformatted)."""
+    path = hermetic_home / "config.toml"
+    hermetic_home.mkdir(parents=True, exist_ok=True)
+    path.write_text('[profiles]\n  [profiles.mine]\n  model = "/models/mine"\n')
+    add_profile("mine", {"model": "/models/mine", "tp": 2})
+    assert path.read_text() == '[profiles]\n  [profiles.mine]\n  model = "/models/mine"\n  tp = 2\n'

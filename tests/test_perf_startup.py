@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 from apphelpers import ScriptedServer, app_for, wait_for
@@ -201,3 +202,31 @@ async def test_the_first_frame_styles_each_widget_once(monkeypatch: pytest.Monke
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.first_screen_out)
         assert styled.count(app.chat_screen) == styled.count(app.chat_screen.status_line) == 1
+
+
+async def test_a_key_typed_during_start_up_with_a_history_that_cannot_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key typed while tuichat starts reaches the app before the chat screen is up. The history is not opened
+    for it then: one that cannot open says so on the chat screen, which did not exist yet, and the app stopped
+    with a traceback. It opens when the chat is up, says so, and the chat goes on."""
+    from textual import events
+
+    from tuichat.ui.app import TuichatApp
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    make_screen = TuichatApp.get_default_screen
+
+    def typed_early(self: TuichatApp) -> object:
+        self.post_message(events.Key("a", "a"))
+        return make_screen(self)
+
+    monkeypatch.setattr(TuichatApp, "get_default_screen", typed_early)
+    app = app_for(ScriptedServer("fine"), store_path=blocker / "data" / "history.sqlite3")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.first_screen_out)
+        await wait_for(pilot, lambda: any("history is not being saved" in t.content for t in app.chat.turns))
+        app.chat_screen.prompt.text = "still here?"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not app.streaming and app.chat.turns[-1].content == "fine")

@@ -652,9 +652,9 @@ class _Editor:
                 new.trivia.indent = body[last][1].trivia.indent
                 if last + 1 < len(body):
                     container.value._insert_at(last + 1, name, new)
-                    dict.__setitem__(container, name, new)
-                    return
-                container[name] = new
+                else:  # (the table's own append would add the table's indent to the key's)
+                    container.value.append(name, new)
+                dict.__setitem__(container, name, new)
                 return
             # An empty table: after the comment lines right under its header (they often explain this key).
             at = 0

@@ -218,8 +218,11 @@ class TuichatApp(App[None]):
             cache.when_new = flush_soon
 
     async def on_event(self, event: events.Event) -> None:
-        if not self._history_opened and isinstance(event, events.Key | events.Paste):
-            self.open_history()  # (see open_history: before the key can send anything)
+        # (see open_history: before the key can send anything). Not before the chat screen is up: a key typed
+        # during start-up comes first, and a history that cannot open says so on that screen. The screen sees
+        # the key after its own start, and sending opens the history too (ChatBase._hand_over).
+        if not self._history_opened and self.chat_screen.is_mounted and isinstance(event, events.Key | events.Paste):
+            self.open_history()
         await super().on_event(event)
 
     @staticmethod

@@ -177,6 +177,7 @@ class ChatBase(PacedFrames, Screen[None]):
         """Give the engine the message typed (with the images attached); False when it refuses. The prompt and
         the images are emptied first: Textual runs tasks eagerly on Python 3.12+ (App.run), so the reply's first
         step, even its failure, can come inside `conversation.send`, and a failure gives the message back."""
+        self._owner.open_history()  # (at once if the first screen is not out yet: the message is saved)
         prompt, bar = self.prompt, self.attachments
         typed, images = prompt.text, bar.take()
         # keys typed right after Enter may already be in the prompt: keep them, take out only what was sent
