@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from textual.pilot import Pilot
 
 from tuichat.config import Config, load_config
@@ -201,3 +202,18 @@ def conversation_text(app: TuichatApp) -> str:
 
 def config_at(home: Path) -> Config:
     return load_config(home / "config.toml")
+
+
+def record_styling(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every node the stylesheet is applied to from now on, in order (a node styled twice is listed twice)."""
+    from textual.css.stylesheet import Stylesheet
+
+    styled: list[object] = []
+    apply = Stylesheet.apply
+
+    def recording(self: Stylesheet, node: Any, *args: Any, **kwargs: Any) -> None:
+        styled.append(node)
+        apply(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(Stylesheet, "apply", recording)
+    return styled

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-from apphelpers import ScriptedServer, app_for, screen_text, wait_for
+from apphelpers import ScriptedServer, app_for, record_styling, screen_text, wait_for
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -143,21 +143,12 @@ async def test_a_key_that_turns_on_or_off_is_redrawn_in_place() -> None:
 async def test_each_key_in_the_bar_is_styled_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Textual's keys start compact and take the footer's setting when they mount: two more passes of the whole
     # stylesheet over each key and its two parts (~5 ms for the chat's keys, just after the first frame)
-    from textual.css.stylesheet import Stylesheet
-
-    styled: list[object] = []
-    apply = Stylesheet.apply
-
-    def counting(self: Stylesheet, node: object, *args: object, **kwargs: object) -> None:
-        if isinstance(node, FooterKey):
-            styled.append(node)
-        apply(self, node, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Stylesheet, "apply", counting)
+    styled = record_styling(monkeypatch)
     app = app_for(ScriptedServer("hi"))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: "Quit" in footer_line(app) and "palette" in footer_line(app))
         keys = list(app.screen.query(FooterKey))
-        assert len(styled) == len(keys) == len(set(map(id, styled)))
+        styled_keys = [node for node in styled if isinstance(node, FooterKey)]
+        assert len(styled_keys) == len(keys) == len(set(map(id, styled_keys)))
         # ...and they look as Textual's own: the palette's key compact, the others not
         assert [k.has_class("-compact") for k in keys] == [k.has_class("-command-palette") for k in keys]

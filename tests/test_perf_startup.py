@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from apphelpers import ScriptedServer, app_for, wait_for
+from apphelpers import ScriptedServer, app_for, record_styling, wait_for
 
 from tuichat.ui.widgets.prompt_area import PromptArea
 
@@ -188,16 +188,7 @@ async def test_the_history_is_open_once_the_first_screen_is_out() -> None:
 async def test_the_first_frame_styles_each_widget_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A screen restyles all its widgets when it is resumed (the theme may have changed meanwhile); the chat's first
     resume comes right after compose styled them, and is skipped."""
-    from textual.css.stylesheet import Stylesheet
-
-    styled: list[object] = []
-    apply = Stylesheet.apply
-
-    def counting(self: Stylesheet, node: object, *args: object, **kwargs: object) -> None:
-        styled.append(node)
-        apply(self, node, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Stylesheet, "apply", counting)
+    styled = record_styling(monkeypatch)
     app = app_for(ScriptedServer("hi"))
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.first_screen_out)

@@ -199,8 +199,8 @@ class TuichatApp(App[None]):
 
     def open_history(self) -> None:
         """Open the history and the render cache beside it (once). With no saved chat to show, that waits for the
-        first frame (the database, its checks and the cache: ~5 ms of the first frame's 0.19 s, bench/RESULTS.md);
-        a key pressed before it opens them first, so nothing typed is ever sent unsaved."""
+        first frame (the database, its checks and the cache: ~7 ms of App.run -> first frame, bench/RESULTS.md);
+        sending, or a key once the chat screen is up, opens them first, so nothing typed is ever sent unsaved."""
         if self._history_opened:
             return
         self._history_opened = True
